@@ -1,0 +1,415 @@
+"""Train two networks together on CIFAR with Dense Cross-layer Mutual-distillation (DCM), or with
+one of the methods the paper compares it to, from the same script:
+
+    ind  each network alone, no auxiliary classifiers, cross-entropy only (the baseline)
+    dml  no auxiliary classifiers, cross-entropy + KL between the two final classifiers
+    ds   auxiliary classifiers (deep supervision), cross-entropy on all, no KL
+    dcm  auxiliary classifiers, cross-entropy on all + KL along --links (default: dense)
+
+    python main.py --save ./logs/wrn-28-10 --depth 28 --width 10 --dataroot DATA
+
+SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
+state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
+network without its auxiliary classifiers. This file is identical in wrn/ and wrn_mobi/;
+models.build_pair() decides which two networks are trained.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import dataset
+import models
+from dcm_loss import LINKS, classifier_names, loss_terms
+
+# method -> (auxiliary classifiers?, distillation links); dcm takes its links from --links.
+METHODS = {"ind": (False, "none"), "dml": (False, "final"), "ds": (True, "none"), "dcm": (True, None)}
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.txt"
+AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
+# Options that define the networks and the objective: a checkpoint only resumes a run that agrees.
+RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or in the files it names: one message, exit code 2."""
+
+
+# --- options -------------------------------------------------------------------------------------
+
+def parse_options(argv=None):
+    parser = argparse.ArgumentParser(description="DCM: two networks trained together on CIFAR.")
+    parser.add_argument("--save", default="", type=str,
+                        help="folder for log.txt, checkpoint.pt, net1.pt and net2.pt "
+                             "(default: ./logs/<net1>_<net2>_<method>_seed<seed>)")
+    parser.add_argument("--depth", default=28, type=int, help="WRN depth (6n+4) of net 1 (and net 2 in wrn/)")
+    parser.add_argument("--width", default=10, type=int, help="WRN width of net 1 (and net 2 in wrn/)")
+    parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS)
+    parser.add_argument("--dataroot", default="./data", type=str,
+                        help="folder holding the dataset; downloaded there when missing")
+    parser.add_argument("--batch_size", default=128, type=int)
+    parser.add_argument("--lr", default=0.1, type=float)
+    parser.add_argument("--epochs", default=200, type=int)
+    parser.add_argument("--weight_decay", default=0.0005, type=float)
+    parser.add_argument("--epoch_step", default="[60,120,160]", type=str,
+                        help="JSON list of 1-based epochs at whose start the lr is multiplied by --lr_decay_ratio")
+    parser.add_argument("--lr_decay_ratio", default=0.2, type=float)
+    parser.add_argument("--seed", default=1, type=int)
+    parser.add_argument("--nthread", default=4, type=int,
+                        help="CPU threads for torch (batches are made on the training device: no loader workers)")
+    parser.add_argument("--resume", nargs="?", const=True, default="", metavar="PATH",
+                        help="continue the run in --save (no PATH), or from the checkpoint file PATH")
+    parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
+    parser.add_argument("--gpu_id", default="0", type=str, help="the GPU to train on (sets CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--method", default="dcm", choices=sorted(METHODS),
+                        help="ind: independent, dml: deep mutual learning, ds: deep supervision, dcm (default)")
+    parser.add_argument("--links", default="dense", choices=[links for links in LINKS if links != "none"],
+                        help="which classifier pairs DCM distils between (ablation); dcm only")
+    opt = parser.parse_args(argv)
+    check_options(opt)
+    if not opt.save:
+        opt.save = default_save_dir(opt)
+    return opt
+
+
+def check_options(opt):
+    uses_aux = METHODS[opt.method][0]
+    if opt.depth < 10 or (opt.depth - 4) % 6 != 0:
+        raise UsageError(f"--depth {opt.depth} is not a WRN depth: use 6n+4 (10, 16, 22, 28, 40, ...)")
+    if uses_aux and opt.depth < 16:
+        raise UsageError(f"--depth {opt.depth} is too shallow for the auxiliary classifiers of --method "
+                         f"{opt.method}: use --depth 16 or more, or --method ind / dml")
+    positive = {"--width": opt.width, "--batch_size": opt.batch_size, "--epochs": opt.epochs,
+                "--lr": opt.lr, "--lr_decay_ratio": opt.lr_decay_ratio, "--nthread": opt.nthread}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if opt.weight_decay < 0:
+        raise UsageError(f"--weight_decay must be >= 0, got {opt.weight_decay}")
+    lr_drop_epochs(opt)  # raises UsageError on a malformed --epoch_step
+    if opt.method != "dcm" and opt.links != "dense":
+        raise UsageError(f"--links chooses DCM's distillation pairs; --method {opt.method} has fixed links "
+                         f"(drop --links, or use --method dcm)")
+    if "," in opt.gpu_id:
+        raise UsageError(f"--gpu_id takes one GPU, got {opt.gpu_id!r}; start one run per GPU "
+                         f"(for instance one seed on each)")
+
+
+def lr_drop_epochs(opt):
+    """The 1-based epochs of --epoch_step, e.g. [60, 120, 160]."""
+    try:
+        epochs = json.loads(opt.epoch_step)
+    except json.JSONDecodeError:
+        epochs = None
+    if not isinstance(epochs, list) or not all(isinstance(e, int) and e > 0 for e in epochs):
+        raise UsageError(f"--epoch_step must be a JSON list of positive epochs like '[60,120,160]', "
+                         f"got {opt.epoch_step!r}")
+    return epochs
+
+
+def default_save_dir(opt):
+    method = opt.method if opt.links == "dense" else f"{opt.method}-{opt.links}"
+    return os.path.join("logs", f"{'_'.join(models.pair_names(opt.depth, opt.width))}_{method}_seed{opt.seed}")
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+def select_device(opt):
+    # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
+    os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
+    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def prepare_save_dir(opt):
+    """Create --save, refusing to start a new run over an existing one; return the checkpoint to resume."""
+    if os.path.exists(opt.save) and not os.path.isdir(opt.save):
+        raise UsageError(f"--save {opt.save} is a file, not a folder; choose another --save")
+    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (LOG, CHECKPOINT))
+    if opt.resume is True:
+        checkpoint = os.path.join(opt.save, CHECKPOINT)
+        if not os.path.isfile(checkpoint):
+            raise UsageError(f"--resume: there is no {CHECKPOINT} in {opt.save}; check --save (and the flags "
+                             f"that name the default folder), or give the checkpoint: --resume PATH")
+    elif opt.resume:
+        checkpoint = opt.resume
+        if not os.path.isfile(checkpoint):
+            raise UsageError(f"--resume {checkpoint}: no such file")
+    else:
+        checkpoint = None
+        if holds_run:
+            raise UsageError(f"{opt.save} already holds a run ({LOG} / {CHECKPOINT}); continue it with "
+                             f"--resume, or choose another --save")
+    try:
+        os.makedirs(opt.save, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --save {opt.save}: {error.strerror}") from None
+    return checkpoint
+
+
+def build_networks(opt, num_classes, device):
+    """Net 1 and net 2 of this folder, with auxiliary classifiers when the method uses them."""
+    torch.manual_seed(opt.seed)
+    uses_aux = METHODS[opt.method][0]
+    net1, net2 = models.build_pair(opt.depth, opt.width, num_classes, uses_aux)
+    return net1.to(device), net2.to(device)
+
+
+def distillation_links(opt):
+    return METHODS[opt.method][1] or opt.links
+
+
+# --- optimisation: one SGD over both networks, step lr --------------------------------------------
+
+def create_optimizer(opt, params, lr):
+    # Weight decay on every parameter (BN and biases too), as in the reference.
+    return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=opt.weight_decay)
+
+
+def lr_at_epoch(opt, epoch):
+    """The lr of 1-based `epoch`: --lr times --lr_decay_ratio for every drop epoch <= epoch."""
+    lr = opt.lr
+    for drop_epoch in lr_drop_epochs(opt):
+        if drop_epoch <= epoch:
+            lr *= opt.lr_decay_ratio
+    return lr
+
+
+def optimizer_for_epoch(opt, optimizer, params, epoch):
+    """The optimizer to train 1-based `epoch` with. At each lr drop the reference creates a new
+    optimizer, which also resets the momentum buffers; so does this."""
+    if epoch in lr_drop_epochs(opt):
+        return create_optimizer(opt, params, lr_at_epoch(opt, epoch))
+    return optimizer
+
+
+# --- one epoch -----------------------------------------------------------------------------------
+
+class EpochMeter:
+    """Sums of every loss term and correct counts of every classifier, kept on the device so that
+    training never waits for the host; read once at the end of the epoch."""
+
+    def __init__(self):
+        self.num_classifiers = None  # (net 1, net 2)
+        self.term_names = None
+        self.term_sums = None
+        self.correct = None
+        self.count = 0
+
+    def update(self, terms, outputs_net1, outputs_net2, targets):
+        batch = targets.numel()
+        term_values = torch.stack([value.detach().float() for value in terms.values()]) * batch
+        correct = torch.stack([(logits.argmax(dim=1) == targets).sum() for logits in outputs_net1 + outputs_net2])
+        if self.term_sums is None:
+            self.num_classifiers = (len(outputs_net1), len(outputs_net2))
+            self.term_names = list(terms)
+            self.term_sums, self.correct = term_values, correct
+        else:
+            self.term_sums += term_values
+            self.correct += correct
+        self.count += batch
+
+    def loss(self):
+        return self.term_sums.sum().item() / self.count
+
+    def accuracies(self):
+        """Top-1 accuracy (%) of every classifier: net 1's, then net 2's, shallow to deep."""
+        return (self.correct.double() * 100 / self.count).tolist()
+
+    def terms(self):
+        return dict(zip(self.term_names, (self.term_sums / self.count).tolist()))
+
+
+def forward_both(nets, images):
+    net1, net2 = nets
+    return net1(images), net2(images)
+
+
+def train_epoch(nets, optimizer, batches, total_batches, links, description):
+    for net in nets:
+        net.train()
+    meter = EpochMeter()
+    progress = tqdm(batches, total=total_batches, desc=description, leave=False, dynamic_ncols=True,
+                    disable=not sys.stdout.isatty())
+    for step, (images, targets) in enumerate(progress):
+        outputs_net1, outputs_net2 = forward_both(nets, images)
+        terms = loss_terms(outputs_net1, outputs_net2, targets, links)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.update(terms, outputs_net1, outputs_net2, targets)
+        if not progress.disable and step % 20 == 0:  # reading the meter waits for the device
+            accuracies = meter.accuracies()
+            progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
+                                 acc_net2=f"{accuracies[-1]:.1f}")
+    return meter
+
+
+@torch.no_grad()
+def evaluate(nets, batches, links):
+    # BN uses its running statistics (eval mode) for both networks.
+    for net in nets:
+        net.eval()
+    meter = EpochMeter()
+    for images, targets in batches:
+        outputs_net1, outputs_net2 = forward_both(nets, images)
+        meter.update(loss_terms(outputs_net1, outputs_net2, targets, links), outputs_net1, outputs_net2, targets)
+    return meter
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- logging -------------------------------------------------------------------------------------
+
+def meter_stats(split, meter):
+    """{split}_loss, {split}_acc_net1/_net2 (final classifiers), {split}_acc_net{1,2}_aux{k}, {split}_loss_terms."""
+    stats = {f"{split}_loss": meter.loss()}
+    accuracies = meter.accuracies()
+    for net, count in zip(("net1", "net2"), meter.num_classifiers):
+        for name, accuracy in zip(classifier_names(count), accuracies[:count]):
+            stats[f"{split}_acc_{net}" if name == "final" else f"{split}_acc_{net}_{name}"] = accuracy
+        accuracies = accuracies[count:]
+    stats[f"{split}_acc"] = stats[f"{split}_acc_net1"]  # the reference's key: net 1's final classifier
+    stats[f"{split}_loss_terms"] = meter.terms()
+    return stats
+
+
+def count_parameters(net, with_aux=True):
+    return sum(p.numel() for name, p in net.named_parameters() if with_aux or not name.startswith(AUX_PREFIXES))
+
+
+def log_epoch(opt, stats):
+    """Append one `json_stats: {...}` line (every option and this epoch's numbers) to SAVE/log.txt."""
+    with open(os.path.join(opt.save, LOG), "a") as log:
+        log.write("json_stats: " + json.dumps({**vars(opt), **stats}) + "\n")
+
+
+def print_summary(stats):
+    line = (f"epoch {stats['epoch']}/{stats['epochs']}  lr {stats['lr']:.4g}  "
+            f"train loss {stats['train_loss']:.3f} acc {stats['train_acc_net1']:.2f}/{stats['train_acc_net2']:.2f}  "
+            f"test loss {stats['test_loss']:.3f} acc {stats['test_acc_net1']:.2f}/{stats['test_acc_net2']:.2f}  "
+            f"({stats['train_time']:.0f}s + {stats['test_time']:.0f}s)")
+    print(line, flush=True)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def save_checkpoint(opt, epoch, nets, optimizer):
+    """The full training state after `epoch`, written atomically: an interrupted save keeps the last one."""
+    state = {
+        "epoch": epoch,
+        "net1": nets[0].state_dict(),
+        "net2": nets[1].state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "options": vars(opt),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    path = os.path.join(opt.save, CHECKPOINT)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(opt, path, nets, optimizer, device):
+    """Restore a checkpoint into nets and optimizer; return the epoch it completed."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        saved_options = state["options"]
+    except Exception as error:  # unreadable, truncated or not a checkpoint of this script
+        raise UsageError(f"--resume {path} is not a readable checkpoint of this script "
+                         f"({type(error).__name__}); give another file") from None
+    for name in RUN_DEFINING_OPTIONS:
+        if saved_options.get(name) != getattr(opt, name):
+            raise UsageError(f"--resume {path} was trained with --{name} {saved_options.get(name)}, not "
+                             f"{getattr(opt, name)}; rerun with the run's own flags")
+    try:
+        nets[0].load_state_dict(state["net1"])
+        nets[1].load_state_dict(state["net2"])
+    except RuntimeError:
+        raise UsageError(f"--resume {path} holds networks of another shape (trained by the other folder, "
+                         f"wrn/ or wrn_mobi/?); resume it where it was trained") from None
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng_state"].cpu())
+    if torch.cuda.is_available() and state["cuda_rng_states"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng_states"]])
+    return state["epoch"]
+
+
+def export_networks(opt, nets):
+    """SAVE/net1.pt, SAVE/net2.pt: state dicts without the auxiliary classifiers, loadable into
+    models.wrn(..., aux=False) / models.mobilenet(..., aux=False)."""
+    for index, net in enumerate(nets, start=1):
+        backbone = {key: value.cpu() for key, value in net.state_dict().items()
+                    if not key.startswith(AUX_PREFIXES)}
+        torch.save(backbone, os.path.join(opt.save, f"net{index}.pt"))
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+def main(argv=None):
+    opt = parse_options(argv)
+    device = select_device(opt)
+    checkpoint = prepare_save_dir(opt)
+    try:
+        data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
+    except dataset.DatasetError as error:
+        raise UsageError(str(error)) from None
+
+    nets = build_networks(opt, data.num_classes, device)
+    params = list(nets[0].parameters()) + list(nets[1].parameters())
+    optimizer = create_optimizer(opt, params, lr_at_epoch(opt, 1))
+    links = distillation_links(opt)
+    last_epoch = load_checkpoint(opt, checkpoint, nets, optimizer, device) if checkpoint else 0
+    run_info = {"num_classes": data.num_classes,
+                "n_parameters": count_parameters(nets[0]) + count_parameters(nets[1]),
+                "n_parameters_net1": count_parameters(nets[0], with_aux=False),
+                "n_parameters_net2": count_parameters(nets[1], with_aux=False)}
+    print(f"{opt.save}: {opt.method} ({links} links) on {opt.dataset}, {device}, "
+          f"epochs {last_epoch + 1}..{opt.epochs}, {run_info['n_parameters'] / 1e6:.2f}M parameters trained")
+
+    for epoch in range(last_epoch + 1, opt.epochs + 1):
+        optimizer = optimizer_for_epoch(opt, optimizer, params, epoch)
+        lr = optimizer.param_groups[0]["lr"]
+
+        start = time.time()
+        batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch)
+        total = dataset.num_batches(len(data.train_labels), opt.batch_size)
+        train_meter = train_epoch(nets, optimizer, batches, total, links, f"epoch {epoch}/{opt.epochs}")
+        synchronize(device)
+        train_time = time.time() - start
+
+        start = time.time()
+        test_meter = evaluate(nets, dataset.test_batches(data, opt.batch_size), links)
+        synchronize(device)
+        test_time = time.time() - start
+
+        stats = {**meter_stats("train", train_meter), **meter_stats("test", test_meter),
+                 "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
+        log_epoch(opt, stats)
+        print_summary({**stats, "epochs": opt.epochs})
+        save_checkpoint(opt, epoch, nets, optimizer)
+
+    export_networks(opt, nets)
+    print(f"done: {os.path.join(opt.save, 'net1.pt')} and net2.pt hold the networks without auxiliary classifiers")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished epoch is in the checkpoint; continue with --resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,231 @@
+"""Image datasets held as uint8 tensors on the training device, and batched augmentation there.
+
+The whole dataset (CIFAR is 150 MB) is loaded once onto the device; every training batch is
+augmented in one gather (reflect-pad 4, random horizontal flip, random 32x32 crop, each drawn per
+sample) and normalised on the device. No worker processes, and the same (seed, epoch) gives the
+same batches on any device, because the random draws are made on the CPU.
+"""
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAD = 4
+CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
+CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
+# Pixel mean and std of the FashionMNIST training images, the same for the 3 replicated channels.
+FASHION_MNIST_MEAN = (0.2860,) * 3
+FASHION_MNIST_STD = (0.3530,) * 3
+DATASETS = ("CIFAR100", "CIFAR10", "FashionMNIST", "synthetic")
+
+CIFAR_LAYOUT = {  # folder inside --dataroot, training files, test files, label key, meta file, class-names key
+    "CIFAR100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"),
+    "CIFAR10": ("cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)], ["test_batch"], b"labels",
+                "batches.meta", b"label_names"),
+}
+CIFAR_ARCHIVES = {"CIFAR100": "cifar-100-python.tar.gz", "CIFAR10": "cifar-10-python.tar.gz"}
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be found, downloaded or read: the message says how to fix it."""
+
+
+@dataclass
+class ImageData:
+    train_images: torch.Tensor  # uint8 (N, 3, 32, 32) on the device
+    train_labels: torch.Tensor  # int64 (N,)
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+def load_dataset(name, root, device):
+    """Read dataset `name` from `root` (downloading it there through torchvision if it is missing)."""
+    if name in CIFAR_LAYOUT:
+        arrays, num_classes = read_cifar(name, root)
+        mean, std = CIFAR_MEAN, CIFAR_STD
+    elif name == "FashionMNIST":
+        arrays, num_classes = read_fashion_mnist(root), 10
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    elif name == "synthetic":
+        arrays, num_classes = make_synthetic(), 10
+        mean, std = (0.5,) * 3, (0.25,) * 3
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    train_images, train_labels, test_images, test_labels = (torch.as_tensor(a).to(device) for a in arrays)
+    return ImageData(train_images, train_labels.long(), test_images, test_labels.long(), num_classes, mean, std)
+
+
+# --- CIFAR: the python pickles of cifar-10/100 ---------------------------------------------------
+
+def read_cifar(name, root):
+    """The four arrays (train images, train labels, test images, test labels) and the class count."""
+    folder, train_files, test_files, label_key, meta_file, names_key = CIFAR_LAYOUT[name]
+    directory = os.path.join(root, folder)
+    if not all(os.path.isfile(os.path.join(directory, f)) for f in train_files + test_files + [meta_file]):
+        download_with_torchvision(name, root, expected=directory)
+    train = [read_cifar_pickle(os.path.join(directory, f), [b"data", label_key]) for f in train_files]
+    test = [read_cifar_pickle(os.path.join(directory, f), [b"data", label_key]) for f in test_files]
+    class_names, = read_cifar_pickle(os.path.join(directory, meta_file), [names_key])
+    arrays = []
+    for part in (train, test):
+        images = np.concatenate([np.asarray(data, dtype=np.uint8).reshape(-1, 3 * 32 * 32) for data, _ in part])
+        labels = np.concatenate([np.asarray(labels, dtype=np.int64) for _, labels in part])
+        if len(images) != len(labels) or labels.min() < 0 or labels.max() >= len(class_names):
+            raise DatasetError(f"{directory} holds {len(images)} images with {len(labels)} labels for "
+                               f"{len(class_names)} classes: the files do not belong together; replace them")
+        arrays += [images.reshape(-1, 3, 32, 32), labels]
+    return arrays, len(class_names)
+
+
+def read_cifar_pickle(path, keys):
+    """The values of `keys` in one CIFAR pickle (data batch or meta file)."""
+    try:
+        with open(path, "rb") as f:
+            content = pickle.load(f, encoding="bytes")
+        return [content[key] for key in keys]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as error:
+        raise DatasetError(f"{path} is not a readable CIFAR file ({type(error).__name__}: {error}); delete "
+                           f"the folder to download it again, or replace it by hand") from None
+
+
+def download_with_torchvision(name, root, expected):
+    """Let torchvision download and verify (md5) the archive, then read the files ourselves."""
+    import torchvision
+
+    print(f"{name} not found in {root}: downloading it there with torchvision")
+    try:
+        getattr(torchvision.datasets, name)(root, train=True, download=True)
+        getattr(torchvision.datasets, name)(root, train=False, download=True)
+    except Exception as error:  # network errors, checksum failures, a read-only root, ...
+        archive = CIFAR_ARCHIVES.get(name, "the four *-ubyte.gz files of FashionMNIST")
+        raise DatasetError(
+            f"{name} is not in {root} and its download failed ({type(error).__name__}: {error}). "
+            f"Put it there by hand: fetch {archive} and unpack it so that {expected} exists, "
+            f"then run again with --dataroot {root}") from None
+
+
+# --- FashionMNIST: idx files, as in torchvision's layout or a plain folder -----------------------
+
+def read_fashion_mnist(root):
+    """FashionMNIST padded 28 -> 32 with zeros and replicated to 3 channels."""
+    paths = [find_idx_file(root, name) for name in FASHION_MNIST_FILES]
+    if None in paths:
+        download_with_torchvision("FashionMNIST", root, expected=os.path.join(root, "FashionMNIST", "raw"))
+        paths = [find_idx_file(root, name) for name in FASHION_MNIST_FILES]
+    train_images, train_labels, test_images, test_labels = (read_idx(path) for path in paths)
+    return (to_rgb32(train_images), train_labels.astype(np.int64), to_rgb32(test_images), test_labels.astype(np.int64))
+
+
+def find_idx_file(root, name):
+    for folder in (os.path.join(root, "FashionMNIST", "raw"), root):
+        for filename in (name, name + ".gz"):
+            if os.path.isfile(os.path.join(folder, filename)):
+                return os.path.join(folder, filename)
+    return None
+
+
+def read_idx(path):
+    """An idx file (uint8 data, big-endian header), gzipped or not, as a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            content = f.read()
+        zero, dtype_code, num_dims = struct.unpack(">HBB", content[:4])
+        shape = struct.unpack(f">{num_dims}I", content[4:4 + 4 * num_dims])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not a uint8 idx file")
+        return np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * num_dims).reshape(shape)
+    except (OSError, EOFError, struct.error, ValueError) as error:
+        raise DatasetError(f"{path} is not a readable idx file ({error}); replace it") from None
+
+
+def to_rgb32(images):
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    return np.repeat(padded[:, None], 3, axis=1)
+
+
+# --- synthetic: a small learnable dataset for smoke runs -----------------------------------------
+
+def make_synthetic(num_train=2048, num_test=512, num_classes=10):
+    """Deterministic 32x32 images: a smooth random colour pattern per class plus pixel noise."""
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.rand(num_classes, 3, 4, 4, generator=generator) * 255
+    patterns = torch.nn.functional.interpolate(patterns, size=32, mode="bilinear", align_corners=False)
+
+    def sample(count):
+        labels = torch.randint(num_classes, (count,), generator=generator)
+        noise = torch.randn(count, 3, 32, 32, generator=generator) * 40
+        return (patterns[labels] + noise).clamp(0, 255).round().to(torch.uint8).numpy(), labels.numpy()
+
+    return (*sample(num_train), *sample(num_test))
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def normalize(images, mean, std):
+    """uint8 (B, 3, H, W) -> float32 normalised with the per-channel mean and std."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def reflect(index, size):
+    """Map coordinates in [-size+1, 2*size-2] into [0, size) by mirroring without repeating the edge."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def augment(images, flips, offsets):
+    """Reflect-pad 4, flip the padded image where flips is True, crop at offsets (y, x) in [0, 8].
+
+    One gather for the whole batch: for output pixel (r, c) of sample b, the source pixel of the
+    unpadded image is row reflect(y_b + r - 4), column reflect(x_b + c - 4) (or the mirrored
+    column of the padded image when flipped).
+    """
+    batch, channels, size = images.shape[0], images.shape[1], images.shape[-1]
+    steps = torch.arange(size, device=images.device)
+    rows = offsets[:, :1] + steps  # (B, size), coordinates in the padded image
+    cols = offsets[:, 1:] + steps
+    cols = torch.where(flips[:, None], size + 2 * PAD - 1 - cols, cols)
+    rows, cols = reflect(rows - PAD, size), reflect(cols - PAD, size)
+    return images[torch.arange(batch, device=images.device)[:, None, None, None],
+                  torch.arange(channels, device=images.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def epoch_generator(seed, epoch):
+    """The CPU generator of one epoch: shuffling and augmentation depend only on (seed, epoch)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def train_batches(data, batch_size, seed, epoch):
+    """Shuffled, augmented, normalised (images, labels) batches of one training epoch."""
+    generator = epoch_generator(seed, epoch)
+    count, device = len(data.train_labels), data.train_images.device
+    order = torch.randperm(count, generator=generator).to(device)
+    flips = (torch.rand(count, generator=generator) < 0.5).to(device)
+    offsets = torch.randint(0, 2 * PAD + 1, (count, 2), generator=generator).to(device)
+    for start in range(0, count, batch_size):
+        index = order[start:start + batch_size]
+        images = augment(data.train_images[index], flips[start:start + batch_size], offsets[start:start + batch_size])
+        yield normalize(images, data.mean, data.std), data.train_labels[index]
+
+
+def test_batches(data, batch_size):
+    """The test set in order, normalised, not augmented."""
+    for start in range(0, len(data.test_labels), batch_size):
+        yield (normalize(data.test_images[start:start + batch_size], data.mean, data.std),
+               data.test_labels[start:start + batch_size])
+
+
+def num_batches(count, batch_size):
+    return (count + batch_size - 1) // batch_size

@@ -1,0 +1,196 @@
+"""The networks this folder trains: WRN-d-k (net 1) against the CIFAR MobileNet (net 2).
+
+Every network returns the logits of all its classifiers as a list ordered shallow to deep,
+its own (final) classifier last: [aux1, aux2, final] with aux=True, [final] with aux=False.
+The auxiliary classifiers live in the sub-modules `aux1` and `aux2`, so a model built with
+aux=False loads the backbone of an aux=True model: the deployed network has no extra parameters.
+
+The Wide ResNet part of this file is shared with wrn/models.py; tests/test_mirror.py keeps
+the two copies identical.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --- Wide ResNet (Zagoruyko & Komodakis), pre-activation, no dropout ----------------------------
+
+class PreActBlock(nn.Module):
+    """o1 = relu(bn0(x)); out = conv3x3(relu(bn1(conv3x3(o1, stride)))) + shortcut."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(in_channels)
+        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        # The shortcut is projected from the pre-activated input when the shape changes.
+        needs_projection = in_channels != out_channels or stride != 1
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False) if needs_projection else None
+
+    def forward(self, x):
+        o1 = F.relu(self.bn0(x))
+        y = self.conv0(o1)
+        z = self.conv1(F.relu(self.bn1(y)))
+        return z + (self.shortcut(o1) if self.shortcut is not None else x)
+
+
+def wrn_group(in_channels, out_channels, num_blocks, stride):
+    """num_blocks blocks; the first one changes width and resolution."""
+    blocks = [PreActBlock(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1)
+              for i in range(num_blocks)]
+    return nn.Sequential(*blocks)
+
+
+class WRNHead(nn.Module):
+    """BN - ReLU - global average pooling (8x8 for 32x32 inputs) - FC."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k: conv0, three groups of n = (d-4)/6 blocks of widths (16k, 32k, 64k), head.
+
+    aux1 branches from group0's output: n blocks to 32k (stride 2), n//2 blocks to 64k
+    (stride 2), its own head. aux2 branches from group1's output: n blocks to 128k (stride 2),
+    its own head.
+    """
+
+    def __init__(self, depth, width, num_classes, aux):
+        super().__init__()
+        n = (depth - 4) // 6
+        w0, w1, w2 = 16 * width, 32 * width, 64 * width
+        self.conv0 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.group0 = wrn_group(16, w0, n, 1)
+        self.group1 = wrn_group(w0, w1, n, 2)
+        self.group2 = wrn_group(w1, w2, n, 2)
+        self.head = WRNHead(w2, num_classes)
+        if aux:
+            self.aux1 = nn.Sequential(wrn_group(w0, w1, n, 2), wrn_group(w1, w2, n // 2, 2), WRNHead(w2, num_classes))
+            self.aux2 = nn.Sequential(wrn_group(w1, 2 * w2, n, 2), WRNHead(2 * w2, num_classes))
+        else:
+            self.aux1 = self.aux2 = None
+        init_wrn_weights(self)
+
+    def forward(self, x):
+        g0 = self.group0(self.conv0(x))
+        g1 = self.group1(g0)
+        g2 = self.group2(g1)
+        final = self.head(g2)
+        if self.aux1 is None:
+            return [final]
+        return [self.aux1(g0), self.aux2(g1), final]
+
+
+def init_wrn_weights(model):
+    """Kaiming-normal (fan_in) convs and FC weights, zero FC bias, BN weight ~ U[0, 1), BN bias 0."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.0, 1.0)
+            nn.init.zeros_(module.bias)
+
+
+def wrn(depth=28, width=10, num_classes=100, aux=True):
+    """WRN-depth-width; depth must be 6n+4, and at least 16 to carry the auxiliary classifiers."""
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+    if aux and depth < 16:
+        raise ValueError(f"WRN-{depth} is too shallow for the auxiliary classifiers (aux1 needs "
+                         f"(depth-4)/6 >= 2, i.e. depth >= 16); use depth >= 16 or aux=False")
+    if width < 1:
+        raise ValueError(f"WRN width must be a positive integer, got {width}")
+    return WideResNet(depth, width, num_classes, aux)
+
+
+# --- MobileNet, CIFAR variant (32x32 inputs: stride 1 stem, first stage at full resolution) ------
+
+def depthwise_separable(in_channels, out_channels, stride):
+    """Depthwise 3x3 (stride) - BN - ReLU, then pointwise 1x1 - BN - ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
+        nn.BatchNorm2d(in_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def mobilenet_stage(in_channels, widths, first_stride):
+    """Depthwise-separable blocks of the given output widths; only the first one may downsample."""
+    blocks = []
+    for i, out_channels in enumerate(widths):
+        blocks.append(depthwise_separable(in_channels, out_channels, first_stride if i == 0 else 1))
+        in_channels = out_channels
+    return nn.Sequential(*blocks)
+
+
+class PoolFC(nn.Module):
+    """Global average pooling (8x8 for 32x32 inputs) - FC: MobileNet's classifier."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class MobileNet(nn.Module):
+    """stem conv 3->32; stage1 [64, 128, 128, 256, 256] at 32x32; stage2 [512 s2, 512 x5];
+    stage3 [1024 s2, 1024]; pool - FC.
+
+    aux1 branches from stage1's output: [512 s2, 512 x3], [1024 s2, 1024], pool - FC.
+    aux2 branches from stage2's output: [2048 s2, 2048], pool - FC.
+    PyTorch's default initialisation, as in the reference.
+    """
+
+    def __init__(self, num_classes, aux):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True))
+        self.stage1 = mobilenet_stage(32, [64, 128, 128, 256, 256], 1)
+        self.stage2 = mobilenet_stage(256, [512] * 6, 2)
+        self.stage3 = mobilenet_stage(512, [1024] * 2, 2)
+        self.head = PoolFC(1024, num_classes)
+        if aux:
+            self.aux1 = nn.Sequential(mobilenet_stage(256, [512] * 4, 2), mobilenet_stage(512, [1024] * 2, 2),
+                                      PoolFC(1024, num_classes))
+            self.aux2 = nn.Sequential(mobilenet_stage(512, [2048] * 2, 2), PoolFC(2048, num_classes))
+        else:
+            self.aux1 = self.aux2 = None
+
+    def forward(self, x):
+        s1 = self.stage1(self.stem(x))
+        s2 = self.stage2(s1)
+        s3 = self.stage3(s2)
+        final = self.head(s3)
+        if self.aux1 is None:
+            return [final]
+        return [self.aux1(s1), self.aux2(s2), final]
+
+
+def mobilenet(num_classes=100, aux=True):
+    """The CIFAR MobileNet of the paper (3.31M parameters without aux for 100 classes)."""
+    return MobileNet(num_classes, aux)
+
+
+# --- The pair this folder trains --------------------------------------------------------------
+
+def build_pair(depth, width, num_classes, aux):
+    """Net 1 and net 2: WRN-depth-width and the MobileNet (depth and width are net 1's only)."""
+    return wrn(depth, width, num_classes, aux), mobilenet(num_classes, aux)
+
+
+def pair_names(depth, width):
+    return f"wrn-{depth}-{width}", "mobilenet"
