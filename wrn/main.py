@@ -31,8 +31,8 @@ METHODS = {"ind": (False, "none"), "dml": (False, "final"), "ds": (True, "none")
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.txt"
 AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
-# Options that define the networks and the objective: a checkpoint only resumes a run that agrees.
-RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset")
+# Options that define the networks, the objective and the batches: a checkpoint only resumes a run that agrees.
+RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed")
 
 
 class UsageError(Exception):

@@ -43,8 +43,8 @@ class ImageData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
-    mean: tuple
-    std: tuple
+    mean: torch.Tensor  # per-channel, (1, 3, 1, 1) on the device
+    std: torch.Tensor
 
 
 def load_dataset(name, root, device):
@@ -61,6 +61,7 @@ def load_dataset(name, root, device):
     else:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     train_images, train_labels, test_images, test_labels = (torch.as_tensor(a).to(device) for a in arrays)
+    mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (mean, std))
     return ImageData(train_images, train_labels.long(), test_images, test_labels.long(), num_classes, mean, std)
 
 
@@ -172,9 +173,9 @@ def make_synthetic(num_train=2048, num_test=512, num_classes=10):
 # --- batches -------------------------------------------------------------------------------------
 
 def normalize(images, mean, std):
-    """uint8 (B, 3, H, W) -> float32 normalised with the per-channel mean and std."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    """uint8 (B, 3, H, W) -> float32 normalised with the per-channel mean and std (sequences or tensors)."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return (images.float() / 255 - mean) / std
 
 
