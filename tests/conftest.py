@@ -49,8 +49,9 @@ def folder(request):
 
 def run_main(folder, *args, cwd=None, timeout=240):
     """`python main.py ARGS` in wrn/ or wrn_mobi/ on the CPU; returns the CompletedProcess."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / folder / "main.py"), *map(str, args)],
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # An empty --gpu_id hides every GPU (main.py sets CUDA_VISIBLE_DEVICES from it); ARGS may override.
+    return subprocess.run([sys.executable, str(ROOT / folder / "main.py"), "--gpu_id", "", *map(str, args)],
                           cwd=cwd or ROOT / folder, env=env, capture_output=True, text=True, timeout=timeout)
 
 
