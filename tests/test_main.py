@@ -263,6 +263,17 @@ def test_dml_run_distils_between_the_two_final_classifiers(dml_run):
             "kl_net1_final_from_net2_final", "kl_net2_final_from_net1_final"]
 
 
+def test_wrn_mobi_trains_on_fashion_mnist_idx_files(tmp_path):
+    root = write_fashion_mnist(tmp_path / "data", 32, 16, gz=True)
+    save = tmp_path / "save"
+    run_ok("wrn_mobi", "--save", save, "--dataroot", root, "--dataset", "FashionMNIST", "--method", "ind",
+           "--depth", 10, "--width", 1, "--batch_size", 16, "--epochs", 1, "--nthread", 1)
+    record, = read_log(save)
+    assert record["num_classes"] == 10 and record["dataset"] == "FashionMNIST"
+    assert sorted(record["test_loss_terms"]) == ["ce_net1_final", "ce_net2_final"]
+    load_folder("wrn_mobi").models.mobilenet(10, aux=False).load_state_dict(load_weights(save / "net2.pt"))
+
+
 def test_lr_drops_at_the_start_of_the_epoch_step_epochs(dml_run):
     assert [record["lr"] for record in read_log(dml_run)] == pytest.approx([0.1, 0.05])
 
