@@ -5,6 +5,7 @@ two folders are loaded one at a time and kept under separate namespaces.
 """
 import gzip
 import importlib
+import json
 import os
 import pickle
 import struct
@@ -57,7 +58,6 @@ def run_main(folder, *args, cwd=None, timeout=240):
 
 def read_log(save_dir):
     """The json_stats records of SAVE/log.txt, in order."""
-    import json
     lines = (Path(save_dir) / "log.txt").read_text().splitlines()
     assert all(line.startswith("json_stats: ") for line in lines), lines
     return [json.loads(line[len("json_stats: "):]) for line in lines]

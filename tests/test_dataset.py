@@ -280,6 +280,22 @@ def test_truncated_cifar_pickle_raises_dataset_error(folder, tmp_path):
         dataset.load_dataset("CIFAR100", tmp_path, CPU)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda batch: batch.update({b"data": batch[b"data"].reshape(-1)[:-5]}), "malformed image data"),
+    (lambda batch: batch.update({b"fine_labels": batch[b"fine_labels"][:-1]}), "do not belong together"),
+    (lambda batch: batch.update({b"fine_labels": [100] * len(batch[b"fine_labels"])}), "do not belong together"),
+], ids=["pixels_not_whole_images", "one_label_missing", "label_out_of_range"])
+def test_cifar_pickle_with_inconsistent_contents_raises_dataset_error(folder, tmp_path, change, message):
+    dataset = load_folder(folder).dataset
+    write_cifar100(tmp_path, num_train=8, num_test=4)
+    train_file = tmp_path / "cifar-100-python" / "train"
+    batch = pickle.loads(train_file.read_bytes())
+    change(batch)
+    train_file.write_bytes(pickle.dumps(batch))
+    with pytest.raises(dataset.DatasetError, match=message):
+        dataset.load_dataset("CIFAR100", tmp_path, CPU)
+
+
 def refuse_download(*args, **kwargs):
     raise OSError("network is unreachable")
 

@@ -78,12 +78,15 @@ def read_cifar(name, root):
     class_names, = read_cifar_pickle(os.path.join(directory, meta_file), [names_key])
     arrays = []
     for part in (train, test):
-        images = np.concatenate([np.asarray(data, dtype=np.uint8).reshape(-1, 3 * 32 * 32) for data, _ in part])
-        labels = np.concatenate([np.asarray(labels, dtype=np.int64) for _, labels in part])
-        if len(images) != len(labels) or labels.min() < 0 or labels.max() >= len(class_names):
+        try:
+            images = np.concatenate([np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32) for data, _ in part])
+            labels = np.concatenate([np.asarray(labels, dtype=np.int64) for _, labels in part])
+        except ValueError as error:  # pixel data that is not a whole number of 3x32x32 images
+            raise DatasetError(f"{directory} holds malformed image data ({error}); replace the files") from None
+        if len(images) == 0 or len(images) != len(labels) or labels.min() < 0 or labels.max() >= len(class_names):
             raise DatasetError(f"{directory} holds {len(images)} images with {len(labels)} labels for "
                                f"{len(class_names)} classes: the files do not belong together; replace them")
-        arrays += [images.reshape(-1, 3, 32, 32), labels]
+        arrays += [images, labels]
     return arrays, len(class_names)
 
 

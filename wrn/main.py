@@ -411,5 +411,6 @@ if __name__ == "__main__":
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is in the checkpoint; continue with --resume", file=sys.stderr)
+        print("\ninterrupted: checkpoint.pt in --save holds the last finished epoch; continue with --resume",
+              file=sys.stderr)
         sys.exit(130)
