@@ -39,6 +39,8 @@ def test_default_save_folder_names_the_pair_method_and_seed(folder):
     (["--weight_decay", "-1"], "--weight_decay"),
     (["--links", "same", "--method", "dml"], "--links"),
     (["--gpu_id", "0,1"], "--gpu_id"),
+    (["--eval_batch_size", "0"], "--eval_batch_size"),
+    (["--benchmark", "0"], "--benchmark"),
 ])
 def test_bad_options_raise_usage_error(folder, argv, message):
     main = load_folder(folder).main

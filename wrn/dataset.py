@@ -20,7 +20,8 @@ CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 # Pixel mean and std of the FashionMNIST training images, the same for the 3 replicated channels.
 FASHION_MNIST_MEAN = (0.2860,) * 3
 FASHION_MNIST_STD = (0.3530,) * 3
-DATASETS = ("CIFAR100", "CIFAR10", "FashionMNIST", "synthetic")
+NUM_CLASSES = {"CIFAR100": 100, "CIFAR10": 10, "FashionMNIST": 10, "synthetic": 10}
+DATASETS = tuple(NUM_CLASSES)
 
 CIFAR_LAYOUT = {  # folder inside --dataroot, training files, test files, label key, meta file, class-names key
     "CIFAR100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"),
@@ -171,6 +172,15 @@ def make_synthetic(num_train=2048, num_test=512, num_classes=10):
         return (patterns[labels] + noise).clamp(0, 255).round().to(torch.uint8).numpy(), labels.numpy()
 
     return (*sample(num_train), *sample(num_test))
+
+
+def random_image_data(num_train, num_classes, device, seed=0):
+    """Uniform random uint8 images and labels made on `device`, for timing the pipeline without a dataset."""
+    generator = torch.Generator(device).manual_seed(seed)
+    images = torch.randint(0, 256, (num_train, 3, 32, 32), generator=generator, device=device, dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (num_train,), generator=generator, device=device)
+    mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (CIFAR_MEAN, CIFAR_STD))
+    return ImageData(images, labels, images[:0], labels[:0], num_classes, mean, std)
 
 
 # --- batches -------------------------------------------------------------------------------------

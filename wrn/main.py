@@ -10,8 +10,9 @@ one of the methods the paper compares it to, from the same script:
 
 SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
 state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
-network without its auxiliary classifiers. This file is identical in wrn/ and wrn_mobi/;
-models.build_pair() decides which two networks are trained.
+network without its auxiliary classifiers. `--amp`, `--channels_last` and `--compile` make it
+faster (training.py), `--benchmark N` measures how fast (benchmark.py). This file is identical in
+wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
 import argparse
 import json
@@ -20,19 +21,18 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
+import benchmark
 import dataset
+import hardware
 import models
-from dcm_loss import LINKS, classifier_names, loss_terms
+import training
+from checkpoint import AUX_PREFIXES, CHECKPOINT, CheckpointError, export_networks, load_checkpoint, save_checkpoint
+from dcm_loss import LINKS, classifier_names
 
 # method -> (auxiliary classifiers?, distillation links); dcm takes its links from --links.
 METHODS = {"ind": (False, "none"), "dml": (False, "final"), "ds": (True, "none"), "dcm": (True, None)}
-CHECKPOINT = "checkpoint.pt"
 LOG = "log.txt"
-AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
-# Options that define the networks, the objective and the batches: a checkpoint only resumes a run that agrees.
-RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed")
 
 
 class UsageError(Exception):
@@ -69,6 +69,15 @@ def parse_options(argv=None):
                         help="ind: independent, dml: deep mutual learning, ds: deep supervision, dcm (default)")
     parser.add_argument("--links", default="dense", choices=[links for links in LINKS if links != "none"],
                         help="which classifier pairs DCM distils between (ablation); dcm only")
+    speed = parser.add_argument_group("speed (the defaults are the reference's fp32 eager training)")
+    speed.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES),
+                       help="autocast the networks to bf16, or to fp16 with loss scaling (changes the numerics)")
+    speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for networks and batches")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass and the loss")
+    speed.add_argument("--eval_batch_size", default=1000, type=int,
+                       help="test batch size (BN in eval mode: the numbers do not depend on it)")
+    speed.add_argument("--benchmark", default=None, type=int, metavar="N",
+                       help="time N training steps on random in-memory data, print one line and exit")
     opt = parser.parse_args(argv)
     check_options(opt)
     if not opt.save:
@@ -84,7 +93,10 @@ def check_options(opt):
         raise UsageError(f"--depth {opt.depth} is too shallow for the auxiliary classifiers of --method "
                          f"{opt.method}: use --depth 16 or more, or --method ind / dml")
     positive = {"--width": opt.width, "--batch_size": opt.batch_size, "--epochs": opt.epochs,
-                "--lr": opt.lr, "--lr_decay_ratio": opt.lr_decay_ratio, "--nthread": opt.nthread}
+                "--lr": opt.lr, "--lr_decay_ratio": opt.lr_decay_ratio, "--nthread": opt.nthread,
+                "--eval_batch_size": opt.eval_batch_size}
+    if opt.benchmark is not None:
+        positive["--benchmark"] = opt.benchmark
     for flag, value in positive.items():
         if value <= 0:
             raise UsageError(f"{flag} must be positive, got {value}")
@@ -118,16 +130,6 @@ def default_save_dir(opt):
 
 # --- setup ---------------------------------------------------------------------------------------
 
-def select_device(opt):
-    # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
-    os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
-    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def prepare_save_dir(opt):
     """Create --save, refusing to start a new run over an existing one; return the checkpoint to resume."""
     if os.path.exists(opt.save) and not os.path.isdir(opt.save):
@@ -154,12 +156,13 @@ def prepare_save_dir(opt):
     return checkpoint
 
 
-def build_networks(opt, num_classes, device):
-    """Net 1 and net 2 of this folder, with auxiliary classifiers when the method uses them."""
+def build_training_step(opt, num_classes, device):
+    """Net 1 and net 2 of this folder (with auxiliary classifiers when the method uses them), the
+    links they distil along and the speed settings."""
     torch.manual_seed(opt.seed)
     uses_aux = METHODS[opt.method][0]
-    net1, net2 = models.build_pair(opt.depth, opt.width, num_classes, uses_aux)
-    return net1.to(device), net2.to(device)
+    nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, uses_aux)]
+    return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile)
 
 
 def distillation_links(opt):
@@ -169,8 +172,10 @@ def distillation_links(opt):
 # --- optimisation: one SGD over both networks, step lr --------------------------------------------
 
 def create_optimizer(opt, params, lr):
-    # Weight decay on every parameter (BN and biases too), as in the reference.
-    return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=opt.weight_decay)
+    # Weight decay on every parameter (BN and biases too), as in the reference. The fused kernel
+    # updates every parameter in one pass; it computes the same update as the per-parameter loop.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=opt.weight_decay, fused=fused or None)
 
 
 def lr_at_epoch(opt, epoch):
@@ -188,86 +193,6 @@ def optimizer_for_epoch(opt, optimizer, params, epoch):
     if epoch in lr_drop_epochs(opt):
         return create_optimizer(opt, params, lr_at_epoch(opt, epoch))
     return optimizer
-
-
-# --- one epoch -----------------------------------------------------------------------------------
-
-class EpochMeter:
-    """Sums of every loss term and correct counts of every classifier, kept on the device so that
-    training never waits for the host; read once at the end of the epoch."""
-
-    def __init__(self):
-        self.num_classifiers = None  # (net 1, net 2)
-        self.term_names = None
-        self.term_sums = None
-        self.correct = None
-        self.count = 0
-
-    def update(self, terms, outputs_net1, outputs_net2, targets):
-        batch = targets.numel()
-        term_values = torch.stack([value.detach().float() for value in terms.values()]) * batch
-        correct = torch.stack([(logits.argmax(dim=1) == targets).sum() for logits in outputs_net1 + outputs_net2])
-        if self.term_sums is None:
-            self.num_classifiers = (len(outputs_net1), len(outputs_net2))
-            self.term_names = list(terms)
-            self.term_sums, self.correct = term_values, correct
-        else:
-            self.term_sums += term_values
-            self.correct += correct
-        self.count += batch
-
-    def loss(self):
-        return self.term_sums.sum().item() / self.count
-
-    def accuracies(self):
-        """Top-1 accuracy (%) of every classifier: net 1's, then net 2's, shallow to deep."""
-        return (self.correct.double() * 100 / self.count).tolist()
-
-    def terms(self):
-        return dict(zip(self.term_names, (self.term_sums / self.count).tolist()))
-
-
-def forward_both(nets, images):
-    net1, net2 = nets
-    return net1(images), net2(images)
-
-
-def train_epoch(nets, optimizer, batches, total_batches, links, description):
-    for net in nets:
-        net.train()
-    meter = EpochMeter()
-    progress = tqdm(batches, total=total_batches, desc=description, leave=False, dynamic_ncols=True,
-                    disable=not sys.stdout.isatty())
-    for step, (images, targets) in enumerate(progress):
-        outputs_net1, outputs_net2 = forward_both(nets, images)
-        terms = loss_terms(outputs_net1, outputs_net2, targets, links)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        meter.update(terms, outputs_net1, outputs_net2, targets)
-        if not progress.disable and step % 20 == 0:  # reading the meter waits for the device
-            accuracies = meter.accuracies()
-            progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
-                                 acc_net2=f"{accuracies[-1]:.1f}")
-    return meter
-
-
-@torch.no_grad()
-def evaluate(nets, batches, links):
-    # BN uses its running statistics (eval mode) for both networks.
-    for net in nets:
-        net.eval()
-    meter = EpochMeter()
-    for images, targets in batches:
-        outputs_net1, outputs_net2 = forward_both(nets, images)
-        meter.update(loss_terms(outputs_net1, outputs_net2, targets, links), outputs_net1, outputs_net2, targets)
-    return meter
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # --- logging -------------------------------------------------------------------------------------
@@ -303,80 +228,40 @@ def print_summary(stats):
     print(line, flush=True)
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
-
-def save_checkpoint(opt, epoch, nets, optimizer):
-    """The full training state after `epoch`, written atomically: an interrupted save keeps the last one."""
-    state = {
-        "epoch": epoch,
-        "net1": nets[0].state_dict(),
-        "net2": nets[1].state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "options": vars(opt),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    path = os.path.join(opt.save, CHECKPOINT)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(opt, path, nets, optimizer, device):
-    """Restore a checkpoint into nets and optimizer; return the epoch it completed."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        saved_options = state["options"]
-    except Exception as error:  # unreadable, truncated or not a checkpoint of this script
-        raise UsageError(f"--resume {path} is not a readable checkpoint of this script "
-                         f"({type(error).__name__}); give another file") from None
-    for name in RUN_DEFINING_OPTIONS:
-        if saved_options.get(name) != getattr(opt, name):
-            raise UsageError(f"--resume {path} was trained with --{name} {saved_options.get(name)}, not "
-                             f"{getattr(opt, name)}; rerun with the run's own flags")
-    try:
-        nets[0].load_state_dict(state["net1"])
-        nets[1].load_state_dict(state["net2"])
-    except RuntimeError:
-        raise UsageError(f"--resume {path} holds networks of another shape (trained by the other folder, "
-                         f"wrn/ or wrn_mobi/?); resume it where it was trained") from None
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng_state"].cpu())
-    if torch.cuda.is_available() and state["cuda_rng_states"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng_states"]])
-    return state["epoch"]
-
-
-def export_networks(opt, nets):
-    """SAVE/net1.pt, SAVE/net2.pt: state dicts without the auxiliary classifiers, loadable into
-    models.wrn(..., aux=False) / models.mobilenet(..., aux=False)."""
-    for index, net in enumerate(nets, start=1):
-        backbone = {key: value.cpu() for key, value in net.state_dict().items()
-                    if not key.startswith(AUX_PREFIXES)}
-        torch.save(backbone, os.path.join(opt.save, f"net{index}.pt"))
-
-
 # --- the recipe ----------------------------------------------------------------------------------
 
 def main(argv=None):
     opt = parse_options(argv)
-    device = select_device(opt)
+    hardware.keep_freed_memory()
+    device = hardware.select_device(opt)
+    if opt.benchmark:
+        num_classes = dataset.NUM_CLASSES[opt.dataset]
+        step = build_training_step(opt, num_classes, device)
+        optimizer = create_optimizer(opt, step.parameters(), lr_at_epoch(opt, 1))
+        pair_name = " + ".join(models.pair_names(opt.depth, opt.width))
+        return benchmark.run(opt, step, optimizer, num_classes, device, pair_name)
+
     checkpoint = prepare_save_dir(opt)
     try:
         data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
     except dataset.DatasetError as error:
         raise UsageError(str(error)) from None
 
-    nets = build_networks(opt, data.num_classes, device)
-    params = list(nets[0].parameters()) + list(nets[1].parameters())
+    step = build_training_step(opt, data.num_classes, device)
+    params = step.parameters()
     optimizer = create_optimizer(opt, params, lr_at_epoch(opt, 1))
-    links = distillation_links(opt)
-    last_epoch = load_checkpoint(opt, checkpoint, nets, optimizer, device) if checkpoint else 0
+    try:
+        last_epoch = load_checkpoint(opt, checkpoint, step, optimizer, device) if checkpoint else 0
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
+    net1, net2 = step.nets
     run_info = {"num_classes": data.num_classes,
-                "n_parameters": count_parameters(nets[0]) + count_parameters(nets[1]),
-                "n_parameters_net1": count_parameters(nets[0], with_aux=False),
-                "n_parameters_net2": count_parameters(nets[1], with_aux=False)}
-    print(f"{opt.save}: {opt.method} ({links} links) on {opt.dataset}, {device}, "
-          f"epochs {last_epoch + 1}..{opt.epochs}, {run_info['n_parameters'] / 1e6:.2f}M parameters trained")
+                "n_parameters": count_parameters(net1) + count_parameters(net2),
+                "n_parameters_net1": count_parameters(net1, with_aux=False),
+                "n_parameters_net2": count_parameters(net2, with_aux=False)}
+    print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset}, {hardware.device_name(device)}, "
+          f"{step.settings()}, epochs {last_epoch + 1}..{opt.epochs}, "
+          f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained")
 
     for epoch in range(last_epoch + 1, opt.epochs + 1):
         optimizer = optimizer_for_epoch(opt, optimizer, params, epoch)
@@ -385,22 +270,22 @@ def main(argv=None):
         start = time.time()
         batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch)
         total = dataset.num_batches(len(data.train_labels), opt.batch_size)
-        train_meter = train_epoch(nets, optimizer, batches, total, links, f"epoch {epoch}/{opt.epochs}")
-        synchronize(device)
+        train_meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}")
+        hardware.synchronize(device)
         train_time = time.time() - start
 
         start = time.time()
-        test_meter = evaluate(nets, dataset.test_batches(data, opt.batch_size), links)
-        synchronize(device)
+        test_meter = training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size))
+        hardware.synchronize(device)
         test_time = time.time() - start
 
         stats = {**meter_stats("train", train_meter), **meter_stats("test", test_meter),
                  "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
         log_epoch(opt, stats)
         print_summary({**stats, "epochs": opt.epochs})
-        save_checkpoint(opt, epoch, nets, optimizer)
+        save_checkpoint(opt, epoch, step, optimizer)
 
-    export_networks(opt, nets)
+    export_networks(opt, step.nets)
     print(f"done: {os.path.join(opt.save, 'net1.pt')} and net2.pt hold the networks without auxiliary classifiers")
 
 

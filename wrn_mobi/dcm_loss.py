@@ -8,6 +8,7 @@ Each network learns from the other's predictions as fixed targets; no pair lies 
 network. The link sets of the paper's ablation pick which pairs (i, j) are linked:
 dense (all), same (stage k <-> stage k), cross (k <-> l, k != l), final (final <-> final),
 none (cross-entropy only: independent training and deep supervision).
+Every term is computed from fp32 logits, so the loss keeps full precision under --amp.
 """
 import torch.nn.functional as F
 
@@ -61,7 +62,7 @@ def loss_terms(outputs_1, outputs_2, targets, links="dense"):
     terms = {}
     for net, names, outputs in (("net1", names_1, outputs_1), ("net2", names_2, outputs_2)):
         for name, logits in zip(names, outputs):
-            terms[f"ce_{net}_{name}"] = F.cross_entropy(logits, targets)
+            terms[f"ce_{net}_{name}"] = F.cross_entropy(logits.float(), targets)
     for i, j in linked_pairs(len(outputs_1), len(outputs_2), links):
         terms[f"kl_net1_{names_1[i]}_from_net2_{names_2[j]}"] = kl_divergence(outputs_2[j].detach(), outputs_1[i])
         terms[f"kl_net2_{names_2[j]}_from_net1_{names_1[i]}"] = kl_divergence(outputs_1[i].detach(), outputs_2[j])

@@ -1,0 +1,227 @@
+"""The speed settings (--amp, --channels_last, --compile), evaluation batches, the CPU allocator
+setting, `main.py --benchmark` and tools/benchmark.py. All on the CPU; no test is timed.
+
+A run over a training set of exactly one batch trains one step per epoch, so the `train_loss` of
+its epoch 1 is the loss of the first step, computed on the same batch by every setting.
+"""
+import ctypes
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, load_folder, read_log, run_main, write_cifar100
+
+ONE_BATCH = 32
+
+BENCHMARK_LINE = re.compile(
+    r"^benchmark \| (?P<pair>[^|]+) \| (?P<method>\w+) \((?P<links>\w+) links\) \| batch (?P<batch>\d+) \| "
+    r"(?P<settings>[^|]+) \| (?P<device>[^|]+) \| (?P<images>[\d.]+) img/s \| (?P<ms>[\d.]+) ms/step \| "
+    r"(?P<tflops>[\d.]+) TFLOP/s \| (?P<fraction>[\d.]+)% of (?P<dtype>\w+) matmul peak (?P<peak>[\d.]+) TFLOP/s \| "
+    r"peak (?P<memory_kind>GPU memory|process RSS) (?P<memory>[\d.]+) GiB \| pipeline efficiency (?P<efficiency>[\d.]+)$")
+
+
+def run_ok(folder, *args, **kwargs):
+    result = run_main(folder, *args, **kwargs)
+    assert result.returncode == 0, f"exit code {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+# --- first-step loss of every setting against fp32 on the same batch --------------------------------
+
+@pytest.fixture(scope="module")
+def one_batch_data(tmp_path_factory):
+    return write_cifar100(tmp_path_factory.mktemp("one_batch"), ONE_BATCH, 20)
+
+
+@pytest.fixture(scope="module")
+def first_step_runs(tmp_path_factory, one_batch_data):
+    """One epoch of one step in wrn/ for each setting; {setting: (save folder, log record)}."""
+    settings = {"fp32": (), "bf16+cl": ("--amp", "bf16", "--channels_last"), "fp16": ("--amp", "fp16"),
+                "bf16+cl+compile": ("--amp", "bf16", "--channels_last", "--compile")}
+    runs = {}
+    for name, flags in settings.items():
+        save = tmp_path_factory.mktemp("first_step") / name
+        run_ok("wrn", "--save", save, "--dataroot", one_batch_data, "--depth", 16, "--width", 1,
+               "--batch_size", ONE_BATCH, "--epochs", 1, "--nthread", 1, *flags, timeout=600)
+        record, = read_log(save)
+        runs[name] = (save, record)
+    return runs
+
+
+@pytest.mark.parametrize("setting", ["bf16+cl", "fp16", "bf16+cl+compile"])
+def test_first_step_loss_is_close_to_fp32_on_the_same_batch(first_step_runs, setting):
+    _, fp32 = first_step_runs["fp32"]
+    _, record = first_step_runs[setting]
+    # 6 cross-entropies at ~ln(100) each and 18 KL terms: the loss of the freshly initialised pair.
+    assert 6 * 4 < fp32["train_loss"] < 6 * 6
+    assert record["train_loss"] == pytest.approx(fp32["train_loss"], rel=5e-3)
+    for name, value in fp32["train_loss_terms"].items():
+        assert record["train_loss_terms"][name] == pytest.approx(value, rel=5e-2, abs=5e-3), name
+
+
+def test_speed_settings_are_logged_with_the_other_options(first_step_runs):
+    _, record = first_step_runs["bf16+cl+compile"]
+    assert (record["amp"], record["channels_last"], record["compile"]) == ("bf16", True, True)
+    _, record = first_step_runs["fp32"]
+    assert (record["amp"], record["channels_last"], record["compile"]) == ("none", False, False)
+    assert record["eval_batch_size"] == 1000
+
+
+def test_fp16_checkpoint_holds_the_loss_scale_and_resumes(first_step_runs, one_batch_data):
+    save, _ = first_step_runs["fp16"]
+    scaler_state = torch.load(save / "checkpoint.pt", weights_only=True)["grad_scaler"]
+    assert scaler_state["scale"] > 1
+    run_ok("wrn", "--save", save, "--dataroot", one_batch_data, "--depth", 16, "--width", 1,
+           "--batch_size", ONE_BATCH, "--epochs", 2, "--nthread", 1, "--amp", "fp16", "--resume")
+    assert [record["epoch"] for record in read_log(save)] == [1, 2]
+
+
+def test_channels_last_run_exports_plain_contiguous_networks(first_step_runs):
+    save, _ = first_step_runs["bf16+cl"]
+    net = load_folder("wrn").models.wrn(16, 1, 100, aux=False)
+    state = torch.load(save / "net1.pt", weights_only=True)
+    assert all(tensor.is_contiguous() for tensor in state.values())
+    net.load_state_dict(state)
+
+
+# --- evaluation does not depend on its batch size ---------------------------------------------------
+
+@pytest.mark.parametrize("folder_name", ["wrn", "wrn_mobi"])
+def test_evaluation_numbers_do_not_depend_on_the_batch_size(folder_name):
+    modules = load_folder(folder_name)
+    device = torch.device("cpu")
+    data = modules.dataset.random_image_data(16, 10, device, seed=3)
+    data.test_images, data.test_labels = data.train_images[:13], data.train_labels[:13]
+    torch.manual_seed(0)
+    nets = modules.models.build_pair(16, 1, 10, aux=True)
+    step = modules.training.TrainingStep(nets, "dense", device)
+    optimizer = torch.optim.SGD(step.parameters(), 0.1)
+    # Two training steps move the BN running statistics away from their initial (0, 1).
+    modules.training.train_epoch(step, optimizer, modules.dataset.train_batches(data, 8, 1, 1), 2, "train")
+    buffers = [{name: b.clone() for name, b in net.named_buffers()} for net in nets]
+
+    meters = [modules.training.evaluate(step, modules.dataset.test_batches(data, size)) for size in (3, 13)]
+    assert meters[0].accuracies() == meters[1].accuracies()
+    assert meters[0].loss() == pytest.approx(meters[1].loss(), rel=1e-5)
+    assert meters[0].count == meters[1].count == 13
+    # Eval mode: the pass reads the running statistics and leaves them as they were.
+    for net, saved in zip(nets, buffers):
+        assert all(torch.equal(b, saved[name]) for name, b in net.named_buffers())
+
+
+def test_eval_batch_size_is_used_by_main(tmp_path, one_batch_data):
+    save = tmp_path / "save"
+    run_ok("wrn", "--save", save, "--dataroot", one_batch_data, "--depth", 16, "--width", 1,
+           "--batch_size", ONE_BATCH, "--epochs", 1, "--nthread", 1, "--eval_batch_size", 7)
+    record, = read_log(save)
+    assert record["eval_batch_size"] == 7
+    # 20 test images, counted whole over batches of 7, 7 and 6.
+    assert (record["test_acc_net1"] * 20 / 100) == pytest.approx(round(record["test_acc_net1"] * 20 / 100))
+
+
+# --- FLOPs of a training step -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("folder_name, forward_gflop_per_image", [("wrn", 0.139 + 0.139), ("wrn_mobi", 0.139 + 2.579)])
+def test_training_step_costs_three_forward_passes(folder_name, forward_gflop_per_image):
+    # Backward = input gradients + weight gradients, each as costly as the forward pass (the first
+    # convolution has no input gradient). torch's own formula counts the MobileNet's depthwise
+    # weight gradients ~channels times too high; the benchmark's must not.
+    modules = load_folder(folder_name)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    step = modules.training.TrainingStep(modules.models.build_pair(16, 1, 100, aux=True), "dense", device)
+    images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2,))
+    ratio = modules.benchmark.training_step_flops(step, images, targets) / (2 * forward_gflop_per_image * 1e9)
+    assert 2.9 < ratio < 3.02, ratio
+    assert all(p.grad is None for p in step.parameters())
+
+
+def test_convolution_backward_formula_counts_groups():
+    convolution_backward_flops = load_folder("wrn").benchmark.convolution_backward_flops
+    grad_out, x = (8, 64, 16, 16), (8, 64, 32, 32)
+    dense_weight, depthwise_weight = (64, 64, 3, 3), (64, 1, 3, 3)
+    forward_dense = 2 * 8 * 64 * 64 * 9 * 16 * 16
+    args = (None, (2, 2), (1, 1), (1, 1), False, (0, 0))
+    assert convolution_backward_flops(grad_out, x, dense_weight, *args, 1, [True, True, False]) == 2 * forward_dense
+    assert convolution_backward_flops(grad_out, x, depthwise_weight, *args, 64, [True, True, False]) == \
+        2 * forward_dense // 64
+    assert convolution_backward_flops(grad_out, x, dense_weight, *args, 1, [False, True, False]) == forward_dense
+
+
+# --- the CPU allocator -----------------------------------------------------------------------------
+
+REUSE_PROBE = """
+import resource, torch
+def faults_per_reuse():
+    torch.empty(16 << 20).fill_(1)  # 64 MB: far above glibc's default mmap threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.empty(16 << 20).fill_(1)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+"""
+
+
+def glibc():
+    try:
+        return hasattr(ctypes.CDLL(None), "mallopt")
+    except OSError:
+        return False
+
+
+def probe(code):
+    result = subprocess.run([sys.executable, "-c", REUSE_PROBE + code], cwd=ROOT / "wrn", capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not glibc(), reason="the allocator setting is glibc's")
+def test_freed_memory_is_reused_without_page_faults_inside_a_running_main():
+    pages = (64 << 20) // 4096
+    # Control: a plain process faults every page of a reallocated 64 MB block in again.
+    assert probe("print(faults_per_reuse())") > pages / 2
+    # The same probe in a process where main.py has run (a one-step benchmark) faults almost none.
+    ran_main = probe("import sys; sys.path.insert(0, '.'); import main\n"
+                     "main.main(['--gpu_id', '', '--nthread', '1', '--depth', '10', '--width', '1', '--method', 'ind',"
+                     " '--batch_size', '4', '--benchmark', '1'])\n"
+                     "print(faults_per_reuse())")
+    assert ran_main < pages / 20
+
+
+# --- main.py --benchmark and tools/benchmark.py -------------------------------------------------------
+
+@pytest.mark.parametrize("folder_name", ["wrn", "wrn_mobi"])
+def test_benchmark_prints_one_line_with_every_figure_and_writes_nothing(tmp_path, folder_name):
+    result = run_ok(folder_name, "--benchmark", 2, "--depth", 16, "--width", 1, "--batch_size", 4,
+                    "--nthread", 1, "--channels_last", cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    match = BENCHMARK_LINE.match(lines[0])
+    assert match, lines[0]
+    figures = match.groupdict()
+    net2 = "wrn-16-1" if folder_name == "wrn" else "mobilenet"
+    assert figures["pair"] == f"wrn-16-1 + {net2}" and figures["method"] == "dcm" and figures["links"] == "dense"
+    assert figures["batch"] == "4" and figures["settings"] == "fp32, channels_last, eager"
+    assert figures["dtype"] == "fp32" and figures["memory_kind"] == "process RSS"
+    for key in ("images", "ms", "tflops", "fraction", "peak", "memory", "efficiency"):
+        assert float(figures[key]) > 0, key
+    assert float(figures["images"]) * float(figures["ms"]) / 1e3 == pytest.approx(4, rel=0.01)
+    assert list(tmp_path.iterdir()) == [], "--benchmark must not write files"
+
+
+def test_benchmark_tool_prints_the_table_with_the_plain_baseline(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--gpu_id", "", "--nthread", "1",
+                             "--depth", "16", "--width", "1", "--batch_size", "4", "--steps", "1",
+                             "--folders", "wrn", "--settings", "plain", "bf16"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| wrn/")]
+    assert len(rows) == 2, result.stdout
+    plain, bf16 = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
+    assert plain[:3] == ["wrn/", "wrn-16-1 + wrn-16-1", "plain"] and float(plain[3]) > 0
+    assert bf16[:3] == ["wrn/", "wrn-16-1 + wrn-16-1", "bf16"]
+    assert float(bf16[3]) > 0 and "% of bf16 peak " in bf16[6] and bf16[9].endswith(" h")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,141 @@
+"""The training step and the evaluation pass of the two networks, and the epoch loops around them.
+
+The speed settings live here and change nothing else in the program:
+  --amp bf16 / fp16   autocast the networks (the loss is always computed in fp32); fp16 scales the
+                      loss with a GradScaler so that small gradients do not underflow
+  --channels_last     NHWC memory layout for the networks and their input batches
+  --compile           torch.compile of the forward pass of both networks and the loss; autograd
+                      compiles the backward pass with it
+With none of them (the default) the step is the reference's plain fp32 eager step.
+This file is identical in wrn/ and wrn_mobi/.
+"""
+import sys
+
+import torch
+from tqdm import tqdm
+
+from dcm_loss import loss_terms
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}
+
+
+class TrainingStep:
+    """Both networks, the links they distil along and the speed settings: train() makes one SGD
+    step on a batch, evaluate() one forward pass in eval mode."""
+
+    def __init__(self, nets, links, device, amp="none", channels_last=False, compile=False):
+        self.nets = nets
+        self.links = links
+        self.device_type = device.type
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.compiled = compile
+        if channels_last:
+            for net in nets:
+                net.to(memory_format=torch.channels_last)
+        # A disabled scaler passes the loss and the optimizer step through unchanged.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        # dynamic=False: one graph per batch shape (the full batch, the last partial one, the
+        # evaluation batch), each compiled once, rather than slower shape-generic kernels.
+        self.forward_and_loss = (torch.compile(self.eager_forward_and_loss, dynamic=False) if compile
+                                 else self.eager_forward_and_loss)
+
+    def eager_forward_and_loss(self, images, targets):
+        """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch."""
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            net1, net2 = self.nets
+            outputs_net1, outputs_net2 = net1(images), net2(images)
+            terms = loss_terms(outputs_net1, outputs_net2, targets, self.links)
+        return outputs_net1, outputs_net2, terms, sum(terms.values())
+
+    def train(self, images, targets, optimizer):
+        outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(
+            images.contiguous(memory_format=self.memory_format), targets)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return outputs_net1, outputs_net2, terms
+
+    @torch.no_grad()
+    def evaluate(self, images, targets):
+        outputs_net1, outputs_net2, terms, _ = self.forward_and_loss(
+            images.contiguous(memory_format=self.memory_format), targets)
+        return outputs_net1, outputs_net2, terms
+
+    def set_mode(self, training):
+        for net in self.nets:
+            net.train(training)
+
+    def parameters(self):
+        return [p for net in self.nets for p in net.parameters()]
+
+    def settings(self):
+        """The speed settings in words, e.g. 'amp bf16, channels_last, compile' or 'fp32, eager'."""
+        words = [f"amp {AMP_NAMES[self.amp_dtype]}" if self.amp_dtype else "fp32"]
+        words += ["channels_last"] if self.memory_format == torch.channels_last else []
+        words += ["compile"] if self.compiled else ["eager"]
+        return ", ".join(words)
+
+
+class EpochMeter:
+    """Sums of every loss term and correct counts of every classifier, kept on the device so that
+    training never waits for the host; read once at the end of the epoch."""
+
+    def __init__(self):
+        self.num_classifiers = None  # (net 1, net 2)
+        self.term_names = None
+        self.term_sums = None
+        self.correct = None
+        self.count = 0
+
+    def update(self, terms, outputs_net1, outputs_net2, targets):
+        batch = targets.numel()
+        term_values = torch.stack([value.detach().float() for value in terms.values()]) * batch
+        predictions = torch.stack([logits.detach().argmax(dim=1) for logits in outputs_net1 + outputs_net2])
+        correct = (predictions == targets).sum(dim=1)
+        if self.term_sums is None:
+            self.num_classifiers = (len(outputs_net1), len(outputs_net2))
+            self.term_names = list(terms)
+            self.term_sums, self.correct = term_values, correct
+        else:
+            self.term_sums += term_values
+            self.correct += correct
+        self.count += batch
+
+    def loss(self):
+        return self.term_sums.sum().item() / self.count
+
+    def accuracies(self):
+        """Top-1 accuracy (%) of every classifier: net 1's, then net 2's, shallow to deep."""
+        return (self.correct.double() * 100 / self.count).tolist()
+
+    def terms(self):
+        return dict(zip(self.term_names, (self.term_sums / self.count).tolist()))
+
+
+def train_epoch(step, optimizer, batches, total_batches, description):
+    step.set_mode(training=True)
+    meter = EpochMeter()
+    progress = tqdm(batches, total=total_batches, desc=description, leave=False, dynamic_ncols=True,
+                    disable=not sys.stdout.isatty())
+    for index, (images, targets) in enumerate(progress):
+        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer)
+        meter.update(terms, outputs_net1, outputs_net2, targets)
+        if not progress.disable and index % 20 == 0:  # reading the meter waits for the device
+            accuracies = meter.accuracies()
+            progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
+                                 acc_net2=f"{accuracies[-1]:.1f}")
+    return meter
+
+
+def evaluate(step, batches):
+    # BN uses its running statistics (eval mode) for both networks, so the numbers do not depend
+    # on how the test set is cut into batches.
+    step.set_mode(training=False)
+    meter = EpochMeter()
+    for images, targets in batches:
+        outputs_net1, outputs_net2, terms = step.evaluate(images, targets)
+        meter.update(terms, outputs_net1, outputs_net2, targets)
+    return meter

@@ -1,0 +1,69 @@
+"""The machine a run uses: the training device, the CPU allocator and threads, timing and memory.
+
+Every function here is about the process and the hardware, not about DCM; main.py and
+benchmark.py call them. This file is identical in wrn/ and wrn_mobi/.
+"""
+import ctypes
+import os
+import resource
+import sys
+
+import torch
+
+# glibc's mallopt() parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+KEEP_EVERYTHING = 2 ** 31 - 1
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory in the process instead of handing it back to the OS.
+
+    By default glibc serves every large block (a CPU activation or gradient of a training step)
+    with a fresh mmap and unmaps it when freed, so each step faults every page of its tensors
+    in again: the MobileNet pair on a CPU spent about half its time in page faults. With mmap
+    disabled and trimming off, freed blocks are reused from the heap by the next step. The
+    process keeps its peak memory, which a training run reaches every step anyway. Returns
+    whether the setting took effect (False where the C library is not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): no such tuning to do
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_EVERYTHING))
+
+
+def select_device(opt):
+    """The training device; sets the visible GPU and the CPU thread count first."""
+    # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
+    os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
+    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def synchronize(device):
+    """Wait for the device, so that a wall-clock time covers the work queued on it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    """(bytes, what they measure): the tensors' peak on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU memory"
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
