@@ -67,7 +67,7 @@ def test_speed_settings_are_logged_with_the_other_options(first_step_runs):
     assert (record["amp"], record["channels_last"], record["compile"]) == ("bf16", True, True)
     _, record = first_step_runs["fp32"]
     assert (record["amp"], record["channels_last"], record["compile"]) == ("none", False, False)
-    assert record["eval_batch_size"] == 1000
+    assert record["eval_batch_size"] == 500
 
 
 def test_fp16_checkpoint_holds_the_loss_scale_and_resumes(first_step_runs, one_batch_data):

@@ -24,15 +24,15 @@ import torch
 
 import benchmark
 import dataset
+import epoch_log
 import hardware
 import models
 import training
-from checkpoint import AUX_PREFIXES, CHECKPOINT, CheckpointError, export_networks, load_checkpoint, save_checkpoint
-from dcm_loss import LINKS, classifier_names
+from checkpoint import CHECKPOINT, CheckpointError, export_networks, load_checkpoint, save_checkpoint
+from dcm_loss import LINKS
 
 # method -> (auxiliary classifiers?, distillation links); dcm takes its links from --links.
 METHODS = {"ind": (False, "none"), "dml": (False, "final"), "ds": (True, "none"), "dcm": (True, None)}
-LOG = "log.txt"
 
 
 class UsageError(Exception):
@@ -74,7 +74,7 @@ def parse_options(argv=None):
                        help="autocast the networks to bf16, or to fp16 with loss scaling (changes the numerics)")
     speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for networks and batches")
     speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass and the loss")
-    speed.add_argument("--eval_batch_size", default=1000, type=int,
+    speed.add_argument("--eval_batch_size", default=500, type=int,
                        help="test batch size (BN in eval mode: the numbers do not depend on it)")
     speed.add_argument("--benchmark", default=None, type=int, metavar="N",
                        help="time N training steps on random in-memory data, print one line and exit")
@@ -134,7 +134,7 @@ def prepare_save_dir(opt):
     """Create --save, refusing to start a new run over an existing one; return the checkpoint to resume."""
     if os.path.exists(opt.save) and not os.path.isdir(opt.save):
         raise UsageError(f"--save {opt.save} is a file, not a folder; choose another --save")
-    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (LOG, CHECKPOINT))
+    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (epoch_log.LOG, CHECKPOINT))
     if opt.resume is True:
         checkpoint = os.path.join(opt.save, CHECKPOINT)
         if not os.path.isfile(checkpoint):
@@ -147,7 +147,7 @@ def prepare_save_dir(opt):
     else:
         checkpoint = None
         if holds_run:
-            raise UsageError(f"{opt.save} already holds a run ({LOG} / {CHECKPOINT}); continue it with "
+            raise UsageError(f"{opt.save} already holds a run ({epoch_log.LOG} / {CHECKPOINT}); continue it with "
                              f"--resume, or choose another --save")
     try:
         os.makedirs(opt.save, exist_ok=True)
@@ -173,7 +173,8 @@ def distillation_links(opt):
 
 def create_optimizer(opt, params, lr):
     # Weight decay on every parameter (BN and biases too), as in the reference. The fused kernel
-    # updates every parameter in one pass; it computes the same update as the per-parameter loop.
+    # updates every parameter in one pass: the same update as the per-parameter loop, up to the
+    # last bit (it uses fused multiply-adds).
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=opt.weight_decay, fused=fused or None)
 
@@ -193,39 +194,6 @@ def optimizer_for_epoch(opt, optimizer, params, epoch):
     if epoch in lr_drop_epochs(opt):
         return create_optimizer(opt, params, lr_at_epoch(opt, epoch))
     return optimizer
-
-
-# --- logging -------------------------------------------------------------------------------------
-
-def meter_stats(split, meter):
-    """{split}_loss, {split}_acc_net1/_net2 (final classifiers), {split}_acc_net{1,2}_aux{k}, {split}_loss_terms."""
-    stats = {f"{split}_loss": meter.loss()}
-    accuracies = meter.accuracies()
-    for net, count in zip(("net1", "net2"), meter.num_classifiers):
-        for name, accuracy in zip(classifier_names(count), accuracies[:count]):
-            stats[f"{split}_acc_{net}" if name == "final" else f"{split}_acc_{net}_{name}"] = accuracy
-        accuracies = accuracies[count:]
-    stats[f"{split}_acc"] = stats[f"{split}_acc_net1"]  # the reference's key: net 1's final classifier
-    stats[f"{split}_loss_terms"] = meter.terms()
-    return stats
-
-
-def count_parameters(net, with_aux=True):
-    return sum(p.numel() for name, p in net.named_parameters() if with_aux or not name.startswith(AUX_PREFIXES))
-
-
-def log_epoch(opt, stats):
-    """Append one `json_stats: {...}` line (every option and this epoch's numbers) to SAVE/log.txt."""
-    with open(os.path.join(opt.save, LOG), "a") as log:
-        log.write("json_stats: " + json.dumps({**vars(opt), **stats}) + "\n")
-
-
-def print_summary(stats):
-    line = (f"epoch {stats['epoch']}/{stats['epochs']}  lr {stats['lr']:.4g}  "
-            f"train loss {stats['train_loss']:.3f} acc {stats['train_acc_net1']:.2f}/{stats['train_acc_net2']:.2f}  "
-            f"test loss {stats['test_loss']:.3f} acc {stats['test_acc_net1']:.2f}/{stats['test_acc_net2']:.2f}  "
-            f"({stats['train_time']:.0f}s + {stats['test_time']:.0f}s)")
-    print(line, flush=True)
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -254,11 +222,7 @@ def main(argv=None):
         last_epoch = load_checkpoint(opt, checkpoint, step, optimizer, device) if checkpoint else 0
     except CheckpointError as error:
         raise UsageError(str(error)) from None
-    net1, net2 = step.nets
-    run_info = {"num_classes": data.num_classes,
-                "n_parameters": count_parameters(net1) + count_parameters(net2),
-                "n_parameters_net1": count_parameters(net1, with_aux=False),
-                "n_parameters_net2": count_parameters(net2, with_aux=False)}
+    run_info = epoch_log.run_info(step.nets, data.num_classes)
     print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset}, {hardware.device_name(device)}, "
           f"{step.settings()}, epochs {last_epoch + 1}..{opt.epochs}, "
           f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained")
@@ -276,13 +240,15 @@ def main(argv=None):
 
         start = time.time()
         test_meter = training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size))
+        published_stats = epoch_log.published_protocol_stats(step, data, opt.batch_size)
         hardware.synchronize(device)
         test_time = time.time() - start
 
-        stats = {**meter_stats("train", train_meter), **meter_stats("test", test_meter),
+        stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
+                 **published_stats,
                  "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
-        log_epoch(opt, stats)
-        print_summary({**stats, "epochs": opt.epochs})
+        epoch_log.log_epoch(opt, stats)
+        epoch_log.print_summary({**stats, "epochs": opt.epochs})
         save_checkpoint(opt, epoch, step, optimizer)
 
     export_networks(opt, step.nets)

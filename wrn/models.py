@@ -122,3 +122,8 @@ def build_pair(depth, width, num_classes, aux):
 
 def pair_names(depth, width):
     return f"wrn-{depth}-{width}", f"wrn-{depth}-{width}"
+
+
+# Net 1, net 2: is the network tested with BN normalising each test batch by its own statistics in
+# the published code? Its wrn/ switches both WRNs to eval mode for testing.
+PUBLISHED_TEST_USES_BATCH_STATISTICS = (False, False)

@@ -9,6 +9,7 @@ The speed settings live here and change nothing else in the program:
 With none of them (the default) the step is the reference's plain fp32 eager step.
 This file is identical in wrn/ and wrn_mobi/.
 """
+import contextlib
 import sys
 
 import torch
@@ -41,9 +42,12 @@ class TrainingStep:
         self.forward_and_loss = (torch.compile(self.eager_forward_and_loss, dynamic=False) if compile
                                  else self.eager_forward_and_loss)
 
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     def eager_forward_and_loss(self, images, targets):
         """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch."""
-        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self.autocast():
             net1, net2 = self.nets
             outputs_net1, outputs_net2 = net1(images), net2(images)
             terms = loss_terms(outputs_net1, outputs_net2, targets, self.links)
@@ -128,6 +132,37 @@ def train_epoch(step, optimizer, batches, total_batches, description):
             progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
                                  acc_net2=f"{accuracies[-1]:.1f}")
     return meter
+
+
+@contextlib.contextmanager
+def batch_statistics(net):
+    """Inside, every BN of `net` normalises a batch with the batch's own statistics, as in train
+    mode, but updates no running statistic (tracking off); on exit each BN is as it was."""
+    norms = [module for module in net.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    saved = [(norm.training, norm.track_running_stats) for norm in norms]
+    for norm in norms:
+        norm.train()
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm, (training, tracking) in zip(norms, saved):
+            norm.train(training)
+            norm.track_running_stats = tracking
+
+
+@torch.no_grad()
+def batch_statistics_accuracies(step, index, batches):
+    """Top-1 accuracy (%) of every classifier of network `index` (0: net 1, 1: net 2) with BN
+    normalising each test batch by its own statistics: the published code's test protocol for a
+    network it never switched to eval mode. Changes no parameter or buffer."""
+    net, correct, count = step.nets[index], 0, 0
+    with batch_statistics(net), step.autocast():
+        for images, targets in batches:
+            outputs = net(images.contiguous(memory_format=step.memory_format))
+            correct = correct + torch.stack([(logits.argmax(dim=1) == targets).sum() for logits in outputs])
+            count += targets.numel()
+    return (correct.double() * 100 / count).tolist()
 
 
 def evaluate(step, batches):

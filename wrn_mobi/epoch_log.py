@@ -1,0 +1,71 @@
+"""What an epoch leaves behind: its numbers as log.txt stats, its line in SAVE/log.txt, its summary.
+
+log.txt holds one `json_stats: {...}` line per epoch: every option and the epoch's numbers (the
+reference's keys, extended). This file is identical in wrn/ and wrn_mobi/.
+"""
+import json
+import os
+
+import dataset
+import models
+import training
+from checkpoint import AUX_PREFIXES
+from dcm_loss import classifier_names
+
+LOG = "log.txt"
+
+
+def accuracy_stats(prefix, accuracies, suffix=""):
+    """{prefix}{suffix} for the final classifier, {prefix}_aux{k}{suffix} for the auxiliary ones."""
+    names = classifier_names(len(accuracies))
+    return {(prefix if name == "final" else f"{prefix}_{name}") + suffix: acc for name, acc in zip(names, accuracies)}
+
+
+def meter_stats(split, meter):
+    """{split}_loss, {split}_acc_net1/_net2 (final classifiers), {split}_acc_net{1,2}_aux{k}, {split}_loss_terms."""
+    stats = {f"{split}_loss": meter.loss()}
+    accuracies = meter.accuracies()
+    for net, count in zip(("net1", "net2"), meter.num_classifiers):
+        stats.update(accuracy_stats(f"{split}_acc_{net}", accuracies[:count]))
+        accuracies = accuracies[count:]
+    stats[f"{split}_acc"] = stats[f"{split}_acc_net1"]  # the reference's key: net 1's final classifier
+    stats[f"{split}_loss_terms"] = meter.terms()
+    return stats
+
+
+def published_protocol_stats(step, data, batch_size):
+    """test_acc_net{k}[_aux{j}]_batchstats for each network that the published code tested with
+    test-batch BN statistics (models.py says which): its protocol, next to the proper one."""
+    stats = {}
+    for index, uses_batch_statistics in enumerate(models.PUBLISHED_TEST_USES_BATCH_STATISTICS):
+        if uses_batch_statistics:
+            accuracies = training.batch_statistics_accuracies(step, index, dataset.test_batches(data, batch_size))
+            stats.update(accuracy_stats(f"test_acc_net{index + 1}", accuracies, suffix="_batchstats"))
+    return stats
+
+
+def count_parameters(net, with_aux=True):
+    return sum(p.numel() for name, p in net.named_parameters() if with_aux or not name.startswith(AUX_PREFIXES))
+
+
+def run_info(nets, num_classes):
+    """The numbers every line repeats: n_parameters counts everything trained (aux included)."""
+    net1, net2 = nets
+    return {"num_classes": num_classes,
+            "n_parameters": count_parameters(net1) + count_parameters(net2),
+            "n_parameters_net1": count_parameters(net1, with_aux=False),
+            "n_parameters_net2": count_parameters(net2, with_aux=False)}
+
+
+def log_epoch(opt, stats):
+    """Append one `json_stats: {...}` line (every option and this epoch's numbers) to SAVE/log.txt."""
+    with open(os.path.join(opt.save, LOG), "a") as log:
+        log.write("json_stats: " + json.dumps({**vars(opt), **stats}) + "\n")
+
+
+def print_summary(stats):
+    line = (f"epoch {stats['epoch']}/{stats['epochs']}  lr {stats['lr']:.4g}  "
+            f"train loss {stats['train_loss']:.3f} acc {stats['train_acc_net1']:.2f}/{stats['train_acc_net2']:.2f}  "
+            f"test loss {stats['test_loss']:.3f} acc {stats['test_acc_net1']:.2f}/{stats['test_acc_net2']:.2f}  "
+            f"({stats['train_time']:.0f}s + {stats['test_time']:.0f}s)")
+    print(line, flush=True)
