@@ -1,53 +1,127 @@
 """The training state on disk: SAVE/checkpoint.pt to resume a run, SAVE/net1.pt and net2.pt to deploy.
 
-Checkpoints are plain dicts of tensors and Python values, read back with weights_only=True.
-This file is identical in wrn/ and wrn_mobi/.
+A checkpoint holds everything the rest of the run depends on: both networks with their auxiliary
+classifiers, the optimizer (momentum buffers and lr: where the run is in the schedule), the fp16
+loss scale, how far the run got (epoch and step), the partial sums of the epoch in progress,
+every random number generator, and the size log.txt had when it was written. Batches depend only
+on (seed, epoch, step), so a run resumed from it computes exactly what the uninterrupted run would.
+
+Every file is written to a temporary file in the same folder, flushed and fsynced, then renamed
+over the old one (and the folder fsynced): a crash at any point leaves the previous file whole.
+Checkpoints are plain dicts of tensors and Python values, read back with weights_only=True, so
+loading one never runs code. This file is identical in wrn/ and wrn_mobi/.
 """
 import os
+import random
+import warnings
 
+import numpy as np
 import torch
+
+import training
 
 CHECKPOINT = "checkpoint.pt"
 AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
-# Options that define the networks, the objective and the batches: a checkpoint only resumes a run
-# that agrees. The speed options (--amp, --channels_last, --compile, ...) may change on resume.
-RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed")
+# Options that define the networks, the objective, the batches and the schedule: a checkpoint only
+# resumes a run that agrees. --epochs may grow, and the speed options (--amp, --channels_last,
+# --compile, ...) may change on resume.
+RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed", "batch_size", "lr", "weight_decay",
+                        "epoch_step", "lr_decay_ratio")
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot resume this run: the message says why and what to do."""
 
 
-def save_checkpoint(opt, epoch, step, optimizer):
-    """The full training state after `epoch`, written atomically: an interrupted save keeps the last one."""
+def atomic_save(obj, path):
+    """torch.save(obj, path) so that `path` is always either the old file or the whole new one."""
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # also a second Ctrl-C in the middle of the write
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    fsync_folder(os.path.dirname(path) or ".")
+
+
+def fsync_folder(folder):
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def rng_states():
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # numpy's key array as a tensor: weights_only loading accepts tensors, not numpy arrays.
+        "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                                           "pos": numpy_state["state"]["pos"]}},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"].cpu())
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    numpy_state = states["numpy"]
+    np.random.set_state({**numpy_state, "state": {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+                                                  "pos": numpy_state["state"]["pos"]}})
+    version, internal_state, gauss = states["python"]
+    random.setstate((version, tuple(internal_state), gauss))
+
+
+def save_checkpoint(opt, position, step, optimizer, log_bytes):
+    """SAVE/checkpoint.pt: the run after `position` (epochs completed, steps into the next, its
+    partial meter and training time) with log.txt `log_bytes` long."""
     net1, net2 = step.nets
     state = {
-        "epoch": epoch,
+        "epoch": position["epoch"],
+        "step": position["step"],
+        "epoch_meter": position["meter"].state_dict() if position["step"] else None,
+        "epoch_train_time": position["train_time"],
         "net1": net1.state_dict(),
         "net2": net2.state_dict(),
         "optimizer": optimizer.state_dict(),
         "grad_scaler": step.scaler.state_dict(),  # empty unless --amp fp16
         "options": vars(opt),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_states": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_states": rng_states(),
+        "log_bytes": log_bytes,
     }
-    path = os.path.join(opt.save, CHECKPOINT)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save(state, os.path.join(opt.save, CHECKPOINT))
 
 
 def load_checkpoint(opt, path, step, optimizer, device):
-    """Restore a checkpoint into the networks, the optimizer and the loss scaler; return the epoch it completed."""
+    """Restore the checkpoint at `path` into the networks, the optimizer, the loss scaler and the
+    RNGs; return where it stands: epochs completed, steps into the next epoch, that epoch's
+    partial meter and training time, and the size log.txt had when it was written."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
         saved_options = state["options"]
-    except Exception as error:  # unreadable, truncated or not a checkpoint of this script
-        raise CheckpointError(f"--resume {path} is not a readable checkpoint of this script "
-                              f"({type(error).__name__}); give another file") from None
-    for name in RUN_DEFINING_OPTIONS:
-        if saved_options.get(name) != getattr(opt, name):
-            raise CheckpointError(f"--resume {path} was trained with --{name} {saved_options.get(name)}, not "
-                                  f"{getattr(opt, name)}; rerun with the run's own flags")
+    except Exception as error:  # truncated, corrupt, or needing arbitrary unpickling (refused unrun)
+        raise CheckpointError(f"--resume {path} is not a checkpoint this script can load safely "
+                              f"({type(error).__name__}): it is truncated, corrupt, or holds objects that only "
+                              f"arbitrary unpickling would load, which is refused; give another file") from None
+    mismatched = [f"--{name} {saved_options.get(name)} (not {getattr(opt, name)})" for name in RUN_DEFINING_OPTIONS
+                  if saved_options.get(name) != getattr(opt, name)]
+    if mismatched:
+        raise CheckpointError(f"--resume {path} belongs to another run: it was trained with {', '.join(mismatched)}; "
+                              f"rerun with the run's own flags")
     net1, net2 = step.nets
     try:
         net1.load_state_dict(state["net1"])
@@ -56,12 +130,15 @@ def load_checkpoint(opt, path, step, optimizer, device):
         raise CheckpointError(f"--resume {path} holds networks of another shape (trained by the other folder, "
                               f"wrn/ or wrn_mobi/?); resume it where it was trained") from None
     optimizer.load_state_dict(state["optimizer"])
-    if step.scaler.is_enabled() and state.get("grad_scaler"):
+    if step.scaler.is_enabled() and state["grad_scaler"]:
         step.scaler.load_state_dict(state["grad_scaler"])
-    torch.set_rng_state(state["torch_rng_state"].cpu())
-    if torch.cuda.is_available() and state["cuda_rng_states"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng_states"]])
-    return state["epoch"]
+    set_rng_states(state["rng_states"])
+    meter = None
+    if state["epoch_meter"] is not None:
+        meter = training.EpochMeter()
+        meter.load_state_dict(state["epoch_meter"])
+    return {"epoch": state["epoch"], "step": state["step"], "meter": meter, "train_time": state["epoch_train_time"],
+            "log_bytes": state["log_bytes"]}
 
 
 def export_networks(opt, nets):
@@ -71,4 +148,4 @@ def export_networks(opt, nets):
         # contiguous(): the same plain NCHW tensors whether or not the run trained in channels_last.
         backbone = {key: value.cpu().contiguous() for key, value in net.state_dict().items()
                     if not key.startswith(AUX_PREFIXES)}
-        torch.save(backbone, os.path.join(opt.save, f"net{index}.pt"))
+        atomic_save(backbone, os.path.join(opt.save, f"net{index}.pt"))

@@ -8,6 +8,7 @@ same batches on any device, because the random draws are made on the CPU.
 import gzip
 import os
 import pickle
+import shutil
 import struct
 from dataclasses import dataclass
 
@@ -107,10 +108,24 @@ def download_with_torchvision(name, root, expected):
     import torchvision
 
     print(f"{name} not found in {root}: downloading it there with torchvision")
+    # What exists before, so that a failed download leaves no folder or partial file behind.
+    missing_top = os.path.abspath(root)
+    while not os.path.exists(os.path.dirname(missing_top)):
+        missing_top = os.path.dirname(missing_top)
+    entries_before = set(os.listdir(root)) if os.path.isdir(root) else None
     try:
         getattr(torchvision.datasets, name)(root, train=True, download=True)
         getattr(torchvision.datasets, name)(root, train=False, download=True)
     except Exception as error:  # network errors, checksum failures, a read-only root, ...
+        if entries_before is None:
+            shutil.rmtree(missing_top, ignore_errors=True)
+        else:
+            for entry in set(os.listdir(root)) - entries_before:
+                path = os.path.join(root, entry)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
         archive = CIFAR_ARCHIVES.get(name, "the four *-ubyte.gz files of FashionMNIST")
         raise DatasetError(
             f"{name} is not in {root} and its download failed ({type(error).__name__}: {error}). "
@@ -221,14 +236,15 @@ def epoch_generator(seed, epoch):
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
 
 
-def train_batches(data, batch_size, seed, epoch):
-    """Shuffled, augmented, normalised (images, labels) batches of one training epoch."""
+def train_batches(data, batch_size, seed, epoch, first_batch=0):
+    """Shuffled, augmented, normalised (images, labels) batches of one training epoch, from batch
+    `first_batch` on (the same batches as the whole epoch's, for a run resumed mid-epoch)."""
     generator = epoch_generator(seed, epoch)
     count, device = len(data.train_labels), data.train_images.device
     order = torch.randperm(count, generator=generator).to(device)
     flips = (torch.rand(count, generator=generator) < 0.5).to(device)
     offsets = torch.randint(0, 2 * PAD + 1, (count, 2), generator=generator).to(device)
-    for start in range(0, count, batch_size):
+    for start in range(first_batch * batch_size, count, batch_size):
         index = order[start:start + batch_size]
         images = augment(data.train_images[index], flips[start:start + batch_size], offsets[start:start + batch_size])
         yield normalize(images, data.mean, data.std), data.train_labels[index]

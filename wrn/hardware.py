@@ -38,8 +38,13 @@ def select_device(opt):
     # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
     os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
     torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
+    if opt.deterministic:
+        # cuBLAS needs this workspace setting for reproducible results; ops without a deterministic
+        # CUDA kernel (adaptive average pooling's backward) warn instead of stopping the run.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
         return torch.device("cuda")
     return torch.device("cpu")
 

@@ -85,7 +85,8 @@ class TrainingStep:
 
 class EpochMeter:
     """Sums of every loss term and correct counts of every classifier, kept on the device so that
-    training never waits for the host; read once at the end of the epoch."""
+    training never waits for the host; read once at the end of the epoch. It also remembers the
+    first step whose loss terms were not finite, and which terms they were."""
 
     def __init__(self):
         self.num_classifiers = None  # (net 1, net 2)
@@ -93,20 +94,30 @@ class EpochMeter:
         self.term_sums = None
         self.correct = None
         self.count = 0
+        self.steps = 0
+        self.nonfinite_step = None  # 0 until a step's loss is not finite, then that step (1-based)
+        self.nonfinite_terms = None  # which terms were not finite at that step
 
     def update(self, terms, outputs_net1, outputs_net2, targets):
         batch = targets.numel()
-        term_values = torch.stack([value.detach().float() for value in terms.values()]) * batch
+        term_values = torch.stack([value.detach().float() for value in terms.values()])
         predictions = torch.stack([logits.detach().argmax(dim=1) for logits in outputs_net1 + outputs_net2])
         correct = (predictions == targets).sum(dim=1)
         if self.term_sums is None:
             self.num_classifiers = (len(outputs_net1), len(outputs_net2))
             self.term_names = list(terms)
-            self.term_sums, self.correct = term_values, correct
-        else:
-            self.term_sums += term_values
-            self.correct += correct
+            self.term_sums, self.correct = torch.zeros_like(term_values), torch.zeros_like(correct)
+            self.nonfinite_step = torch.zeros((), dtype=torch.long, device=correct.device)
+            self.nonfinite_terms = torch.zeros_like(term_values, dtype=torch.bool)
+        self.term_sums += term_values * batch
+        self.correct += correct
         self.count += batch
+        self.steps += 1
+        # Recorded on the device, without waiting for it; nonfinite() reads it.
+        finite = torch.isfinite(term_values)
+        first = (self.nonfinite_step == 0) & ~finite.all()
+        self.nonfinite_step = torch.where(first, self.steps, self.nonfinite_step)
+        self.nonfinite_terms = torch.where(first, ~finite, self.nonfinite_terms)
 
     def loss(self):
         return self.term_sums.sum().item() / self.count
@@ -118,19 +129,37 @@ class EpochMeter:
     def terms(self):
         return dict(zip(self.term_names, (self.term_sums / self.count).tolist()))
 
+    def nonfinite(self):
+        """None, or (step, names of the terms) of the first step whose loss was not finite."""
+        if self.nonfinite_step is None or self.nonfinite_step.item() == 0:
+            return None
+        names = [name for name, bad in zip(self.term_names, self.nonfinite_terms.tolist()) if bad]
+        return self.nonfinite_step.item(), names
 
-def train_epoch(step, optimizer, batches, total_batches, description):
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        for key, value in state.items():
+            setattr(self, key, tuple(value) if key == "num_classifiers" else value)
+
+
+def train_epoch(step, optimizer, batches, total_batches, description, meter=None, after_step=None):
+    """Train on `batches`; return the epoch's meter. `meter` continues an epoch resumed part-way;
+    `after_step(meter)` runs after every step and ends the epoch early by returning True."""
     step.set_mode(training=True)
-    meter = EpochMeter()
-    progress = tqdm(batches, total=total_batches, desc=description, leave=False, dynamic_ncols=True,
-                    disable=not sys.stdout.isatty())
-    for index, (images, targets) in enumerate(progress):
+    meter = meter or EpochMeter()
+    progress = tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
+                    dynamic_ncols=True, disable=not sys.stdout.isatty())
+    for images, targets in progress:
         outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer)
         meter.update(terms, outputs_net1, outputs_net2, targets)
-        if not progress.disable and index % 20 == 0:  # reading the meter waits for the device
+        if not progress.disable and meter.steps % 20 == 1:  # reading the meter waits for the device
             accuracies = meter.accuracies()
             progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
                                  acc_net2=f"{accuracies[-1]:.1f}")
+        if after_step is not None and after_step(meter):
+            break
     return meter
 
 

@@ -58,9 +58,32 @@ def run_info(nets, num_classes):
 
 
 def log_epoch(opt, stats):
-    """Append one `json_stats: {...}` line (every option and this epoch's numbers) to SAVE/log.txt."""
-    with open(os.path.join(opt.save, LOG), "a") as log:
-        log.write("json_stats: " + json.dumps({**vars(opt), **stats}) + "\n")
+    """Append one `json_stats: {...}` line (every option and this epoch's numbers) to SAVE/log.txt,
+    whole (one write) and durably; return the log's new size in bytes."""
+    line = ("json_stats: " + json.dumps({**vars(opt), **stats}) + "\n").encode()
+    descriptor = os.open(os.path.join(opt.save, LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, line)
+        os.fsync(descriptor)
+        return os.fstat(descriptor).st_size
+    finally:
+        os.close(descriptor)
+
+
+def log_size(opt):
+    path = os.path.join(opt.save, LOG)
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def drop_lines_after(opt, size):
+    """Cut SAVE/log.txt back to `size` bytes: the lines written after the checkpoint being resumed
+    belong to work that is about to be done again."""
+    path = os.path.join(opt.save, LOG)
+    if os.path.exists(path) and os.path.getsize(path) > size:
+        with open(path, "r+b") as log:
+            log.truncate(size)
+            log.flush()
+            os.fsync(log.fileno())
 
 
 def print_summary(stats):

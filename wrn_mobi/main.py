@@ -16,6 +16,7 @@ wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,8 +28,9 @@ import dataset
 import epoch_log
 import hardware
 import models
+import safety
 import training
-from checkpoint import CHECKPOINT, CheckpointError, export_networks, load_checkpoint, save_checkpoint
+from checkpoint import CHECKPOINT, CheckpointError, export_networks, load_checkpoint
 from dcm_loss import LINKS
 
 # method -> (auxiliary classifiers?, distillation links); dcm takes its links from --links.
@@ -39,10 +41,15 @@ class UsageError(Exception):
     """A mistake in the command line or in the files it names: one message, exit code 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line like every other mistake, not argparse's usage block
+        raise UsageError(f"{message} (see --help)")
+
+
 # --- options -------------------------------------------------------------------------------------
 
 def parse_options(argv=None):
-    parser = argparse.ArgumentParser(description="DCM: two networks trained together on CIFAR.")
+    parser = ArgumentParser(description="DCM: two networks trained together on CIFAR.")
     parser.add_argument("--save", default="", type=str,
                         help="folder for log.txt, checkpoint.pt, net1.pt and net2.pt "
                              "(default: ./logs/<net1>_<net2>_<method>_seed<seed>)")
@@ -63,6 +70,10 @@ def parse_options(argv=None):
                         help="CPU threads for torch (batches are made on the training device: no loader workers)")
     parser.add_argument("--resume", nargs="?", const=True, default="", metavar="PATH",
                         help="continue the run in --save (no PATH), or from the checkpoint file PATH")
+    parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
+                        help="also checkpoint every N steps inside an epoch (default: at the end of each epoch)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
     parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
     parser.add_argument("--gpu_id", default="0", type=str, help="the GPU to train on (sets CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--method", default="dcm", choices=sorted(METHODS),
@@ -94,13 +105,12 @@ def check_options(opt):
                          f"{opt.method}: use --depth 16 or more, or --method ind / dml")
     positive = {"--width": opt.width, "--batch_size": opt.batch_size, "--epochs": opt.epochs,
                 "--lr": opt.lr, "--lr_decay_ratio": opt.lr_decay_ratio, "--nthread": opt.nthread,
-                "--eval_batch_size": opt.eval_batch_size}
-    if opt.benchmark is not None:
-        positive["--benchmark"] = opt.benchmark
+                "--eval_batch_size": opt.eval_batch_size, "--benchmark": opt.benchmark,
+                "--checkpoint_every": opt.checkpoint_every}
     for flag, value in positive.items():
-        if value <= 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
-    if opt.weight_decay < 0:
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{flag} must be a positive number, got {value}")
+    if not (opt.weight_decay >= 0 and math.isfinite(opt.weight_decay)):
         raise UsageError(f"--weight_decay must be >= 0, got {opt.weight_decay}")
     lr_drop_epochs(opt)  # raises UsageError on a malformed --epoch_step
     if opt.method != "dcm" and opt.links != "dense":
@@ -117,8 +127,9 @@ def lr_drop_epochs(opt):
         epochs = json.loads(opt.epoch_step)
     except json.JSONDecodeError:
         epochs = None
-    if not isinstance(epochs, list) or not all(isinstance(e, int) and e > 0 for e in epochs):
-        raise UsageError(f"--epoch_step must be a JSON list of positive epochs like '[60,120,160]', "
+    if (not isinstance(epochs, list) or not all(type(e) is int and e > 0 for e in epochs)
+            or epochs != sorted(set(epochs))):
+        raise UsageError(f"--epoch_step must be a JSON list of increasing positive epochs like '[60,120,160]', "
                          f"got {opt.epoch_step!r}")
     return epochs
 
@@ -130,10 +141,16 @@ def default_save_dir(opt):
 
 # --- setup ---------------------------------------------------------------------------------------
 
-def prepare_save_dir(opt):
-    """Create --save, refusing to start a new run over an existing one; return the checkpoint to resume."""
-    if os.path.exists(opt.save) and not os.path.isdir(opt.save):
-        raise UsageError(f"--save {opt.save} is a file, not a folder; choose another --save")
+def check_save_dir(opt):
+    """Refuse a --save that cannot hold this run (a file, unwritable, or holding another run
+    without --resume); return the checkpoint to resume, or None. Creates nothing."""
+    existing = os.path.abspath(opt.save)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--save {opt.save}: {existing} is a file, not a folder; choose another --save")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--save {opt.save}: {existing} is not writable by you; choose another --save")
     holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (epoch_log.LOG, CHECKPOINT))
     if opt.resume is True:
         checkpoint = os.path.join(opt.save, CHECKPOINT)
@@ -149,10 +166,6 @@ def prepare_save_dir(opt):
         if holds_run:
             raise UsageError(f"{opt.save} already holds a run ({epoch_log.LOG} / {CHECKPOINT}); continue it with "
                              f"--resume, or choose another --save")
-    try:
-        os.makedirs(opt.save, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --save {opt.save}: {error.strerror}") from None
     return checkpoint
 
 
@@ -199,6 +212,7 @@ def optimizer_for_epoch(opt, optimizer, params, epoch):
 # --- the recipe ----------------------------------------------------------------------------------
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     opt = parse_options(argv)
     hardware.keep_freed_memory()
     device = hardware.select_device(opt)
@@ -209,7 +223,7 @@ def main(argv=None):
         pair_name = " + ".join(models.pair_names(opt.depth, opt.width))
         return benchmark.run(opt, step, optimizer, num_classes, device, pair_name)
 
-    checkpoint = prepare_save_dir(opt)
+    checkpoint = check_save_dir(opt)
     try:
         data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
     except dataset.DatasetError as error:
@@ -218,25 +232,40 @@ def main(argv=None):
     step = build_training_step(opt, data.num_classes, device)
     params = step.parameters()
     optimizer = create_optimizer(opt, params, lr_at_epoch(opt, 1))
-    try:
-        last_epoch = load_checkpoint(opt, checkpoint, step, optimizer, device) if checkpoint else 0
-    except CheckpointError as error:
-        raise UsageError(str(error)) from None
+    # Where the run stands: epochs completed, steps into the next one, that epoch's partial meter and time.
+    position = {"epoch": 0, "step": 0, "meter": None, "train_time": 0.0}
+    if checkpoint:
+        try:
+            position = load_checkpoint(opt, checkpoint, step, optimizer, device)
+        except CheckpointError as error:
+            raise UsageError(str(error)) from None
+        if os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(opt.save):
+            epoch_log.drop_lines_after(opt, position["log_bytes"])
+    os.makedirs(opt.save, exist_ok=True)
+    stop = safety.StopRequest()
+    stop.install()
+    guard = safety.RunGuard(opt, step, stop)
     run_info = epoch_log.run_info(step.nets, data.num_classes)
     print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset}, {hardware.device_name(device)}, "
-          f"{step.settings()}, epochs {last_epoch + 1}..{opt.epochs}, "
+          f"{step.settings()}, from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
           f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained")
 
-    for epoch in range(last_epoch + 1, opt.epochs + 1):
-        optimizer = optimizer_for_epoch(opt, optimizer, params, epoch)
+    for epoch in range(position["epoch"] + 1, opt.epochs + 1):
+        if position["step"] == 0:  # mid-epoch, the optimizer of this epoch comes from the checkpoint
+            optimizer = optimizer_for_epoch(opt, optimizer, params, epoch)
         lr = optimizer.param_groups[0]["lr"]
 
-        start = time.time()
-        batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch)
+        guard.begin_epoch(epoch, optimizer, epoch_log.log_size(opt), position["train_time"])
+        batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch, first_batch=position["step"])
         total = dataset.num_batches(len(data.train_labels), opt.batch_size)
-        train_meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}")
+        train_meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}",
+                                           meter=position["meter"], after_step=guard.after_step)
+        guard.check_finite(train_meter)
+        if train_meter.steps < total:  # a stop request ended the epoch; after_step saved the checkpoint
+            return stop.report(opt, argv)
         hardware.synchronize(device)
-        train_time = time.time() - start
+        train_time = guard.train_time()
+        position = {"epoch": epoch, "step": 0, "meter": None, "train_time": 0.0}
 
         start = time.time()
         test_meter = training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size))
@@ -247,21 +276,27 @@ def main(argv=None):
         stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
                  **published_stats,
                  "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
-        epoch_log.log_epoch(opt, stats)
+        log_bytes = epoch_log.log_epoch(opt, stats)
         epoch_log.print_summary({**stats, "epochs": opt.epochs})
-        save_checkpoint(opt, epoch, step, optimizer)
+        guard.end_epoch(log_bytes)
+        if stop.requested:
+            return stop.report(opt, argv)
 
     export_networks(opt, step.nets)
     print(f"done: {os.path.join(opt.save, 'net1.pt')} and net2.pt hold the networks without auxiliary classifiers")
+    return 0
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except safety.NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
-        print("\ninterrupted: checkpoint.pt in --save holds the last finished epoch; continue with --resume",
-              file=sys.stderr)
+        print(f"\ninterrupted at once: checkpoint.pt in --save holds the last checkpoint; continue with\n"
+              f"  {safety.resume_command(sys.argv[1:])}", file=sys.stderr)
         sys.exit(130)

@@ -1,0 +1,110 @@
+"""Keeping a run safe to interrupt: stop requests (SIGINT, SIGTERM), checkpoints every N steps
+inside an epoch, and the guard against a loss that is no longer finite.
+
+SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) lets the current step finish; the run
+then writes a checkpoint, prints the command that resumes it, and exits with 130 or 143. A second
+Ctrl-C exits at once (the last checkpoint on disk stays whole). A loss that stops being finite ends
+the run before anything is saved after it, so checkpoint.pt keeps the last good state.
+This file is identical in wrn/ and wrn_mobi/.
+"""
+import shlex
+import signal
+import sys
+import time
+
+from checkpoint import save_checkpoint
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+FINITE_CHECK_EVERY = 20  # steps; the check waits for the device, so it is not made after every step
+
+
+class NonFiniteLoss(Exception):
+    """The loss stopped being finite: the message names where, and what to do."""
+
+
+class StopRequest:
+    """Set by SIGINT or SIGTERM; the training loop looks at it after every step."""
+
+    def __init__(self):
+        self.signal = None
+
+    def install(self):
+        for signum in EXIT_CODES:
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+              f"(Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signal is not None
+
+    def report(self, opt, argv):
+        """Say how to continue the stopped run; return the exit code its signal calls for."""
+        print(f"stopped by {signal.Signals(self.signal).name}: checkpoint.pt in {opt.save} holds the run; "
+              f"continue it with\n  {resume_command(argv)}", file=sys.stderr, flush=True)
+        return EXIT_CODES[self.signal]
+
+
+def resume_command(argv):
+    """The command line that continues this run: its own arguments, --resume instead of any --resume."""
+    kept, skip_next = [], False
+    for index, argument in enumerate(argv):
+        if skip_next:
+            skip_next = False
+        elif argument == "--resume":
+            # --resume takes an optional PATH: the next argument, unless it is another option.
+            skip_next = index + 1 < len(argv) and not argv[index + 1].startswith("--")
+        elif not argument.startswith("--resume="):
+            kept.append(argument)
+    return shlex.join(["python", sys.argv[0], *kept, "--resume"])
+
+
+class RunGuard:
+    """Checkpoints inside the epoch, honours stop requests, and refuses to save a broken state.
+
+    main.py calls begin_epoch() before an epoch's training, hands after_step to train_epoch, and
+    calls end_epoch() once the epoch's line is in log.txt."""
+
+    def __init__(self, opt, step, stop):
+        self.opt, self.step, self.stop = opt, step, stop
+        self.epoch = self.optimizer = self.log_bytes = None
+        self.started = self.earlier_train_time = 0.0
+
+    def begin_epoch(self, epoch, optimizer, log_bytes, earlier_train_time=0.0):
+        """`earlier_train_time`: seconds this epoch trained before the run was resumed mid-epoch."""
+        self.epoch, self.optimizer, self.log_bytes = epoch, optimizer, log_bytes
+        self.started, self.earlier_train_time = time.time(), earlier_train_time
+
+    def train_time(self):
+        return self.earlier_train_time + time.time() - self.started
+
+    def after_step(self, meter):
+        """Called after every training step; True ends the epoch (a stop was requested)."""
+        every = self.opt.checkpoint_every
+        if self.stop.requested or (every and meter.steps % every == 0):
+            self.check_finite(meter)
+            position = {"epoch": self.epoch - 1, "step": meter.steps, "meter": meter, "train_time": self.train_time()}
+            save_checkpoint(self.opt, position, self.step, self.optimizer, self.log_bytes)
+        elif meter.steps % FINITE_CHECK_EVERY == 0:
+            self.check_finite(meter)
+        return self.stop.requested
+
+    def check_finite(self, meter):
+        bad = meter.nonfinite()
+        if bad is not None:
+            step, terms = bad
+            raise NonFiniteLoss(f"the loss is not finite at epoch {self.epoch}, step {step}: {', '.join(terms)} "
+                                f"went bad (lr {self.optimizer.param_groups[0]['lr']:g}). The run stopped before "
+                                f"saving anything after it: checkpoint.pt in {self.opt.save} holds the last good "
+                                f"state. Start again with a lower --lr (or without --amp fp16), or --resume as it "
+                                f"is if the cause was transient")
+
+    def end_epoch(self, log_bytes):
+        """The checkpoint after a whole epoch; log.txt, already `log_bytes` long, holds its line."""
+        position = {"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}
+        save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)
