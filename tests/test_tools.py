@@ -1,0 +1,564 @@
+"""Tests of tools/sweep.py, summarize.py, plot.py and evaluate.py.
+
+Real tiny runs of main.py (WRN-10-1 pairs, 2 epochs on 64 images of a 10-class CIFAR-100-format set,
+one thread) are made once per module by a real sweep and shared; the table's arithmetic and the
+paper's columns are checked on hand-written logs with known numbers. The tools run in this process
+(their main(argv) returns the exit code) except where the exit code of the script itself is tested.
+"""
+import contextlib
+import csv
+import importlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load_folder, read_log, run_main, write_cifar100
+
+
+def import_tools():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return [importlib.import_module(name) for name in ("summarize", "sweep", "plot", "evaluate")]
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
+summarize, sweep, plot, evaluate = import_tools()
+
+TINY = ["--depth", "10", "--width", "1", "--epochs", "2", "--batch_size", "16", "--nthread", "1"]
+TINY_SUFFIX = "_batch_size-16_epochs-2"  # what TINY adds to a run's folder name (--nthread does not)
+SEEDS, METHODS = (1, 2), ("ind", "dml")
+
+
+def call(main, *args):
+    """(exit code, stdout, stderr) of a tool's main(argv) run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(arg) for arg in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(code, err):
+    """The one `error: ...` line of a tool that stopped on a usage error."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def markdown_rows(text):
+    """The cells of every line of a Markdown table, header included, separator left out."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+# --- the shared real runs ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    # 10 learnable classes, so that accuracies differ between seeds and methods.
+    return write_cifar100(tmp_path_factory.mktemp("cifar"), 64, 40, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, cifar):
+    """A real sweep: wrn/ x ind, dml x seeds 1, 2, two runs at a time on the CPU."""
+    logdir = tmp_path_factory.mktemp("sweep") / "logs"
+    args = ["--folders", "wrn", "--methods", *METHODS, "--seeds", *SEEDS, "--logdir", logdir, "--gpus", "",
+            "--jobs_per_gpu", 2, *TINY, "--dataroot", cifar]
+    code, out, err = call(sweep.main, *args)
+    saves = {(method, seed): logdir / f"wrn-10-1_wrn-10-1_{method}_seed{seed}{TINY_SUFFIX}"
+             for method in METHODS for seed in SEEDS}
+    return dict(logdir=logdir, args=args, code=code, out=out, err=err, saves=saves)
+
+
+@pytest.fixture(scope="module")
+def mobi_run(tmp_path_factory):
+    """wrn_mobi/: WRN-10-1 and the MobileNet trained alone, 1 epoch on 16 images."""
+    root = write_cifar100(tmp_path_factory.mktemp("mobi_cifar"), 16, 20, num_classes=10)
+    save = tmp_path_factory.mktemp("mobi") / "wrn-10-1_mobilenet_ind_seed1"
+    result = run_main("wrn_mobi", "--save", save, "--dataroot", root, "--method", "ind", "--depth", 10, "--width", 1,
+                      "--epochs", 1, "--batch_size", 16, "--nthread", 1)
+    assert result.returncode == 0, result.stderr
+    return dict(save=save, dataroot=root)
+
+
+@pytest.fixture(scope="module")
+def real_logs(tmp_path_factory, swept, mobi_run):
+    """The logs of the sweep and of the MobileNet run, with dml seed 2 cut after its first epoch
+    (what a run stopped during epoch 2 leaves)."""
+    base = tmp_path_factory.mktemp("real_logs")
+    for save in [*swept["saves"].values(), mobi_run["save"]]:
+        (base / save.name).mkdir()
+        shutil.copy(save / "log.txt", base / save.name / "log.txt")
+    unfinished = base / swept["saves"]["dml", 2].name / "log.txt"
+    unfinished.write_text(unfinished.read_text().splitlines(keepends=True)[0])
+    return base
+
+
+def final_errors(save, net):
+    return 100 - read_log(save)[-1][f"test_acc_net{net}"]
+
+
+# --- sweep -------------------------------------------------------------------------------------
+
+def test_sweep_runs_every_run_to_the_end_in_its_own_folder(swept):
+    assert swept["code"] == 0, swept["out"] + swept["err"]
+    assert sorted(path.name for path in swept["logdir"].iterdir()) == sorted(s.name for s in swept["saves"].values())
+    for (method, seed), save in swept["saves"].items():
+        records = read_log(save)
+        assert [r["epoch"] for r in records] == [1, 2]
+        assert (records[-1]["method"], records[-1]["seed"], records[-1]["depth"]) == (method, seed, 10)
+        assert (save / "net1.pt").is_file() and (save / "net2.pt").is_file()
+        assert "epoch 2/2" in (save / "stdout.txt").read_text()
+    assert "sweep: 4 of 4 runs finished" in swept["out"]
+
+
+def test_sweep_run_names_are_main_py_default_names(folder):
+    main = load_folder(folder).main
+    for method, main_flags in (("dcm", []), ("dcm-same", ["--links", "same"]), ("ind", ["--method", "ind"])):
+        opt = main.parse_options(["--seed", "3", *main_flags])
+        assert sweep.run_name(folder, method, 3, []) == os.path.basename(main.default_save_dir(opt))
+
+
+def test_sweep_again_skips_every_finished_run(swept):
+    outputs = {save: (save / "stdout.txt").read_text() for save in swept["saves"].values()}
+    code, out, _ = call(sweep.main, *swept["args"])
+    assert code == 0
+    assert out.count("# skipped: ") == 4 and "4 of 4 runs finished" in out
+    assert {save: (save / "stdout.txt").read_text() for save in outputs} == outputs, "a finished run was started"
+
+
+def test_dry_run_lists_exactly_the_runs_to_start_and_resume(swept, tmp_path):
+    logdir = tmp_path / "logs"
+    shutil.copytree(swept["logdir"], logdir)
+    # ind seed 3 was stopped after epoch 1: its log is unfinished and its checkpoint.pt is there.
+    stopped = logdir / f"wrn-10-1_wrn-10-1_ind_seed3{TINY_SUFFIX}"
+    shutil.copytree(swept["saves"]["ind", 1], stopped)
+    (stopped / "log.txt").write_text((stopped / "log.txt").read_text().splitlines(keepends=True)[0])
+    before = files_under(logdir)
+    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "ind", "dml", "dcm-same",
+                        "--seeds", 1, 2, 3, "--logdir", logdir, "--gpus", "", *TINY, "--dataroot", "DATA")
+    assert code == 0
+    main_py = os.path.relpath(ROOT / "wrn" / "main.py")
+
+    def expected(method_flags, name, seed, *resume):
+        return [sys.executable, main_py, "--save", str(logdir / f"wrn-10-1_wrn-10-1_{name}_seed{seed}{TINY_SUFFIX}"),
+                *method_flags, "--seed", str(seed), *TINY, "--dataroot", "DATA", *resume]
+
+    commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    assert commands == [expected(["--method", "dcm", "--links", "same"], "dcm-same", 1),
+                        expected(["--method", "dcm", "--links", "same"], "dcm-same", 2),
+                        expected(["--method", "ind"], "ind", 3, "--resume"),
+                        expected(["--method", "dml"], "dml", 3),
+                        expected(["--method", "dcm", "--links", "same"], "dcm-same", 3)]
+    skipped = [line for line in out.splitlines() if line.startswith("# skipped: ")]
+    assert sorted(line.split()[2] for line in skipped) == sorted(str(logdir / save.name)
+                                                                 for save in swept["saves"].values())
+    assert files_under(logdir) == before, "a dry run must not write"
+
+
+def test_default_dry_run_lists_the_30_runs_of_the_papers_table_seed_by_seed(tmp_path):
+    code, out, _ = call(sweep.main, "--dry_run", "--logdir", tmp_path / "logs", "--gpus", "0,1,2,3")
+    assert code == 0
+    saves = [shlex.split(line)[3] for line in out.splitlines() if not line.startswith("#")]
+    assert saves == [str(tmp_path / "logs" / f"wrn-28-10_{net2}_{method}_seed{seed}") for seed in range(1, 6)
+                     for net2 in ("wrn-28-10", "mobilenet") for method in ("ind", "dml", "dcm")]
+    assert "4 at a time on GPU 0, GPU 1, GPU 2, GPU 3" in out.splitlines()[0]
+    assert not (tmp_path / "logs").exists()
+
+
+def test_sweep_blocks_a_folder_with_a_log_but_no_checkpoint(swept, tmp_path):
+    logdir = tmp_path / "logs"
+    save = logdir / f"wrn-10-1_wrn-10-1_ind_seed1{TINY_SUFFIX}"
+    save.mkdir(parents=True)
+    (save / "log.txt").write_text((swept["saves"]["ind", 1] / "log.txt").read_text().splitlines(keepends=True)[0])
+    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "ind", "--seeds", 1,
+                        "--logdir", logdir, *TINY)
+    assert code == 1
+    assert f"# BLOCKED: {save}" in out and "checkpoint.pt" in out
+
+
+def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(tmp_path, cifar):
+    logdir = tmp_path / "logs"
+    # ds needs auxiliary classifiers, which WRN-10 cannot carry: main.py refuses it; ind runs after it.
+    code, out, _ = call(sweep.main, "--folders", "wrn", "--methods", "ds", "ind", "--seeds", 1, "--logdir", logdir,
+                        "--gpus", "", *TINY, "--dataroot", cifar)
+    assert code == 1
+    failed = logdir / f"wrn-10-1_wrn-10-1_ds_seed1{TINY_SUFFIX}"
+    assert f"FAILED {failed}" in out and str(failed / "stdout.txt") in out
+    assert "error: --depth 10 is too shallow" in out  # the run's own message, from its output
+    assert "1 of 2 runs finished, 1 failed" in out
+    assert read_log(logdir / f"wrn-10-1_wrn-10-1_ind_seed1{TINY_SUFFIX}")[-1]["epoch"] == 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seed", "3"], ["--seed", "--seeds"]),
+    (["--save", "x"], ["--save", "--logdir"]),
+    (["--links=same"], ["--links", "--methods"]),
+    (["--gpus", "0,a"], ["--gpus", "'0,a'"]),
+    (["--gpus", "0,0"], ["--gpus", "--jobs_per_gpu"]),
+    (["--jobs_per_gpu", "0"], ["--jobs_per_gpu"]),
+], ids=["seed", "save", "links", "gpus_not_ids", "gpus_twice", "jobs_per_gpu_0"])
+def test_sweep_refuses_bad_options_before_writing(tmp_path, args, words):
+    code, _, err = call(sweep.main, "--logdir", tmp_path / "logs", *args)
+    line = error_line(code, err)
+    assert all(word in line for word in words), line
+    assert not (tmp_path / "logs").exists()
+
+
+# --- summarize: real logs ----------------------------------------------------------------------
+
+def test_summarize_real_logs_cells_are_mean_and_sample_std_over_finished_seeds(swept, real_logs):
+    code, out, err = call(summarize.main, real_logs, "--csv")
+    assert code == 0, err
+    cells = {(row["net2"], row["method"], row["net"]): row for row in csv.DictReader(io.StringIO(out))}
+    assert set(cells) == {(net2, method, net) for net2, methods in (("wrn-10-1", METHODS), ("mobilenet", ["ind"]))
+                          for method in methods for net in ("1", "2")}
+    for net in (1, 2):
+        ind = [final_errors(swept["saves"]["ind", seed], net) for seed in SEEDS]
+        cell = cells["wrn-10-1", "ind", str(net)]
+        assert (cell["runs"], cell["unfinished"], cell["seeds"]) == ("2", "0", "1 2")
+        assert float(cell["mean"]) == pytest.approx(np.mean(ind))
+        assert float(cell["std"]) == pytest.approx(np.std(ind, ddof=1))
+        # dml seed 2 is unfinished: left out, and counted as such.
+        dml = cells["wrn-10-1", "dml", str(net)]
+        assert (dml["runs"], dml["unfinished"], dml["std"]) == ("1", "1", "")
+        assert float(dml["mean"]) == pytest.approx(final_errors(swept["saves"]["dml", 1], net))
+    assert "unfinished, left out" in err and str(real_logs / swept["saves"]["dml", 2].name / "log.txt") in err
+
+
+def test_summarize_real_logs_markdown_has_the_papers_layout(swept, mobi_run, real_logs):
+    code, out, _ = call(summarize.main, real_logs)
+    assert code == 0
+    header, *rows = markdown_rows(out)
+    # The MobileNet run trained 1 epoch, the sweep 2: the option that differs becomes a column.
+    assert header == ["Net 1", "Net 2", "epochs", "Ind 1", "Ind 2", "DML 1", "DML 2"]
+    assert [row[:3] for row in rows] == [["WRN-10-1", "WRN-10-1", "2"], ["WRN-10-1", "MobileNet", "1"]]
+    ind_net2 = [final_errors(swept["saves"]["ind", seed], 2) for seed in SEEDS]
+    assert rows[0][4] == f"{np.mean(ind_net2):.2f} ± {np.std(ind_net2, ddof=1):.2f} (n=2)"
+    assert rows[0][5] == f"{final_errors(swept['saves']['dml', 1], 1):.2f} (n=1, +1 unfinished)"
+    assert rows[1][4] == f"{final_errors(mobi_run['save'], 2):.2f} (n=1)"
+    assert rows[1][5:] == ["", ""]  # no dml run of that pair
+
+
+def test_summarize_include_unfinished_counts_the_last_logged_epoch(swept, real_logs):
+    code, out, err = call(summarize.main, real_logs, "--csv", "--include_unfinished")
+    assert code == 0
+    cells = {(row["net2"], row["method"], row["net"]): row for row in csv.DictReader(io.StringIO(out))}
+    errors = [final_errors(swept["saves"]["dml", 1], 1), 100 - read_log(swept["saves"]["dml", 2])[0]["test_acc_net1"]]
+    assert cells["wrn-10-1", "dml", "1"]["runs"] == "2"
+    assert float(cells["wrn-10-1", "dml", "1"]["mean"]) == pytest.approx(np.mean(errors))
+    assert "unfinished, counted" in err
+
+
+# --- summarize: hand-written logs with known numbers ------------------------------------------------
+
+# What main.py logs with its defaults (wrn_mobi/'s net 2 differs only in its parameter count).
+REFERENCE_OPTIONS = {
+    "save": "", "depth": 28, "width": 10, "dataset": "CIFAR100", "dataroot": "./data", "batch_size": 128, "lr": 0.1,
+    "epochs": 200, "weight_decay": 0.0005, "epoch_step": "[60,120,160]", "lr_decay_ratio": 0.2, "seed": 1,
+    "nthread": 4, "resume": "", "note": "", "gpu_id": "0", "method": "dcm", "links": "dense", "amp": "none",
+    "channels_last": False, "compile": False, "eval_batch_size": 1000, "benchmark": None}
+N_PARAMETERS = {"wrn-28-10": 36_546_980, "mobilenet": 3_315_428}
+# (pair, method) -> final errors of net 1 and net 2 over seeds 1, 2, 3.
+KNOWN_ERRORS = {
+    ("wrn", "ind"): ([19.0, 18.5, 19.1], [18.9, 18.4, 18.6]),
+    ("wrn", "dml"): ([18.0, 17.8, 17.9], [18.1, 17.9, 17.7]),
+    ("wrn", "dcm"): ([16.0, 16.5, 17.0], [16.6, 16.7, 16.8]),
+    ("mobi", "ind"): ([18.8, 18.6, 18.9], [26.0, 26.5, 26.4]),
+    ("mobi", "dml"): ([17.2, 17.3, 17.1], [24.0, 23.8, 23.9]),
+    ("mobi", "dcm"): ([16.9, 16.8, 16.7], [21.5, 21.4, 21.2]),
+}
+BEST_GAIN = 0.3  # epoch 199 is this much better than the last one in the hand-written logs
+
+
+def log_record(epoch, error1, error2, pair="wrn", **options):
+    """One json_stats record as main.py writes it: the options, then the epoch's numbers; main.py
+    logs the epoch's lr under the option's key."""
+    record = {**REFERENCE_OPTIONS, **options}
+    lr = record["lr"]
+    for drop_epoch in json.loads(record["epoch_step"]):
+        lr *= record["lr_decay_ratio"] if drop_epoch <= epoch else 1
+    net1 = f"wrn-{record['depth']}-{record['width']}"
+    net2 = net1 if pair == "wrn" else "mobilenet"
+    return {**record, "train_loss": 1.0, "train_acc": 70.0, "test_loss": 0.8, "test_acc": 100 - error1,
+            "train_acc_net1": 70.0, "train_acc_net2": 70.0, "test_acc_net1": 100 - error1,
+            "test_acc_net2": 100 - error2, "epoch": epoch, "lr": lr, "train_time": 60.0, "test_time": 5.0,
+            "num_classes": 100, "n_parameters": 0, "n_parameters_net1": N_PARAMETERS.get(net1, 1000 + record["depth"]),
+            "n_parameters_net2": N_PARAMETERS.get(net2, 1000 + record["depth"])}
+
+
+def write_log(path, records):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "log.txt").write_text("".join(f"json_stats: {json.dumps(record)}\n" for record in records))
+    return path / "log.txt"
+
+
+def write_run(base, pair, method, seed, errors, logged_epochs=(199, 200), **options):
+    """A run whose last logged epoch has `errors` (net 1, net 2), the epoch before it BEST_GAIN less."""
+    save = base / f"{pair}_{method}_seed{seed}"
+    options = {"method": method, "seed": seed, "save": str(save), **options}
+    records = [log_record(epoch, *(e - (0 if epoch == logged_epochs[-1] else BEST_GAIN) for e in errors), pair,
+                          **options) for epoch in logged_epochs]
+    return write_log(save, records)
+
+
+@pytest.fixture
+def paper_logs(tmp_path):
+    for (pair, method), (errors1, errors2) in KNOWN_ERRORS.items():
+        for seed, errors in enumerate(zip(errors1, errors2), start=1):
+            write_run(tmp_path, pair, method, seed, errors)
+    return tmp_path
+
+
+def test_paper_cells_are_mean_and_std_by_hand_beside_the_papers_values(paper_logs):
+    code, out, _ = call(summarize.main, paper_logs)
+    assert code == 0
+    header, *rows = markdown_rows(out)
+    assert header == ["Net 1", "Net 2", "", "Ind 1", "Ind 2", "DML 1", "DML 2", "DCM 1", "DCM 2"]
+    comparison = [["", "", "paper"], ["", "", "ours - paper"]]
+    assert [row[:3] for row in rows] == [["WRN-28-10", "WRN-28-10", "ours"], *comparison,
+                                         ["WRN-28-10", "MobileNet", "ours"], *comparison]
+    # DCM net 1 of the WRN pair: 16.0, 16.5, 17.0 -> mean 16.5, sample std 0.5; the paper: 16.61 +/- 0.24.
+    assert (rows[0][7], rows[1][7], rows[2][7]) == ("16.50 ± 0.50 (n=3)", "16.61 ± 0.24", "-0.11")
+    assert rows[4][3:] == ["18.72 ± 0.24", "26.30 ± 0.35", "17.24 ± 0.13", "23.91 ± 0.22", "16.83 ± 0.07",
+                           "21.43 ± 0.20"]
+    for row, pair in ((0, "wrn"), (3, "mobi")):
+        for column, (method, net) in enumerate([(m, n) for m in ("ind", "dml", "dcm") for n in (0, 1)], start=3):
+            errors = KNOWN_ERRORS[pair, method][net]
+            assert rows[row][column] == f"{np.mean(errors):.2f} ± {np.std(errors, ddof=1):.2f} (n=3)"
+            paper_mean = float(rows[row + 1][column].split(" ± ")[0])
+            assert rows[row + 2][column] == f"{np.mean(errors) - paper_mean:+.2f}"
+    assert "the last epoch" in out
+
+
+def test_best_takes_each_runs_best_epoch(paper_logs):
+    code, out, _ = call(summarize.main, paper_logs, "--best", "--csv")
+    assert code == 0
+    cells = {(row["net2"], row["method"], row["net"]): row for row in csv.DictReader(io.StringIO(out))}
+    errors = np.array(KNOWN_ERRORS["mobi", "dcm"][1]) - BEST_GAIN
+    assert float(cells["mobilenet", "dcm", "2"]["mean"]) == pytest.approx(errors.mean())
+    assert float(cells["mobilenet", "dcm", "2"]["std"]) == pytest.approx(errors.std(ddof=1))
+
+
+def test_csv_parses_into_one_line_per_cell_with_the_papers_numbers(paper_logs):
+    code, out, _ = call(summarize.main, paper_logs, "--csv")
+    assert code == 0
+    lines = list(csv.DictReader(io.StringIO(out)))
+    assert len(lines) == 2 * 3 * 2
+    cell = next(line for line in lines if (line["net2"], line["method"], line["net"]) == ("wrn-28-10", "dcm", "1"))
+    assert (cell["network"], cell["runs"], cell["seeds"], cell["epochs"], cell["lr"]) == ("wrn-28-10", "3", "1 2 3",
+                                                                                          "200", "0.1")
+    assert float(cell["mean"]) == pytest.approx(16.5) and float(cell["std"]) == pytest.approx(0.5)
+    assert (float(cell["paper_mean"]), float(cell["paper_std"])) == (16.61, 0.24)
+    assert float(cell["difference"]) == pytest.approx(16.5 - 16.61)
+
+
+def test_latex_parses_as_a_tabular_with_escaped_text(paper_logs):
+    # An option main.py may gain later: unknown options define rows too, and their text is escaped.
+    write_run(paper_logs / "other", "wrn", "dcm", 1, (20.0, 20.0), links="same", warmup_mode="linear_5%")
+    code, out, _ = call(summarize.main, paper_logs, "--latex")
+    assert code == 0
+    lines = [line for line in out.splitlines() if not line.startswith("%")]
+    spec = re.fullmatch(r"\\begin\{tabular\}\{([lc]+)\}", lines[0]).group(1)
+    assert lines[-1] == r"\end{tabular}"
+    body = [line for line in lines[1:-1] if line != r"\hline"]
+    assert all(line.endswith(r" \\") and line.count(" & ") == len(spec) - 1 for line in body), body
+    assert body[0].split(" & ")[-2:] == ["DCM-same 1", r"DCM-same 2 \\"]
+    assert any(r"16.50 $\pm$ 0.50 (n=3)" in line for line in body)
+    assert all("±" not in line for line in body)
+    assert r"warmup\_mode" in body[0] and any(r"linear\_5\%" in line for line in body)
+
+
+def test_runs_differing_only_in_seed_save_note_gpu_nthread_dataroot_share_a_cell(tmp_path):
+    for seed, others in enumerate([dict(note="first", gpu_id="0", nthread=4, dataroot="/a"),
+                                   dict(note="second", gpu_id="3", nthread=8, dataroot="/b", resume=True)], start=1):
+        write_run(tmp_path, "wrn", "dcm", seed, (17.0 + seed, 17.0), **others)
+    write_run(tmp_path / "longer", "wrn", "dcm", 1, (15.0, 15.0), logged_epochs=(299, 300), epochs=300)
+    # A run stopped at epoch 100 logged lr 0.02 (one drop): it belongs to the same cell, unfinished.
+    write_log(tmp_path / "stopped", [log_record(100, 25.0, 25.0, seed=3)])
+    code, out, err = call(summarize.main, tmp_path)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    assert header[:3] == ["Net 1", "Net 2", "epochs"]
+    by_epochs = {row[2]: row for row in rows if row[2]}
+    assert by_epochs["200"][header.index("DCM 1")] == "18.50 ± 0.71 (n=2, +1 unfinished)"
+    assert by_epochs["300"][header.index("DCM 1")] == "15.00 (n=1)"
+    assert "epoch 100 of 200" in err
+    assert "no paper values beside a row whose epochs differ from the paper's recipe" in err
+
+
+def test_repeated_seed_in_a_cell_is_noted(tmp_path):
+    write_run(tmp_path / "a", "wrn", "dcm", 1, (17.0, 17.0))
+    write_run(tmp_path / "copy", "wrn", "dcm", 1, (17.0, 17.0))
+    code, _, err = call(summarize.main, tmp_path)
+    assert code == 0 and "seed 1 appears 2 times in one cell" in err
+
+
+def test_batchstats_takes_the_mobilenets_test_batch_statistics_where_logged(tmp_path):
+    for seed, batchstats in ((1, 70.0), (2, 72.0), (3, None)):
+        record = log_record(200, 17.0, 25.0, pair="mobi", seed=seed, method="ind")
+        if batchstats is not None:
+            record[summarize.BATCHSTATS_KEY] = batchstats
+        write_log(tmp_path / f"mobi{seed}", [record])
+    write_log(tmp_path / "wrn", [log_record(200, 17.0, 19.0, method="ind")])
+    code, out, err = call(summarize.main, tmp_path, "--batchstats", "--csv")
+    assert code == 0
+    cells = {(row["net2"], row["net"]): row for row in csv.DictReader(io.StringIO(out))}
+    assert (float(cells["mobilenet", "2"]["mean"]), cells["mobilenet", "2"]["runs"]) == (29.0, "2")
+    assert cells["mobilenet", "1"]["runs"] == "3"  # net 1 is unaffected
+    assert float(cells["wrn-28-10", "2"]["mean"]) == 19.0  # a WRN net 2 keeps its eval-mode accuracy
+    assert f"lacks {summarize.BATCHSTATS_KEY}" in err and str(tmp_path / "mobi3" / "log.txt") in err
+
+
+def test_batchstats_without_the_key_in_any_log_is_refused(paper_logs):
+    line = error_line(*call(summarize.main, paper_logs, "--batchstats")[::2])
+    assert summarize.BATCHSTATS_KEY in line and "drop --batchstats" in line
+
+
+PUBLISHED_LINE = ('json_stats: {"train_loss": 2.1, "train_acc": 40.0, "test_loss": 1.9, "test_acc": 45.0, '
+                  '"epoch": 1, "num_classes": 100, "n_parameters": 100, "train_time": 1, "test_time": 1, "depth": 28}')
+
+
+@pytest.mark.parametrize("content, words", [
+    (PUBLISHED_LINE + "\n", ["lacks", "not written by this repository's main.py"]),
+    ("epoch 1 loss 2.3\n", ["line 1", "json_stats"]),
+    ('json_stats: {"epoch": 1, "tra\n', ["line 1", "cut off"]),
+    ("", ["no epoch"]),
+], ids=["published_code", "not_json_stats", "cut_off", "empty"])
+def test_foreign_logs_are_refused_by_name(tmp_path, content, words):
+    (tmp_path / "log.txt").write_text(content)
+    line = error_line(*call(summarize.main, tmp_path / "log.txt")[::2])
+    assert str(tmp_path / "log.txt") in line and all(word in line for word in words), line
+
+
+def test_missing_path_and_empty_folder_are_refused(tmp_path):
+    assert "no such file" in error_line(*call(summarize.main, tmp_path / "nope")[::2])
+    assert "no log.txt" in error_line(*call(summarize.main, tmp_path)[::2])
+
+
+def test_summarize_script_exits_2_on_a_foreign_log_without_traceback(tmp_path):
+    (tmp_path / "log.txt").write_text(PUBLISHED_LINE + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "summarize.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stdout == ""
+
+
+@pytest.mark.parametrize("tool", ["sweep", "summarize", "plot", "evaluate"])
+def test_help_works_and_shows_usage_examples(tool):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"python tools/{tool}.py" in result.stdout
+
+
+# --- plot --------------------------------------------------------------------------------------
+
+def test_plot_writes_a_png_of_both_networks(real_logs, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figure2.png"
+    code, stdout, err = call(plot.main, real_logs, "--out", out, "--include_unfinished")
+    assert code == 0, err
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+    assert f"wrote {out}" in stdout
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(real_logs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    line = error_line(*call(plot.main, real_logs, "--out", tmp_path / "figure2.png")[::2])
+    assert "pip install matplotlib" in line
+    assert not (tmp_path / "figure2.png").exists()
+
+
+def test_plot_refuses_an_unknown_format(real_logs, tmp_path):
+    assert ".png" in error_line(*call(plot.main, real_logs, "--out", tmp_path / "figure2.jpg")[::2])
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    # evaluate sets CUDA_VISIBLE_DEVICES from --gpu_id; keep that from leaking into later tests.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+def evaluate_rows(*args):
+    code, out, err = call(evaluate.main, *args, "--gpu_id", "", "--nthread", 1)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    return [dict(zip(header, row)) for row in rows]
+
+
+def test_evaluate_reproduces_main_py_final_accuracy_and_parameter_count(swept, mobi_run, cifar, cpu_only):
+    runs = [(swept["saves"]["ind", 1], cifar), (swept["saves"]["dml", 2], cifar),
+            (mobi_run["save"], mobi_run["dataroot"])]
+    for save, dataroot in runs:
+        record = read_log(save)[-1]
+        rows = evaluate_rows(save / "net1.pt", save / "net2.pt", "--dataroot", dataroot)
+        for net, row in enumerate(rows, start=1):
+            assert float(row["test acc (%)"]) == pytest.approx(record[f"test_acc_net{net}"], abs=1e-9)
+            assert float(row["test error (%)"]) == pytest.approx(100 - record[f"test_acc_net{net}"], abs=1e-9)
+            assert int(row["parameters"].replace(",", "")) == record[f"n_parameters_net{net}"]
+        assert [row["network"] for row in rows] == ["WRN-10-1", "MobileNet" if save == mobi_run["save"] else "WRN-10-1"]
+
+
+def test_evaluate_counts_the_papers_forward_gflop(mobi_run, cpu_only):
+    # SPEC: the MobileNet costs 1.22 GFLOP per image without auxiliary classifiers (100 classes; 10 here).
+    row, = evaluate_rows(mobi_run["save"] / "net2.pt", "--dataroot", mobi_run["dataroot"])
+    assert float(row["GFLOP / image"]) == pytest.approx(1.22, abs=0.01)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, swept):
+    base = tmp_path_factory.mktemp("bad_files")
+    save = swept["saves"]["dml", 1]
+    models = load_folder("wrn").models
+    # What a DCM checkpoint holds under "net1": the network with its auxiliary classifiers.
+    torch.save(models.wrn(16, 1, 10, aux=True).state_dict(), base / "with_aux.pt")
+    net1 = torch.load(save / "net1.pt", weights_only=True)
+    torch.save({key: value for key, value in net1.items() if key != "head.bn.weight"}, base / "missing_key.pt")
+    torch.save(models.wrn(10, 1, 100, aux=False).state_dict(), base / "hundred_classes.pt")
+    torch.save({"weight": torch.zeros(3)}, base / "other_network.pt")
+    (base / "text.pt").write_text("not weights")
+    return dict(checkpoint=save / "checkpoint.pt", with_aux=base / "with_aux.pt",
+                missing_key=base / "missing_key.pt", hundred_classes=base / "hundred_classes.pt",
+                other_network=base / "other_network.pt", text=base / "text.pt", missing=base / "missing.pt")
+
+
+@pytest.mark.parametrize("name, words", [
+    ("checkpoint", ["training checkpoint", "net1.pt"]),
+    ("with_aux", ["auxiliary classifiers", "aux1."]),
+    ("missing_key", ["does not fit WRN-10-1", "head.bn.weight"]),
+    ("hundred_classes", ["100 classes", "CIFAR100 has 10", "--dataset"]),
+    ("other_network", ["not a network of this repository"]),
+    ("text", ["not a file of tensors"]),
+    ("missing", ["no such file"]),
+])
+def test_evaluate_refuses_what_is_not_an_exported_network_of_this_dataset(bad_files, cifar, cpu_only, name, words):
+    code, out, err = call(evaluate.main, bad_files[name], "--dataroot", cifar, "--gpu_id", "", "--nthread", 1)
+    line = error_line(code, err)
+    assert str(bad_files[name]) in line and all(word in line for word in words), line
+    assert out == ""
+
+
+def test_evaluate_script_exits_2_without_traceback(swept):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"),
+                             str(swept["saves"]["ind", 1] / "checkpoint.pt"), "--gpu_id", "", "--nthread", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "training checkpoint" in result.stderr

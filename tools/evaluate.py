@@ -1,0 +1,204 @@
+"""Test error, parameter count and forward GFLOP of exported networks (SAVE/net1.pt, SAVE/net2.pt).
+
+    python tools/evaluate.py logs/wrn-28-10_mobilenet_dcm_seed1/net*.pt --dataroot DATA
+    python tools/evaluate.py net1.pt --dataset CIFAR10 --dataroot DATA --gpu_id ''
+
+Each file is read with torch.load(weights_only=True) and loaded, strictly, into the network its
+weights describe: a WRN-d-k (depth, width and classes read off the tensors; wrn/models.py, whose
+WRN code is identical to wrn_mobi's) or the MobileNet (wrn_mobi/models.py), built without
+auxiliary classifiers. It is tested like main.py tests (BN in eval mode, the whole test set of
+--dataset, normalised the same way), so the error is 100 - the test_acc_net1/net2 that main.py
+logged for those weights. --dataset defaults to the one in the log.txt beside the file, else
+CIFAR100. GFLOP are 2 x multiply-adds of one 32x32 image's forward pass (torch's FLOP counter).
+
+Checkpoints (checkpoint.pt), networks that still carry auxiliary classifiers, and files of other
+networks or datasets are refused with a message. Prints a Markdown table.
+"""
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
+WRN_BLOCK_KEY = "group0.{}.conv0.weight"  # one per block of group0: (depth - 4) / 6 of them
+MOBILENET_KEY = "stem.0.weight"
+IMAGE_SHAPE = (1, 3, 32, 32)
+
+
+class EvaluateError(Exception):
+    """A file or option that cannot be evaluated: one message, exit code 2."""
+
+
+@functools.lru_cache(maxsize=None)
+def load_module(folder, name):
+    """wrn/NAME.py or wrn_mobi/NAME.py under its own module name, so that both folders' models.py
+    can be used in one process. The folder is on the path while it loads, for its own imports."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / folder))
+    return module
+
+
+# --- the network a file holds ----------------------------------------------------------------------
+
+def read_weights(path):
+    """The state dict of an exported network, refusing what is not one."""
+    if not os.path.isfile(path):
+        raise EvaluateError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, truncated, or holding objects weights_only refuses
+        raise EvaluateError(f"{path} is not a file of tensors saved by main.py ({type(error).__name__}); "
+                            f"give the net1.pt or net2.pt of a finished run") from None
+    if isinstance(state, dict) and {"net1", "net2", "optimizer"} <= set(state):
+        raise EvaluateError(f"{path} is a training checkpoint (both networks with auxiliary classifiers); "
+                            f"give the net1.pt or net2.pt that the run exports when it finishes "
+                            f"(finish it with main.py --resume)")
+    if not (isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values())):
+        raise EvaluateError(f"{path} is not the state dict of a network; give the net1.pt or net2.pt of a run")
+    aux_keys = [key for key in state if key.startswith(AUX_PREFIXES)]
+    if aux_keys:
+        raise EvaluateError(f"{path} holds auxiliary classifiers ({aux_keys[0]}, ...): it is not an exported "
+                            f"network; give the net1.pt or net2.pt that main.py writes at the end of a run")
+    return state
+
+
+def describe(path, state):
+    """(folder, name, architecture keyword arguments) of the network whose weights `state` holds."""
+    if "head.fc.weight" not in state:
+        raise EvaluateError(f"{path} holds no head.fc.weight: not a network of this repository")
+    num_classes = state["head.fc.weight"].shape[0]
+    if MOBILENET_KEY in state:
+        return "wrn_mobi", "MobileNet", dict(num_classes=num_classes)
+    if WRN_BLOCK_KEY.format(0) in state:
+        blocks = 0
+        while WRN_BLOCK_KEY.format(blocks) in state:
+            blocks += 1
+        depth, width = 6 * blocks + 4, state[WRN_BLOCK_KEY.format(0)].shape[0] // 16
+        return "wrn", f"WRN-{depth}-{width}", dict(depth=depth, width=width, num_classes=num_classes)
+    raise EvaluateError(f"{path} holds neither a WRN nor the MobileNet of this repository "
+                        f"(first keys: {', '.join(list(state)[:3])})")
+
+
+def build_network(path, state):
+    """(name, the network with `state` loaded, strictly, and in eval mode, num_classes)."""
+    folder, name, architecture = describe(path, state)
+    models = load_module(folder, "models")
+    network = (models.mobilenet(aux=False, **architecture) if folder == "wrn_mobi"
+               else models.wrn(aux=False, **architecture))
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise EvaluateError(f"{path} does not fit {name}: {detail}") from None
+    return name, network.eval(), architecture["num_classes"]
+
+
+# --- measurements ----------------------------------------------------------------------------------
+
+def dataset_of(path, requested):
+    """--dataset, else the dataset of the run the file comes from (log.txt beside it), else CIFAR100."""
+    if requested:
+        return requested
+    log = Path(path).parent / "log.txt"
+    try:
+        first = log.read_text().splitlines()[0]
+        return json.loads(first[len("json_stats: "):])["dataset"]
+    except (OSError, IndexError, ValueError, KeyError):
+        return "CIFAR100"
+
+
+@torch.no_grad()
+def test_accuracy(network, dataset_module, data, batch_size):
+    """Top-1 accuracy (%) of the final classifier on the whole test set, as main.py measures it."""
+    correct = 0
+    for images, labels in dataset_module.test_batches(data, batch_size):
+        correct += (network(images)[-1].argmax(dim=1) == labels).sum().item()
+    return 100 * correct / len(data.test_labels)
+
+
+@torch.no_grad()
+def forward_gflop(network, device):
+    with FlopCounterMode(display=False) as counter:
+        network(torch.zeros(IMAGE_SHAPE, device=device))
+    return counter.get_total_flops() / 1e9
+
+
+def evaluate(path, opt, device, datasets):
+    """The table row of one file; `datasets` caches each loaded dataset by name."""
+    state = read_weights(path)
+    name, network, num_classes = build_network(path, state)
+    dataset_module = load_module("wrn", "dataset")  # identical in both folders
+    dataset_name = dataset_of(path, opt.dataset)
+    if dataset_name not in datasets:
+        try:
+            datasets[dataset_name] = dataset_module.load_dataset(dataset_name, opt.dataroot, device)
+        except dataset_module.DatasetError as error:
+            raise EvaluateError(str(error)) from None
+    data = datasets[dataset_name]
+    if data.num_classes != num_classes:
+        raise EvaluateError(f"{path} classifies into {num_classes} classes, {dataset_name} has {data.num_classes}; "
+                            f"give the run's dataset with --dataset")
+    network.to(device)
+    accuracy = test_accuracy(network, dataset_module, data, opt.batch_size)
+    parameters = sum(p.numel() for p in network.parameters())
+    return [path, name, f"{dataset_name} ({len(data.test_labels)} images)", f"{100 - accuracy:.2f}",
+            f"{accuracy:.2f}", f"{parameters:,}", f"{forward_gflop(network, device):.3f}"]
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def parse_options(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("weights", nargs="+", help="net1.pt / net2.pt files written by main.py")
+    parser.add_argument("--dataset", default=None, choices=load_module("wrn", "dataset").DATASETS,
+                        help="default: the dataset in the log.txt beside each file, else CIFAR100")
+    parser.add_argument("--dataroot", default="./data", help="folder holding the dataset (as main.py's)")
+    parser.add_argument("--batch_size", default=500, type=int, help="test batch size (BN in eval mode), as main.py's")
+    parser.add_argument("--gpu_id", default="0", type=str, help="the GPU to use; '' for the CPU")
+    parser.add_argument("--nthread", default=4, type=int, help="CPU threads for torch")
+    opt = parser.parse_args(argv)
+    if opt.batch_size <= 0 or opt.nthread <= 0:
+        parser.error("--batch_size and --nthread must be positive")
+    return opt
+
+
+def select_device(opt):
+    # Before CUDA is initialised, as main.py does; '' hides every GPU.
+    os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
+    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
+    return torch.device("cuda" if opt.gpu_id and torch.cuda.is_available() else "cpu")
+
+
+def main(argv=None):
+    opt = parse_options(argv)
+    device = select_device(opt)
+    columns = ["file", "network", "test set", "test error (%)", "test acc (%)", "parameters", "GFLOP / image"]
+    datasets = {}
+    try:
+        rows = [evaluate(path, opt, device, datasets) for path in opt.weights]
+    except EvaluateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The paper's Figure 2: test error vs epoch of each method, mean over seeds with a min-max band.
+
+    python tools/plot.py logs --out figure2.png
+    python tools/plot.py 'wrn_mobi/logs/*' --out mobilenet.pdf
+    python tools/plot.py wrn_mobi/logs --batchstats --out figure2_batchstats.png
+
+Reads logs as tools/summarize.py does (files, folders searched for log.txt, globs) and groups
+them into the same rows: one row of panels per pair of networks and settings, net 1 on the left,
+net 2 on the right, one curve per method. At each epoch the line is the mean error of the runs
+that reached it and the band spans their min and max. Unfinished runs are left out unless
+--include_unfinished. The format follows --out: .png, .pdf or .svg. Needs matplotlib
+(`pip install matplotlib`), the project's only optional package.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from summarize import (ToolError, accuracy_key, check_batchstats, display_name, group_rows, load_runs,
+                       method_header, method_order, split_options)
+
+FORMATS = (".png", ".pdf", ".svg")
+PANEL_SIZE = (6.0, 4.0)  # inches, one network of one row
+MARKED_EPOCHS = 20
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ToolError("plot.py needs matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def error_curve(runs, key):
+    """(epochs, mean, min, max) of 100 - accuracy over the runs that logged each epoch."""
+    by_epoch = {}
+    for run in runs:
+        for record in run.records:
+            if key in record:
+                by_epoch.setdefault(record["epoch"], []).append(100 - record[key])
+    epochs = sorted(by_epoch)
+    errors = [np.array(by_epoch[epoch]) for epoch in epochs]
+    return (np.array(epochs), np.array([e.mean() for e in errors]), np.array([e.min() for e in errors]),
+            np.array([e.max() for e in errors]))
+
+
+def panel_title(options, net_names, net, varying):
+    partner = display_name(net_names[2 - net])
+    settings = ", ".join(f"{key} {options.get(key)}" for key in varying)
+    return f"{display_name(net_names[net - 1])} (net {net}) with {partner}" + (f"\n{settings}" if settings else "")
+
+
+def draw(pyplot, runs, opt):
+    """The figure: a row of two panels (net 1, net 2) per row of the table."""
+    groups = group_rows(runs)
+    varying, _ = split_options([json.loads(row_key) for row_key in groups])
+    figure, axes = pyplot.subplots(len(groups), 2, squeeze=False,
+                                   figsize=(2 * PANEL_SIZE[0], len(groups) * PANEL_SIZE[1]))
+    for row_axes, methods in zip(axes, groups.values()):
+        some_run = next(iter(methods.values()))[0]
+        for net, ax in zip((1, 2), row_axes):
+            for method in sorted(methods, key=method_order):
+                counted = [run for run in methods[method] if run.finished or opt.include_unfinished]
+                if not counted:
+                    continue
+                # One key for the whole row: it depends on the networks only.
+                epochs, mean, low, high = error_curve(counted, accuracy_key(some_run, net, opt.batchstats))
+                # Markers only on short curves, where a single epoch would otherwise draw nothing.
+                line, = ax.plot(epochs, mean, marker="o" if len(epochs) <= MARKED_EPOCHS else None,
+                                label=f"{method_header(method)} (n={len(counted)})")
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.set_title(panel_title(some_run.row_options, some_run.net_names, net, varying), fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.locator_params(axis="x", integer=True)
+            ax.set_ylabel("test error (%)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def parse_options(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
+    parser.add_argument("--out", default="figure2.png", help="the figure file: .png, .pdf or .svg")
+    parser.add_argument("--include_unfinished", action="store_true", help="draw unfinished runs too")
+    parser.add_argument("--batchstats", action="store_true",
+                        help="MobileNet's error with BN using test-batch statistics, as summarize.py --batchstats")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    opt = parse_options(argv)
+    try:
+        if os.path.splitext(opt.out)[1].lower() not in FORMATS:
+            raise ToolError(f"--out {opt.out}: give a file ending in {', '.join(FORMATS)}")
+        pyplot = import_pyplot()
+        runs = load_runs(opt.logs)
+        if opt.batchstats:
+            check_batchstats(runs)
+        if not any(run.finished or opt.include_unfinished for run in runs):
+            raise ToolError(f"none of the {len(runs)} runs is finished; draw them with --include_unfinished")
+        figure = draw(pyplot, runs, opt)
+        figure.savefig(opt.out, dpi=150)
+        pyplot.close(figure)
+    except (ToolError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {opt.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,479 @@
+"""The paper's table from a set of runs: test error of each network as mean +/- std over seeds.
+
+    python tools/summarize.py logs                              # every log.txt under logs/
+    python tools/summarize.py 'wrn/logs/*_seed*' 'wrn_mobi/logs/*_seed*'
+    python tools/summarize.py logs --best                       # best epoch instead of the last
+    python tools/summarize.py logs --latex > table.tex          # or --csv: one line per cell
+    python tools/summarize.py wrn_mobi/logs --batchstats        # MobileNet tested like the published code
+
+Arguments are log files, folders (searched for log.txt) or globs. Runs are grouped by every
+option main.py logged except those that do not change what is trained (seed, save, note,
+gpu_id, resume, dataroot, nthread, benchmark); the seed is what varies inside a cell. A row is
+a pair of networks with its settings, a column pair is a method (ind, dml, ds, dcm, and dcm with
+other --links as dcm-same, dcm-cross, dcm-final) with net 1's and net 2's error.
+
+Each cell is the error (100 - test accuracy of the network's final classifier) after the last
+epoch (the paper's protocol; --best takes each run's best epoch), mean +/- sample std (n-1),
+with n, the number of runs. A run is finished when its last logged epoch is its --epochs;
+unfinished runs are flagged and left out unless --include_unfinished. Where the paper reports
+the cell (WRN-28-10 with WRN-28-10 or MobileNet, CIFAR-100 and the reference recipe), its value
+and our difference are printed below our row. Notes (unfinished runs, repeated seeds, missing
+keys) go to stderr, the table to stdout.
+
+Which folder a log came from is not logged: net 2 is wrn/'s WRN-d-k when its parameter count
+(n_parameters_net2) equals net 1's, and wrn_mobi/'s MobileNet otherwise. --save names are free
+text, so they are not used.
+"""
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+LOG_NAME = "log.txt"
+LOG_PREFIX = "json_stats: "
+# Keys every line of this repository's main.py holds; the published code's logs lack most of them.
+REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "depth", "width", "seed", "dataset", "lr", "epoch_step",
+                 "lr_decay_ratio", "test_acc_net1", "test_acc_net2", "n_parameters_net1", "n_parameters_net2")
+# Options that do not change what is trained: runs that differ only in these share a cell
+# (channels_last and compile change only the float rounding; --amp changes the numerics and counts).
+NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
+                     "checkpoint_every", "deterministic", "eval_batch_size", "channels_last", "compile")
+BATCHSTATS_KEY = "test_acc_net2_batchstats"
+METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
+METHOD_HEADERS = {"ind": "Ind", "dml": "DML", "ds": "DS", "dcm": "DCM"}
+
+# The paper's Table (CIFAR-100 test error %, mean, std of 5 runs), SPEC section 6:
+# (net 1, net 2) -> method -> ((net 1 mean, std), (net 2 mean, std)).
+PAPER = {
+    ("wrn-28-10", "wrn-28-10"): {"ind": ((18.72, 0.24), (18.72, 0.24)), "dml": ((17.89, 0.26), (17.95, 0.07)),
+                                 "dcm": ((16.61, 0.24), (16.65, 0.22))},
+    ("wrn-28-10", "mobilenet"): {"ind": ((18.72, 0.24), (26.30, 0.35)), "dml": ((17.24, 0.13), (23.91, 0.22)),
+                                 "dcm": ((16.83, 0.07), (21.43, 0.20))},
+}
+# The paper's numbers are comparable only with runs of its training recipe.
+PAPER_RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
+                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2}
+LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+class ToolError(Exception):
+    """A problem the user can fix (a path, a foreign log, a flag): one message, exit code 2."""
+
+
+@dataclass
+class Run:
+    """One training run: its log's records, in order, and what identifies its cell."""
+    path: str
+    records: list
+
+    @property
+    def last(self):
+        return self.records[-1]
+
+    @property
+    def finished(self):
+        return self.last["epoch"] == self.last["epochs"]
+
+    @property
+    def seed(self):
+        return self.last["seed"]
+
+    @property
+    def net_names(self):
+        """(net 1, net 2) as models.pair_names spells them. The log does not name the folder: net 2
+        is wrn/'s WRN-d-k when it has net 1's parameter count, wrn_mobi/'s MobileNet otherwise."""
+        depth, width = self.last["depth"], self.last["width"]
+        same_size = self.last["n_parameters_net2"] == self.last["n_parameters_net1"]
+        return f"wrn-{depth}-{width}", f"wrn-{depth}-{width}" if same_size else "mobilenet"
+
+    @property
+    def method(self):
+        """The column: the method, with its --links when they are not the default dense ones."""
+        links = self.last["links"]
+        return self.last["method"] if links == "dense" else f"{self.last['method']}-{links}"
+
+    @property
+    def row_options(self):
+        """The options that define the run's row: all of the cell's but the method and links."""
+        options = {key: value for key, value in self.last.items()
+                   if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
+        options["lr"] = base_lr(self.last)
+        options["net2"] = self.net_names[1]
+        return options
+
+
+def is_measurement(key):
+    """Keys main.py adds to the options: accuracies, losses, counts, times, the epoch and its lr."""
+    return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith("_time")
+            or key in ("epoch", "num_classes", "lr"))
+
+
+def base_lr(record):
+    """The --lr option. main.py logs the epoch's lr under the same key, so the option is that
+    lr undone by the drops of --epoch_step so far (rounded: the drops were float products)."""
+    drops = sum(1 for drop_epoch in json.loads(record["epoch_step"]) if drop_epoch <= record["epoch"])
+    return float(f"{record['lr'] / record['lr_decay_ratio'] ** drops:.10g}")
+
+
+# --- reading logs ------------------------------------------------------------------------------------
+
+def find_logs(paths):
+    """The log files named by `paths`: files as given, folders searched for log.txt, globs expanded."""
+    logs = []
+    for path in paths:
+        matches = sorted(glob.glob(path, recursive=True)) or ([path] if os.path.exists(path) else [])
+        if not matches:
+            raise ToolError(f"{path}: no such file or folder, and no match as a glob")
+        for match in matches:
+            if os.path.isdir(match):
+                logs += sorted(os.path.join(folder, LOG_NAME) for folder, _, files in os.walk(match)
+                               if LOG_NAME in files)
+            else:
+                logs.append(match)
+    unique = list(dict.fromkeys(os.path.normpath(log) for log in logs))
+    if not unique:
+        raise ToolError(f"no {LOG_NAME} under {' '.join(paths)}")
+    return unique
+
+
+def read_log(path):
+    """The json_stats records of one log.txt of wrn/main.py or wrn_mobi/main.py."""
+    try:
+        with open(path, encoding="utf-8") as log:
+            lines = log.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ToolError(f"{path} is not a readable text file ({type(error).__name__}); "
+                        f"give the log.txt of a run") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.startswith(LOG_PREFIX):
+            raise ToolError(f"{path}, line {number}: not a '{LOG_PREFIX}{{...}}' line; "
+                            f"give the log.txt written by wrn/main.py or wrn_mobi/main.py")
+        try:
+            records.append(json.loads(line[len(LOG_PREFIX):]))
+        except json.JSONDecodeError:
+            raise ToolError(f"{path}, line {number}: the JSON is cut off or malformed; "
+                            f"repair or remove that line") from None
+    if not records:
+        raise ToolError(f"{path} holds no epoch; give the log.txt of a run that finished one")
+    missing = [key for key in REQUIRED_KEYS if key not in records[-1]]
+    if missing:
+        raise ToolError(f"{path} lacks {', '.join(missing)}: it was not written by this repository's main.py "
+                        f"(the published code's logs hold neither --method nor net 2's accuracy)")
+    return records
+
+
+def load_runs(paths):
+    return [Run(log, read_log(log)) for log in find_logs(paths)]
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """One network of one method in one row: the error and seed of each run counted."""
+    errors: list
+    seeds: list
+    unfinished: int  # unfinished runs in the cell
+    unfinished_counted: bool  # whether they are among `errors` (--include_unfinished)
+    paper: tuple = None  # (mean, std) reported in the paper, where it has this cell
+
+    @property
+    def mean(self):
+        return float(np.mean(self.errors)) if self.errors else None
+
+    @property
+    def std(self):
+        return float(np.std(self.errors, ddof=1)) if len(self.errors) > 1 else None
+
+    @property
+    def difference(self):
+        return self.mean - self.paper[0] if self.paper and self.errors else None
+
+
+@dataclass
+class Row:
+    net_names: tuple
+    options: dict  # the row's options (net2 included)
+    cells: dict  # (method, net index 1 or 2) -> Cell
+
+
+def accuracy_key(run, net, batchstats):
+    """The logged accuracy of network `net` (1 or 2) of `run` that the table uses."""
+    if net == 2 and batchstats and run.net_names[1] == "mobilenet":
+        return BATCHSTATS_KEY
+    return f"test_acc_net{net}"
+
+
+def run_error(run, key, best):
+    """100 - accuracy at the last epoch (or the best one); None when the log lacks `key`."""
+    accuracies = [record[key] for record in run.records if key in record]
+    if best:
+        return 100 - max(accuracies) if accuracies else None
+    return 100 - run.last[key] if key in run.last else None
+
+
+def recipe_differences(row_options):
+    """The options of PAPER_RECIPE in which a row differs from the paper's training recipe."""
+    return [key for key, paper in PAPER_RECIPE.items()
+            if (json.loads(row_options[key]) if key == "epoch_step" else row_options[key]) != paper]
+
+
+def paper_value(row_options, net_names, method, net):
+    """The paper's (mean, std) for this cell, or None where it has none or the recipe differs."""
+    if method not in PAPER.get(net_names, {}) or recipe_differences(row_options):
+        return None
+    return PAPER[net_names][method][net - 1]
+
+
+def group_rows(runs):
+    """{row key (the row's options as JSON): {method: [runs]}}, rows in the paper's order."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        groups[json.dumps(run.row_options, sort_keys=True)][run.method].append(run)
+
+    def row_order(item):
+        options = json.loads(item[0])
+        return options["depth"], options["width"], options["net2"] == "mobilenet", item[0]
+
+    return dict(sorted(groups.items(), key=row_order))
+
+
+def method_order(method):
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def tabulate(runs, best=False, include_unfinished=False, batchstats=False):
+    """The rows of the table, and the notes to print below it."""
+    rows, notes = [], []
+    for row_key, methods in group_rows(runs).items():
+        options = json.loads(row_key)
+        net_names = next(iter(methods.values()))[0].net_names
+        cells = {}
+        for method in sorted(methods, key=method_order):
+            method_runs = sorted(methods[method], key=lambda run: (run.seed, run.path))
+            notes += repeated_seed_notes(method_runs)
+            for net in (1, 2):
+                cell, missing = measure_cell(method_runs, net, best, include_unfinished, batchstats)
+                cell.paper = paper_value(options, net_names, method, net)
+                cells[method, net] = cell
+                notes += [f"{path} lacks {key}: left out of {method} net {net}" for path, key in missing]
+        rows.append(Row(net_names, options, cells))
+        if net_names in PAPER and recipe_differences(options):
+            notes.append(f"{' + '.join(map(display_name, net_names))}: no paper values beside a row whose "
+                         f"{', '.join(recipe_differences(options))} differ from the paper's recipe")
+    for run in runs:
+        if not run.finished:
+            counted = "counted (--include_unfinished)" if include_unfinished else "left out"
+            notes.append(f"unfinished, {counted}: {run.path} (epoch {run.last['epoch']} of {run.last['epochs']})")
+    return rows, notes
+
+
+def measure_cell(method_runs, net, best, include_unfinished, batchstats):
+    """The Cell of network `net` over the runs of one method, and (log, key) of the runs whose log
+    lacks the accuracy the cell needs."""
+    errors, seeds, missing = [], [], []
+    for run in method_runs:
+        if not (run.finished or include_unfinished):
+            continue
+        key = accuracy_key(run, net, batchstats)
+        error = run_error(run, key, best)
+        if error is None:
+            missing.append((run.path, key))
+            continue
+        errors.append(error)
+        seeds.append(run.seed)
+    unfinished = sum(not run.finished for run in method_runs)
+    return Cell(errors, seeds, unfinished, include_unfinished), missing
+
+
+def repeated_seed_notes(method_runs):
+    """Two logs of one seed in one cell are usually one run found twice (a copy, a --resume PATH
+    into another folder): counting both would shrink the std."""
+    by_seed = defaultdict(list)
+    for run in method_runs:
+        by_seed[run.seed].append(run.path)
+    return [f"seed {seed} appears {len(paths)} times in one cell: {', '.join(paths)}"
+            for seed, paths in by_seed.items() if len(paths) > 1]
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+def display_name(net_name):
+    """The paper's spelling: WRN-28-10, MobileNet."""
+    return "MobileNet" if net_name == "mobilenet" else net_name.upper()
+
+
+def method_header(method):
+    name, _, links = method.partition("-")
+    return METHOD_HEADERS.get(name, name) + (f"-{links}" if links else "")
+
+
+def split_options(row_options):
+    """(names of the options that differ between rows, {name: value} of those shared by all), from
+    each row's options. Depth, width and net 2 are left out: the networks' names show them."""
+    names = sorted({key for options in row_options for key in options} - {"depth", "width", "net2"})
+    varying = [key for key in names if len({json.dumps(options.get(key)) for options in row_options}) > 1]
+    shared = {key: row_options[0][key] for key in names if key not in varying}
+    return varying, shared
+
+
+def cell_text(cell):
+    """'16.70 ± 0.20 (n=5)'; '(n=4, +1 unfinished)' when unfinished runs are left out, '(n=5, 1
+    unfinished)' when they are counted."""
+    if cell is None:
+        return ""
+    value = "-"
+    if cell.errors:
+        value = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
+    counts = f"n={len(cell.errors)}"
+    if cell.unfinished:
+        counts += f", {'' if cell.unfinished_counted else '+'}{cell.unfinished} unfinished"
+    return f"{value} ({counts})"
+
+
+def table_lines(rows):
+    """The table as lists of cell texts (header first; per row ours, then the paper's and the
+    difference where the paper has the row), and how many leading columns are labels."""
+    methods = sorted({method for row in rows for method, _ in row.cells}, key=method_order)
+    varying, _ = split_options([row.options for row in rows])
+    with_paper = any(cell.paper for row in rows for cell in row.cells.values())
+    keys = [(method, net) for method in methods for net in (1, 2)]
+    header = ["Net 1", "Net 2", *varying, *([""] if with_paper else [])]
+    label_columns = len(header)
+    lines = [header + [f"{method_header(method)} {net}" for method, net in keys]]
+    for row in rows:
+        label = [display_name(row.net_names[0]), display_name(row.net_names[1]),
+                 *(str(row.options.get(key, "")) for key in varying)]
+        cells = [row.cells.get(key) for key in keys]
+        lines.append(label + (["ours"] if with_paper else []) + [cell_text(cell) for cell in cells])
+        if any(cell and cell.paper for cell in cells):
+            blank = [""] * len(label)
+            lines.append(blank + ["paper"] + [f"{cell.paper[0]:.2f} ± {cell.paper[1]:.2f}" if cell and cell.paper
+                                              else "" for cell in cells])
+            lines.append(blank + ["ours - paper"] + [f"{cell.difference:+.2f}" if cell and cell.difference is not None
+                                                     else "" for cell in cells])
+    return lines, label_columns
+
+
+def title(rows, best, batchstats):
+    _, shared = split_options([row.options for row in rows])
+    epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
+    lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
+             f"n = runs."]
+    if batchstats:
+        lines.append(f"MobileNet (net 2): {BATCHSTATS_KEY}, BN with the test batch's statistics "
+                     f"(the published wrn_mobi's protocol).")
+    lines.append("Settings of every row: " + ", ".join(f"{key} {value}" for key, value in shared.items()) + ".")
+    return lines
+
+
+def markdown(rows, best, batchstats):
+    lines, _ = table_lines(rows)
+    out = title(rows, best, batchstats) + [""]
+    out.append("| " + " | ".join(lines[0]) + " |")
+    out.append("|" + "---|" * len(lines[0]))
+    out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+    return "\n".join(out)
+
+
+def latex_cell(text):
+    return "".join(LATEX_SPECIALS.get(char, char) for char in text).replace(" ± ", r" $\pm$ ")
+
+
+def latex(rows, best, batchstats):
+    lines, label_columns = table_lines(rows)
+    out = [f"% {line}" for line in title(rows, best, batchstats)]
+    out.append(r"\begin{tabular}{" + "l" * label_columns + "c" * (len(lines[0]) - label_columns) + "}")
+    out.append(r"\hline")
+    for index, line in enumerate(lines):
+        out.append(" & ".join(latex_cell(cell) for cell in line) + r" \\")
+        if index == 0:
+            out.append(r"\hline")
+    out += [r"\hline", r"\end{tabular}"]
+    return "\n".join(out)
+
+
+def csv_text(rows):
+    """One line per cell with plain numbers, for scripts and spreadsheets."""
+    option_names = sorted({key for row in rows for key in row.options} - {"net2"})
+    columns = ["net1", "net2", *option_names, "method", "net", "network", "runs", "unfinished", "mean", "std",
+               "paper_mean", "paper_std", "difference", "seeds"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        for (method, net), cell in row.cells.items():
+            writer.writerow({"net1": row.net_names[0], "net2": row.net_names[1],
+                             **{key: row.options.get(key, "") for key in option_names},
+                             "method": method, "net": net, "network": row.net_names[net - 1],
+                             "runs": len(cell.errors), "unfinished": cell.unfinished,
+                             "mean": none_as_empty(cell.mean), "std": none_as_empty(cell.std),
+                             "paper_mean": cell.paper[0] if cell.paper else "",
+                             "paper_std": cell.paper[1] if cell.paper else "",
+                             "difference": none_as_empty(cell.difference),
+                             "seeds": " ".join(map(str, cell.seeds))})
+    return buffer.getvalue().rstrip("\n")
+
+
+def none_as_empty(value):
+    return "" if value is None else repr(value)
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+def parse_options(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
+    parser.add_argument("--best", action="store_true", help="each run's best epoch instead of its last")
+    parser.add_argument("--include_unfinished", action="store_true",
+                        help="count unfinished runs (at their last logged epoch) in the means")
+    parser.add_argument("--batchstats", action="store_true",
+                        help=f"MobileNet's error from {BATCHSTATS_KEY} (BN with test-batch statistics, "
+                             f"the published code's protocol)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--latex", action="store_true", help="a LaTeX tabular instead of Markdown")
+    output.add_argument("--csv", action="store_true", help="CSV, one line per cell, instead of Markdown")
+    return parser.parse_args(argv)
+
+
+def check_batchstats(runs):
+    if not any(BATCHSTATS_KEY in run.last for run in runs):
+        raise ToolError(f"--batchstats: none of the {len(runs)} logs holds {BATCHSTATS_KEY} (wrn_mobi/main.py "
+                        f"logs it for its MobileNet; older logs and wrn/ runs do not); drop --batchstats")
+
+
+def main(argv=None):
+    opt = parse_options(argv)
+    try:
+        runs = load_runs(opt.logs)
+        if opt.batchstats:
+            check_batchstats(runs)
+    except ToolError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows, notes = tabulate(runs, opt.best, opt.include_unfinished, opt.batchstats)
+    if opt.csv:
+        table = csv_text(rows)
+    elif opt.latex:
+        table = latex(rows, opt.best, opt.batchstats)
+    else:
+        table = markdown(rows, opt.best, opt.batchstats)
+    print(table, flush=True)  # before the notes on stderr, also when both go to one pipe
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

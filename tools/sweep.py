@@ -1,0 +1,274 @@
+"""Launch the runs behind a table: folders x methods x seeds, each in its own --save folder.
+
+    python tools/sweep.py --dry_run --dataroot DATA            # list the 30 runs of the paper's table
+    python tools/sweep.py --gpus 0,1,2,3 --dataroot DATA       # run them, one at a time on each GPU
+    python tools/sweep.py --folders wrn --methods ds dcm dcm-same dcm-cross dcm-final --gpus 0,1 \\
+        --depth 16 --width 2 --dataroot DATA                   # the link ablation, on WRN-16-2
+    python tools/sweep.py --folders wrn --methods ind dml --seeds 1 2 --gpus '' --jobs_per_gpu 2 \\
+        --depth 10 --width 1 --epochs 2 --dataset synthetic --nthread 1   # a tiny sweep on the CPU
+
+Options the sweep does not know are passed to every `main.py` (--depth, --epochs, --dataroot,
+--amp, ...). Run folders are LOGDIR/<net1>_<net2>_<method>_seed<seed>, main.py's default name,
+followed by the passed options that change what is trained (all but --dataroot, --nthread and
+--note), e.g. logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30. Paths are relative to where the sweep
+is started, and so are the runs'.
+
+A run whose log reached its last epoch and that exported net1.pt and net2.pt is skipped; a run
+with a checkpoint.pt is resumed (--resume); any other starts afresh. Each run's output goes to
+SAVE/stdout.txt (appended). Runs start in order of seed, so an interrupted sweep leaves whole
+seeds; with --gpus, each GPU (--gpu_id) takes the next run as soon as one of its --jobs_per_gpu
+slots is free. A failed run is reported with the path of its output and the others go on; the
+exit code is 0 when every run finished, 1 otherwise. Ctrl-C stops the runs (each keeps its last
+finished epoch); the same command resumes them. `python tools/summarize.py LOGDIR` makes the table.
+"""
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from summarize import ToolError, read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("wrn", "wrn_mobi")
+METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
+# main.py's flags the sweep sets itself, and which of its own options to use instead.
+RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
+                  "--seed": "--seeds", "--gpu_id": "--gpus", "--resume": "nothing (runs resume by themselves)",
+                  "--benchmark": "main.py directly"}
+# Passed flags that do not change what is trained, so they are not part of a run's folder name.
+NAMELESS_FLAGS = ("--dataroot", "--nthread", "--note", "--checkpoint_every", "--deterministic", "--eval_batch_size",
+                  "--channels_last", "--compile")
+OUTPUT_NAME = "stdout.txt"
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class Job:
+    folder: str
+    method: str
+    seed: int
+    save: str
+    action: str  # "start", "resume", "skip" (finished) or "blocked"
+    reason: str = ""  # why it is skipped or blocked
+
+    @property
+    def output(self):
+        return os.path.join(self.save, OUTPUT_NAME)
+
+
+# --- options -------------------------------------------------------------------------------------
+
+def parse_options(argv=None):
+    """(options, the flags passed to main.py)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 1)[1])
+    parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS,
+                        help="wrn: WRN with WRN; wrn_mobi: WRN with MobileNet (default: both)")
+    parser.add_argument("--methods", nargs="+", default=["ind", "dml", "dcm"], choices=METHODS,
+                        help="default: ind dml dcm (the paper's table); dcm-LINKS is dcm with --links LINKS")
+    parser.add_argument("--seeds", nargs="+", default=[1, 2, 3, 4, 5], type=int)
+    parser.add_argument("--logdir", default="logs", help="where the run folders go (default: ./logs)")
+    parser.add_argument("--gpus", default="0", type=str,
+                        help="comma-separated GPU ids that take runs in parallel; '' for the CPU (default: 0)")
+    parser.add_argument("--jobs_per_gpu", default=1, type=int, help="runs at a time on each GPU (small models)")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands and what is skipped; run nothing")
+    opt, main_args = parser.parse_known_args(argv)
+    check_options(opt, main_args)
+    return opt, main_args
+
+
+def check_options(opt, main_args):
+    gpus = opt.gpus.split(",")
+    if opt.gpus and not all(gpu.strip().isdigit() for gpu in gpus):
+        raise ToolError(f"--gpus takes GPU ids like 0,1,2 (or '' for the CPU), got {opt.gpus!r}")
+    if len(set(gpus)) != len(gpus):
+        raise ToolError(f"--gpus names a GPU twice ({opt.gpus}); use --jobs_per_gpu for several runs per GPU")
+    if opt.jobs_per_gpu <= 0:
+        raise ToolError(f"--jobs_per_gpu must be positive, got {opt.jobs_per_gpu}")
+    if len(set(opt.seeds)) != len(opt.seeds):
+        raise ToolError(f"--seeds repeats a seed: {' '.join(map(str, opt.seeds))}")
+    for flag, _ in flag_values(main_args):
+        if flag in RESERVED_FLAGS:
+            raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
+
+
+def flag_values(args):
+    """[(flag, [values])] of command-line arguments: '--epochs 3' and '--epochs=3' -> ('--epochs', ['3'])."""
+    pairs = []
+    for arg in args:
+        if arg.startswith("--"):
+            flag, equals, value = arg.partition("=")
+            pairs.append((flag, [value] if equals else []))
+        elif pairs:
+            pairs[-1][1].append(arg)
+        else:
+            raise ToolError(f"{arg!r} is not an option; options passed to main.py start with --")
+    return pairs
+
+
+def slots(opt):
+    """The --gpu_id of each parallel slot: every GPU --jobs_per_gpu times ('' is the CPU)."""
+    return [gpu.strip() for gpu in opt.gpus.split(",") for _ in range(opt.jobs_per_gpu)]
+
+
+# --- the runs ------------------------------------------------------------------------------------
+
+def run_name(folder, method, seed, main_args):
+    """main.py's default_save_dir name, then the passed options that change what is trained."""
+    options = dict(flag_values(main_args))
+    depth, width = (options.get(flag, [default])[-1] for flag, default in (("--depth", "28"), ("--width", "10")))
+    net1 = f"wrn-{depth}-{width}"
+    net2 = net1 if folder == "wrn" else "mobilenet"  # models.pair_names of each folder
+    name = f"{net1}_{net2}_{method}_seed{seed}"
+    for flag in sorted(set(options) - set(NAMELESS_FLAGS) - {"--depth", "--width"}):
+        # Folder names without brackets, commas or spaces: '--epoch_step [60,120]' -> 'epoch_step-60-120'.
+        name += "_" + "-".join([flag[2:], *(re.sub(r"[^A-Za-z0-9.]+", "-", value).strip("-")
+                                            for value in options[flag])])
+    return name
+
+
+def plan(opt, main_args):
+    """Every run of the sweep, seed by seed, and what to do with it."""
+    jobs = []
+    for seed in opt.seeds:
+        for folder in opt.folders:
+            for method in opt.methods:
+                save = os.path.join(opt.logdir, run_name(folder, method, seed, main_args))
+                jobs.append(Job(folder, method, seed, save, *state_of(save)))
+    return jobs
+
+
+def state_of(save):
+    """(action, reason) for a run folder, by what main.py would accept there."""
+    log, checkpoint = os.path.join(save, "log.txt"), os.path.join(save, "checkpoint.pt")
+    if os.path.isfile(log):
+        try:
+            last = read_log(log)[-1]
+        except ToolError as error:
+            return "blocked", str(error)
+        exported = all(os.path.isfile(os.path.join(save, f"net{k}.pt")) for k in (1, 2))
+        if last["epoch"] == last["epochs"] and exported:
+            return "skip", f"finished: epoch {last['epoch']} of {last['epochs']}"
+    if os.path.isfile(checkpoint):
+        return "resume", ""
+    if os.path.isfile(log):
+        return "blocked", (f"{log} exists without {os.path.basename(checkpoint)}: main.py can neither resume it "
+                           f"nor start over it; move the folder away")
+    return "start", ""
+
+
+def command(job, main_args):
+    """The main.py command of a job, without --gpu_id (given by the slot that runs it)."""
+    method, _, links = job.method.partition("-")
+    args = ["--save", job.save, "--method", method, *(["--links", links] if links else []),
+            "--seed", str(job.seed), *main_args, *(["--resume"] if job.action == "resume" else [])]
+    return [sys.executable, os.path.relpath(ROOT / job.folder / "main.py"), *args]
+
+
+# --- running -------------------------------------------------------------------------------------
+
+def launch(job, main_args, gpu):
+    """Start a job on a slot, its output appended to SAVE/stdout.txt; returns the process."""
+    os.makedirs(job.save, exist_ok=True)  # main.py accepts a folder holding only stdout.txt
+    full_command = command(job, main_args) + ["--gpu_id", gpu]
+    with open(job.output, "a") as output:
+        output.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} sweep: {shlex.join(full_command)}\n")
+        output.flush()
+        return subprocess.Popen(full_command, stdout=output, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def last_line(path):
+    """The last non-empty line of a run's output: its error message, usually."""
+    with open(path, errors="replace") as output:
+        lines = [line.strip() for line in output if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def run_jobs(jobs, main_args, gpu_slots):
+    """Run the jobs, each on the next free slot; returns the failed jobs with their reason."""
+    pending, running, failed = list(jobs), {}, []  # running: slot index -> (job, process, start time)
+    try:
+        while pending or running:
+            start_on_free_slots(pending, running, main_args, gpu_slots, len(jobs))
+            time.sleep(POLL_SECONDS)
+            failed += collect_finished(running)
+    except KeyboardInterrupt:
+        # Ctrl-C reached the runs too (same process group): each writes a checkpoint and exits.
+        for _, process, _ in running.values():
+            process.wait()
+        print(f"\ninterrupted: stopped {len(running)} running and {len(pending)} waiting runs; "
+              f"the same command resumes them", file=sys.stderr)
+        raise
+    return failed
+
+
+def start_on_free_slots(pending, running, main_args, gpu_slots, total):
+    for slot, gpu in enumerate(gpu_slots):
+        if slot not in running and pending:
+            job = pending.pop(0)
+            running[slot] = job, launch(job, main_args, gpu), time.time()
+            print(f"[{total - len(pending)}/{total}] {job.action} {job.save} on {f'GPU {gpu}' if gpu else 'CPU'}",
+                  flush=True)
+
+
+def collect_finished(running):
+    """Take the runs that ended out of `running`; returns the failed ones with their reason."""
+    failed = []
+    for slot, (job, process, started) in list(running.items()):
+        if process.poll() is None:
+            continue
+        del running[slot]
+        if process.returncode == 0:
+            print(f"done {job.save} ({(time.time() - started) / 60:.1f} min)", flush=True)
+        else:
+            reason = f"exit code {process.returncode}: {last_line(job.output)}"
+            failed.append((job, reason))
+            print(f"FAILED {job.save} ({reason}); output in {job.output}", flush=True)
+    return failed
+
+
+def print_plan(jobs, main_args, gpu_slots):
+    counts = {action: sum(job.action == action for job in jobs) for action in ("start", "resume", "skip", "blocked")}
+    devices = ", ".join(sorted({f"GPU {gpu}" if gpu else "CPU" for gpu in gpu_slots}))
+    print(f"# {len(jobs)} runs: {counts['start']} to start, {counts['resume']} to resume, {counts['skip']} finished "
+          f"(skipped), {counts['blocked']} blocked; {len(gpu_slots)} at a time on {devices} (each with its "
+          f"--gpu_id), output in SAVE/{OUTPUT_NAME}")
+    for job in jobs:
+        if job.action in ("start", "resume"):
+            print(shlex.join(command(job, main_args)))
+        else:
+            print(f"# {'skipped' if job.action == 'skip' else 'BLOCKED'}: {job.save} ({job.reason})")
+
+
+def main(argv=None):
+    try:
+        opt, main_args = parse_options(argv)
+    except ToolError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    jobs = plan(opt, main_args)
+    gpu_slots = slots(opt)
+    print_plan(jobs, main_args, gpu_slots)
+    blocked = [(job, job.reason) for job in jobs if job.action == "blocked"]
+    if opt.dry_run:
+        return 1 if blocked else 0
+    try:
+        failed = blocked + run_jobs([job for job in jobs if job.action in ("start", "resume")], main_args, gpu_slots)
+    except KeyboardInterrupt:
+        return 130
+    print(f"sweep: {len(jobs) - len(failed)} of {len(jobs)} runs finished"
+          + (f", {len(failed)} failed:" if failed else ""))
+    for job, reason in failed:
+        print(f"  {job.save}: {reason}" + (f" (output in {job.output})" if os.path.isfile(job.output) else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
