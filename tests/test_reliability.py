@@ -95,7 +95,7 @@ def test_sigkill_at_random_moments_and_resume_gives_the_uninterrupted_run(tmp_pa
             while process.poll() is None and not (save / "checkpoint.pt.tmp").exists():
                 time.sleep(0.0002)
         else:
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.25))
         process.kill()
         process.wait()
         state = weights(save / "checkpoint.pt")  # always whole and loadable
