@@ -92,7 +92,8 @@ def training_step_flops(step, images, targets):
     step.set_mode(training=True)
     custom = {torch.ops.aten.convolution_backward: convolution_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        *_, loss = step.eager_forward_and_loss(images.contiguous(memory_format=step.memory_format), targets)
+        *_, loss = step.eager_forward_and_loss(images.contiguous(memory_format=step.memory_format), targets,
+                                               training=True)
         loss.backward()
     for net in step.nets:
         net.zero_grad(set_to_none=True)

@@ -5,6 +5,8 @@ classifiers, the optimizer (momentum buffers and lr: where the run is in the sch
 loss scale, how far the run got (epoch and step), the partial sums of the epoch in progress,
 every random number generator, and the size log.txt had when it was written. Batches depend only
 on (seed, epoch, step), so a run resumed from it computes exactly what the uninterrupted run would.
+Under torchrun rank 0 writes it with the plain networks' state dicts and the meter summed over the
+ranks: it resumes with any number of processes, or in one.
 
 Every file is written to a temporary file in the same folder, flushed and fsynced, then renamed
 over the old one (and the folder fsynced): a crash at any point leaves the previous file whole.
@@ -30,7 +32,7 @@ RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed", 
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot resume this run: the message says why and what to do."""
+    """A checkpoint, or a --save folder, that cannot serve this run: the message says why and what to do."""
 
 
 def atomic_save(obj, path):
@@ -76,7 +78,8 @@ def rng_states():
 def set_rng_states(states):
     torch.set_rng_state(states["torch"].cpu())
     if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+        # Those of the GPUs this process sees: a run of several processes may resume in one.
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"][:torch.cuda.device_count()]])
     numpy_state = states["numpy"]
     np.random.set_state({**numpy_state, "state": {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
                                                   "pos": numpy_state["state"]["pos"]}})
@@ -137,6 +140,8 @@ def load_checkpoint(opt, path, step, optimizer, device):
     if state["epoch_meter"] is not None:
         meter = training.EpochMeter()
         meter.load_state_dict(state["epoch_meter"])
+        if not step.group.is_main:
+            meter.clear_sums()
     return {"epoch": state["epoch"], "step": state["step"], "meter": meter, "train_time": state["epoch_train_time"],
             "log_bytes": state["log_bytes"]}
 

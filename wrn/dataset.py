@@ -250,11 +250,13 @@ def train_batches(data, batch_size, seed, epoch, first_batch=0):
         yield normalize(images, data.mean, data.std), data.train_labels[index]
 
 
-def test_batches(data, batch_size):
-    """The test set in order, normalised, not augmented."""
-    for start in range(0, len(data.test_labels), batch_size):
-        yield (normalize(data.test_images[start:start + batch_size], data.mean, data.std),
-               data.test_labels[start:start + batch_size])
+def test_batches(data, batch_size, start=0, stop=None):
+    """The test set in order, normalised, not augmented; images [start, stop) only (a process's
+    shard under torchrun) when given."""
+    stop = len(data.test_labels) if stop is None else stop
+    for first in range(start, stop, batch_size):
+        last = min(first + batch_size, stop)
+        yield normalize(data.test_images[first:last], data.mean, data.std), data.test_labels[first:last]
 
 
 def num_batches(count, batch_size):

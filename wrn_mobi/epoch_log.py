@@ -35,8 +35,11 @@ def meter_stats(split, meter):
 
 def published_protocol_stats(step, data, batch_size):
     """test_acc_net{k}[_aux{j}]_batchstats for each network that the published code tested with
-    test-batch BN statistics (models.py says which): its protocol, next to the proper one."""
+    test-batch BN statistics (models.py says which): its protocol, next to the proper one. Rank 0
+    alone computes them, on the whole test set in order as a single process does (only it logs)."""
     stats = {}
+    if not step.group.is_main:
+        return stats
     for index, uses_batch_statistics in enumerate(models.PUBLISHED_TEST_USES_BATCH_STATISTICS):
         if uses_batch_statistics:
             accuracies = training.batch_statistics_accuracies(step, index, dataset.test_batches(data, batch_size))
@@ -48,10 +51,11 @@ def count_parameters(net, with_aux=True):
     return sum(p.numel() for name, p in net.named_parameters() if with_aux or not name.startswith(AUX_PREFIXES))
 
 
-def run_info(nets, num_classes):
-    """The numbers every line repeats: n_parameters counts everything trained (aux included)."""
+def run_info(nets, num_classes, world_size):
+    """The numbers every line repeats: n_parameters counts everything trained (aux included);
+    world_size, the processes that shared each batch (without --sync_bn, BN's batches are theirs)."""
     net1, net2 = nets
-    return {"num_classes": num_classes,
+    return {"num_classes": num_classes, "world_size": world_size,
             "n_parameters": count_parameters(net1) + count_parameters(net2),
             "n_parameters_net1": count_parameters(net1, with_aux=False),
             "n_parameters_net2": count_parameters(net2, with_aux=False)}

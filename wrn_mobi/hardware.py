@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+import distributed
+
 # glibc's mallopt() parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -34,9 +36,13 @@ def keep_freed_memory():
 
 
 def select_device(opt):
-    """The training device; sets the visible GPU and the CPU thread count first."""
-    # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
-    os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
+    """The training device; sets the visible GPU and the CPU thread count first. Under torchrun
+    each process trains on GPU LOCAL_RANK of those its launcher left visible, or on the CPU
+    with --gpu_id ''."""
+    single_process = distributed.launched_ranks() == 1
+    if single_process or opt.gpu_id == "":
+        # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
     torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
     if opt.deterministic:
         # cuBLAS needs this workspace setting for reproducible results; ops without a deterministic
@@ -45,7 +51,11 @@ def select_device(opt):
         torch.use_deterministic_algorithms(True, warn_only=True)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
-        return torch.device("cuda")
+        if single_process:
+            return torch.device("cuda")
+        device = torch.device("cuda", distributed.local_rank())
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 

@@ -11,8 +11,9 @@ one of the methods the paper compares it to, from the same script:
 SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
 state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
 network without its auxiliary classifiers. `--amp`, `--channels_last` and `--compile` make it
-faster (training.py), `--benchmark N` measures how fast (benchmark.py). This file is identical in
-wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
+faster (training.py), `--benchmark N` measures how fast (benchmark.py). Under
+`torchrun --nproc_per_node=G main.py ...` G processes share each batch (distributed.py). This file
+is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
 import argparse
 import json
@@ -25,12 +26,13 @@ import torch
 
 import benchmark
 import dataset
+import distributed
 import epoch_log
 import hardware
 import models
 import safety
 import training
-from checkpoint import CHECKPOINT, CheckpointError, export_networks, load_checkpoint
+from checkpoint import CheckpointError, export_networks, load_checkpoint
 from dcm_loss import LINKS
 
 # method -> (auxiliary classifiers?, distillation links); dcm takes its links from --links.
@@ -58,7 +60,7 @@ def parse_options(argv=None):
     parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS)
     parser.add_argument("--dataroot", default="./data", type=str,
                         help="folder holding the dataset; downloaded there when missing")
-    parser.add_argument("--batch_size", default=128, type=int)
+    parser.add_argument("--batch_size", default=128, type=int, help="the global batch, split over torchrun's processes")
     parser.add_argument("--lr", default=0.1, type=float)
     parser.add_argument("--epochs", default=200, type=int)
     parser.add_argument("--weight_decay", default=0.0005, type=float)
@@ -75,7 +77,11 @@ def parse_options(argv=None):
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
     parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
-    parser.add_argument("--gpu_id", default="0", type=str, help="the GPU to train on (sets CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--gpu_id", default="0", type=str,
+                        help="the GPU to train on (sets CUDA_VISIBLE_DEVICES; '' for the CPU); under torchrun "
+                             "each process takes GPU LOCAL_RANK")
+    parser.add_argument("--sync_bn", action="store_true",
+                        help="under torchrun, BN statistics of the global batch instead of each process's slice")
     parser.add_argument("--method", default="dcm", choices=sorted(METHODS),
                         help="ind: independent, dml: deep mutual learning, ds: deep supervision, dcm (default)")
     parser.add_argument("--links", default="dense", choices=[links for links in LINKS if links != "none"],
@@ -88,7 +94,8 @@ def parse_options(argv=None):
     speed.add_argument("--eval_batch_size", default=500, type=int,
                        help="test batch size (BN in eval mode: the numbers do not depend on it)")
     speed.add_argument("--benchmark", default=None, type=int, metavar="N",
-                       help="time N training steps on random in-memory data, print one line and exit")
+                       help="time N training steps on random in-memory data, print one line and exit "
+                            "(one process: not under torchrun)")
     opt = parser.parse_args(argv)
     check_options(opt)
     if not opt.save:
@@ -118,7 +125,14 @@ def check_options(opt):
                          f"(drop --links, or use --method dcm)")
     if "," in opt.gpu_id:
         raise UsageError(f"--gpu_id takes one GPU, got {opt.gpu_id!r}; start one run per GPU "
-                         f"(for instance one seed on each)")
+                         f"(for instance one seed on each), or one run over several with torchrun")
+    ranks = distributed.launched_ranks()
+    if opt.batch_size % ranks:
+        raise UsageError(f"--batch_size {opt.batch_size} is the global batch: {ranks} processes cannot share it "
+                         f"evenly; use a multiple of {ranks}")
+    if ranks > 1 and (opt.gpu_id not in ("0", "") or opt.benchmark):
+        raise UsageError(f"under torchrun each process trains on GPU LOCAL_RANK (choose the GPUs with "
+                         f"CUDA_VISIBLE_DEVICES, or --gpu_id '' for the CPU), and --benchmark runs without torchrun")
 
 
 def lr_drop_epochs(opt):
@@ -141,41 +155,14 @@ def default_save_dir(opt):
 
 # --- setup ---------------------------------------------------------------------------------------
 
-def check_save_dir(opt):
-    """Refuse a --save that cannot hold this run (a file, unwritable, or holding another run
-    without --resume); return the checkpoint to resume, or None. Creates nothing."""
-    existing = os.path.abspath(opt.save)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"--save {opt.save}: {existing} is a file, not a folder; choose another --save")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--save {opt.save}: {existing} is not writable by you; choose another --save")
-    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (epoch_log.LOG, CHECKPOINT))
-    if opt.resume is True:
-        checkpoint = os.path.join(opt.save, CHECKPOINT)
-        if not os.path.isfile(checkpoint):
-            raise UsageError(f"--resume: there is no {CHECKPOINT} in {opt.save}; check --save (and the flags "
-                             f"that name the default folder), or give the checkpoint: --resume PATH")
-    elif opt.resume:
-        checkpoint = opt.resume
-        if not os.path.isfile(checkpoint):
-            raise UsageError(f"--resume {checkpoint}: no such file")
-    else:
-        checkpoint = None
-        if holds_run:
-            raise UsageError(f"{opt.save} already holds a run ({epoch_log.LOG} / {CHECKPOINT}); continue it with "
-                             f"--resume, or choose another --save")
-    return checkpoint
-
-
-def build_training_step(opt, num_classes, device):
+def build_training_step(opt, num_classes, device, group):
     """Net 1 and net 2 of this folder (with auxiliary classifiers when the method uses them), the
-    links they distil along and the speed settings."""
+    links they distil along, the speed settings and the processes that train them."""
     torch.manual_seed(opt.seed)
     uses_aux = METHODS[opt.method][0]
     nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, uses_aux)]
-    return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile)
+    nets = [group.sync_batchnorm(net) for net in nets] if opt.sync_bn else nets
+    return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile, group)
 
 
 def distillation_links(opt):
@@ -216,20 +203,22 @@ def main(argv=None):
     opt = parse_options(argv)
     hardware.keep_freed_memory()
     device = hardware.select_device(opt)
+    group = distributed.start(device)
     if opt.benchmark:
         num_classes = dataset.NUM_CLASSES[opt.dataset]
-        step = build_training_step(opt, num_classes, device)
+        step = build_training_step(opt, num_classes, device, group)
         optimizer = create_optimizer(opt, step.parameters(), lr_at_epoch(opt, 1))
         pair_name = " + ".join(models.pair_names(opt.depth, opt.width))
         return benchmark.run(opt, step, optimizer, num_classes, device, pair_name)
 
-    checkpoint = check_save_dir(opt)
     try:
+        checkpoint = safety.check_save_dir(opt)
         data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
-    except dataset.DatasetError as error:
+        group.check_split(len(data.train_labels), len(data.test_labels), opt.batch_size)
+    except (CheckpointError, dataset.DatasetError) as error:
         raise UsageError(str(error)) from None
 
-    step = build_training_step(opt, data.num_classes, device)
+    step = build_training_step(opt, data.num_classes, device, group)
     params = step.parameters()
     optimizer = create_optimizer(opt, params, lr_at_epoch(opt, 1))
     # Where the run stands: epochs completed, steps into the next one, that epoch's partial meter and time.
@@ -239,14 +228,15 @@ def main(argv=None):
             position = load_checkpoint(opt, checkpoint, step, optimizer, device)
         except CheckpointError as error:
             raise UsageError(str(error)) from None
-        if os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(opt.save):
+        if group.is_main and os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(opt.save):
             epoch_log.drop_lines_after(opt, position["log_bytes"])
-    os.makedirs(opt.save, exist_ok=True)
-    stop = safety.StopRequest()
+    if group.is_main:  # the only rank that writes
+        os.makedirs(opt.save, exist_ok=True)
+    stop = safety.StopRequest(group)
     stop.install()
     guard = safety.RunGuard(opt, step, stop)
-    run_info = epoch_log.run_info(step.nets, data.num_classes)
-    print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset}, {hardware.device_name(device)}, "
+    run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
+    print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset}, {group}, {hardware.device_name(device)}, "
           f"{step.settings()}, from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
           f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained")
 
@@ -268,7 +258,8 @@ def main(argv=None):
         position = {"epoch": epoch, "step": 0, "meter": None, "train_time": 0.0}
 
         start = time.time()
-        test_meter = training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size))
+        shard = group.bounds(len(data.test_labels))
+        test_meter = training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size, *shard))
         published_stats = epoch_log.published_protocol_stats(step, data, opt.batch_size)
         hardware.synchronize(device)
         test_time = time.time() - start
@@ -276,13 +267,13 @@ def main(argv=None):
         stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
                  **published_stats,
                  "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
-        log_bytes = epoch_log.log_epoch(opt, stats)
-        epoch_log.print_summary({**stats, "epochs": opt.epochs})
-        guard.end_epoch(log_bytes)
-        if stop.requested:
+        guard.end_epoch(stats)
+        if stop.agreed():
             return stop.report(opt, argv)
 
-    export_networks(opt, step.nets)
+    if group.is_main:
+        export_networks(opt, step.nets)
+    group.barrier()  # a rank that leaves the process group while rank 0 still writes can abort (gloo)
     print(f"done: {os.path.join(opt.save, 'net1.pt')} and net2.pt hold the networks without auxiliary classifiers")
     return 0
 
@@ -291,12 +282,14 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        distributed.print_on_rank0(f"error: {error}")
         sys.exit(2)
     except safety.NonFiniteLoss as error:
-        print(f"error: {error}", file=sys.stderr)
+        distributed.print_on_rank0(f"error: {error}")
         sys.exit(1)
     except KeyboardInterrupt:
-        print(f"\ninterrupted at once: checkpoint.pt in --save holds the last checkpoint; continue with\n"
-              f"  {safety.resume_command(sys.argv[1:])}", file=sys.stderr)
+        distributed.print_on_rank0(f"\ninterrupted at once: checkpoint.pt in --save holds the last checkpoint; "
+                                   f"continue with\n  {safety.resume_command(sys.argv[1:])}")
         sys.exit(130)
+    finally:
+        distributed.finish()

@@ -1,18 +1,24 @@
-"""Keeping a run safe to interrupt: stop requests (SIGINT, SIGTERM), checkpoints every N steps
-inside an epoch, and the guard against a loss that is no longer finite.
+"""Keeping a run safe to interrupt: a --save folder that holds no other run, stop requests
+(SIGINT, SIGTERM), checkpoints every N steps inside an epoch, and the guard against a loss that
+is no longer finite.
 
 SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) lets the current step finish; the run
 then writes a checkpoint, prints the command that resumes it, and exits with 130 or 143. A second
 Ctrl-C exits at once (the last checkpoint on disk stays whole). A loss that stops being finite ends
 the run before anything is saved after it, so checkpoint.pt keeps the last good state.
+Under torchrun every rank takes these decisions together (distributed.Group.any), and rank 0
+alone writes and prints.
 This file is identical in wrn/ and wrn_mobi/.
 """
+import os
 import shlex
 import signal
 import sys
 import time
 
-from checkpoint import save_checkpoint
+import distributed
+import epoch_log
+from checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 FINITE_CHECK_EVERY = 20  # steps; the check waits for the device, so it is not made after every step
@@ -23,10 +29,11 @@ class NonFiniteLoss(Exception):
 
 
 class StopRequest:
-    """Set by SIGINT or SIGTERM; the training loop looks at it after every step."""
+    """Set by SIGINT or SIGTERM; the training loop asks agreed() after every step."""
 
-    def __init__(self):
+    def __init__(self, group):
         self.signal = None
+        self.group = group
 
     def install(self):
         for signum in EXIT_CODES:
@@ -36,18 +43,50 @@ class StopRequest:
         if self.signal == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-              f"(Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+        distributed.print_on_rank0(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a "
+                                   f"checkpoint (Ctrl-C again to quit at once)")
 
-    @property
-    def requested(self):
+    def agreed(self):
+        """Whether a stop was requested on any rank (collective), so that all stop at the same step.
+        torchrun sends a signal to every rank; a rank whose signal has not arrived yet takes
+        SIGTERM's exit code."""
+        if self.group.any(self.signal is not None) and self.signal is None:
+            self.signal = signal.SIGTERM
         return self.signal is not None
 
     def report(self, opt, argv):
         """Say how to continue the stopped run; return the exit code its signal calls for."""
-        print(f"stopped by {signal.Signals(self.signal).name}: checkpoint.pt in {opt.save} holds the run; "
-              f"continue it with\n  {resume_command(argv)}", file=sys.stderr, flush=True)
+        distributed.print_on_rank0(f"stopped by {signal.Signals(self.signal).name}: checkpoint.pt in {opt.save} "
+                                   f"holds the run; continue it with\n  {resume_command(argv)}")
         return EXIT_CODES[self.signal]
+
+
+def check_save_dir(opt):
+    """Refuse a --save that cannot hold this run (a file, unwritable, or holding another run
+    without --resume); return the checkpoint to resume, or None. Creates nothing."""
+    existing = os.path.abspath(opt.save)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CheckpointError(f"--save {opt.save}: {existing} is a file, not a folder; choose another --save")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--save {opt.save}: {existing} is not writable by you; choose another --save")
+    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (epoch_log.LOG, CHECKPOINT))
+    if opt.resume is True:
+        checkpoint = os.path.join(opt.save, CHECKPOINT)
+        if not os.path.isfile(checkpoint):
+            raise CheckpointError(f"--resume: there is no {CHECKPOINT} in {opt.save}; check --save (and the flags "
+                                  f"that name the default folder), or give the checkpoint: --resume PATH")
+    elif opt.resume:
+        checkpoint = opt.resume
+        if not os.path.isfile(checkpoint):
+            raise CheckpointError(f"--resume {checkpoint}: no such file")
+    else:
+        checkpoint = None
+        if holds_run:
+            raise CheckpointError(f"{opt.save} already holds a run ({epoch_log.LOG} / {CHECKPOINT}); continue it "
+                                  f"with --resume, or choose another --save")
+    return checkpoint
 
 
 def resume_command(argv):
@@ -68,7 +107,8 @@ class RunGuard:
     """Checkpoints inside the epoch, honours stop requests, and refuses to save a broken state.
 
     main.py calls begin_epoch() before an epoch's training, hands after_step to train_epoch, and
-    calls end_epoch() once the epoch's line is in log.txt."""
+    calls end_epoch() with the epoch's numbers. It reads the meters summed over the ranks, and
+    only rank 0 writes."""
 
     def __init__(self, opt, step, stop):
         self.opt, self.step, self.stop = opt, step, stop
@@ -86,13 +126,16 @@ class RunGuard:
     def after_step(self, meter):
         """Called after every training step; True ends the epoch (a stop was requested)."""
         every = self.opt.checkpoint_every
-        if self.stop.requested or (every and meter.steps % every == 0):
+        stop = self.stop.agreed()
+        if stop or (every and meter.steps % every == 0):
+            meter = meter.summed_over(self.step.group)
             self.check_finite(meter)
             position = {"epoch": self.epoch - 1, "step": meter.steps, "meter": meter, "train_time": self.train_time()}
-            save_checkpoint(self.opt, position, self.step, self.optimizer, self.log_bytes)
+            if self.step.group.is_main:
+                save_checkpoint(self.opt, position, self.step, self.optimizer, self.log_bytes)
         elif meter.steps % FINITE_CHECK_EVERY == 0:
-            self.check_finite(meter)
-        return self.stop.requested
+            self.check_finite(meter.summed_over(self.step.group))
+        return stop
 
     def check_finite(self, meter):
         bad = meter.nonfinite()
@@ -104,7 +147,10 @@ class RunGuard:
                                 f"state. Start again with a lower --lr (or without --amp fp16), or --resume as it "
                                 f"is if the cause was transient")
 
-    def end_epoch(self, log_bytes):
-        """The checkpoint after a whole epoch; log.txt, already `log_bytes` long, holds its line."""
-        position = {"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}
-        save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)
+    def end_epoch(self, stats):
+        """The epoch's line in log.txt and its summary, then the checkpoint that knows about the line."""
+        if self.step.group.is_main:
+            log_bytes = epoch_log.log_epoch(self.opt, stats)
+            epoch_log.print_summary({**stats, "epochs": self.opt.epochs})
+            position = {"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}
+            save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)

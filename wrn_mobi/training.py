@@ -6,15 +6,19 @@ The speed settings live here and change nothing else in the program:
   --channels_last     NHWC memory layout for the networks and their input batches
   --compile           torch.compile of the forward pass of both networks and the loss; autograd
                       compiles the backward pass with it
-With none of them (the default) the step is the reference's plain fp32 eager step.
+With none of them (the default) the step is the reference's plain fp32 eager step. Under torchrun
+each rank trains on its slice of the global batch and the meters are summed over the ranks
+(distributed.py).
 This file is identical in wrn/ and wrn_mobi/.
 """
 import contextlib
+import functools
 import sys
 
 import torch
 from tqdm import tqdm
 
+import distributed
 from dcm_loss import loss_terms
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,10 +27,13 @@ AMP_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}
 
 class TrainingStep:
     """Both networks, the links they distil along and the speed settings: train() makes one SGD
-    step on a batch, evaluate() one forward pass in eval mode."""
+    step on a batch, evaluate() one forward pass in eval mode. `nets` stay the plain modules
+    (checkpoints and exports hold their state dicts, whatever the number of ranks); training
+    runs them under DistributedDataParallel when `group` has several ranks."""
 
-    def __init__(self, nets, links, device, amp="none", channels_last=False, compile=False):
+    def __init__(self, nets, links, device, amp="none", channels_last=False, compile=False, group=None):
         self.nets = nets
+        self.group = group or distributed.Group()
         self.links = links
         self.device_type = device.type
         self.amp_dtype = AMP_DTYPES[amp]
@@ -35,6 +42,7 @@ class TrainingStep:
         if channels_last:
             for net in nets:
                 net.to(memory_format=torch.channels_last)
+        self.trained_nets = [self.group.wrap(net, device) for net in nets]
         # A disabled scaler passes the loss and the optimizer step through unchanged.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         # dynamic=False: one graph per batch shape (the full batch, the last partial one, the
@@ -45,19 +53,22 @@ class TrainingStep:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def eager_forward_and_loss(self, images, targets):
+    def eager_forward_and_loss(self, images, targets, training):
         """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch."""
         with self.autocast():
-            net1, net2 = self.nets
+            # Evaluation runs the plain modules: DDP's forward pass is a collective (it broadcasts
+            # the BN buffers), which ranks evaluating shards of different sizes cannot all join.
+            net1, net2 = self.trained_nets if training else self.nets
             outputs_net1, outputs_net2 = net1(images), net2(images)
             terms = loss_terms(outputs_net1, outputs_net2, targets, self.links)
         return outputs_net1, outputs_net2, terms, sum(terms.values())
 
-    def train(self, images, targets, optimizer):
+    def train(self, images, targets, optimizer, loss_weight=1.0):
+        """One SGD step on the batch; `loss_weight` scales its gradient (distributed.Group.shard)."""
         outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(
-            images.contiguous(memory_format=self.memory_format), targets)
+            images.contiguous(memory_format=self.memory_format), targets, True)
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * loss_weight).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
         return outputs_net1, outputs_net2, terms
@@ -65,7 +76,7 @@ class TrainingStep:
     @torch.no_grad()
     def evaluate(self, images, targets):
         outputs_net1, outputs_net2, terms, _ = self.forward_and_loss(
-            images.contiguous(memory_format=self.memory_format), targets)
+            images.contiguous(memory_format=self.memory_format), targets, False)
         return outputs_net1, outputs_net2, terms
 
     def set_mode(self, training):
@@ -136,6 +147,31 @@ class EpochMeter:
         names = [name for name, bad in zip(self.term_names, self.nonfinite_terms.tolist()) if bad]
         return self.nonfinite_step.item(), names
 
+    def summed_over(self, group):
+        """The meter of the global batches: every rank's sums added, the first step that was not
+        finite on any rank and the terms that were not finite there (collective; in a single
+        process, this meter)."""
+        if group.size == 1:
+            return self
+        total = EpochMeter()
+        total.num_classifiers, total.term_names, total.steps = self.num_classifiers, self.term_names, self.steps
+        sums = group.sum(torch.cat([self.term_sums.double(), self.correct.double(),
+                                    torch.tensor([self.count], dtype=torch.double, device=self.correct.device)]))
+        total.term_sums = sums[:len(self.term_sums)].float()
+        total.correct = sums[len(self.term_sums):-1].long()
+        total.count = int(sums[-1].item())
+        never = self.steps + 1
+        first = group.min(torch.where(self.nonfinite_step == 0, never, self.nonfinite_step))
+        total.nonfinite_step = torch.where(first == never, 0, first)
+        here = self.nonfinite_terms & (self.nonfinite_step == first)
+        total.nonfinite_terms = group.max(here.long()).bool()
+        return total
+
+    def clear_sums(self):
+        """Keep the step count, zero the sums: a resumed epoch's sums come back on rank 0 only, so
+        that summing over the ranks counts them once."""
+        self.term_sums, self.correct, self.count = torch.zeros_like(self.term_sums), torch.zeros_like(self.correct), 0
+
     def state_dict(self):
         return dict(vars(self))
 
@@ -146,38 +182,45 @@ class EpochMeter:
 
 def train_epoch(step, optimizer, batches, total_batches, description, meter=None, after_step=None):
     """Train on `batches`; return the epoch's meter. `meter` continues an epoch resumed part-way;
-    `after_step(meter)` runs after every step and ends the epoch early by returning True."""
+    `after_step(meter)` runs after every step and ends the epoch early by returning True. Each rank
+    trains on its slice of every batch and meters it; the meter returned is summed over the ranks."""
     step.set_mode(training=True)
     meter = meter or EpochMeter()
     progress = tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
                     dynamic_ncols=True, disable=not sys.stdout.isatty())
     for images, targets in progress:
-        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer)
+        images, targets, loss_weight = step.group.shard(images, targets)
+        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, loss_weight)
         meter.update(terms, outputs_net1, outputs_net2, targets)
-        if not progress.disable and meter.steps % 20 == 1:  # reading the meter waits for the device
+        # Reading the meter waits for the device; the bar (rank 0's) shows rank 0's slices.
+        if not progress.disable and meter.steps % 20 == 1:
             accuracies = meter.accuracies()
             progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
                                  acc_net2=f"{accuracies[-1]:.1f}")
         if after_step is not None and after_step(meter):
             break
-    return meter
+    return meter.summed_over(step.group)
 
 
 @contextlib.contextmanager
 def batch_statistics(net):
     """Inside, every BN of `net` normalises a batch with the batch's own statistics, as in train
-    mode, but updates no running statistic (tracking off); on exit each BN is as it was."""
-    norms = [module for module in net.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    mode, but updates no running statistic (tracking off); on exit each BN is as it was. A BN
+    that --sync_bn made global normalises by the batch alone too (BatchNorm2d's own forward), as
+    the published single-GPU code did: rank 0 runs this protocol by itself."""
+    norms = [module for module in net.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [(norm.training, norm.track_running_stats) for norm in norms]
     for norm in norms:
         norm.train()
         norm.track_running_stats = False
+        norm.forward = functools.partial(torch.nn.BatchNorm2d.forward, norm)
     try:
         yield
     finally:
         for norm, (training, tracking) in zip(norms, saved):
             norm.train(training)
             norm.track_running_stats = tracking
+            del norm.forward
 
 
 @torch.no_grad()
@@ -195,11 +238,12 @@ def batch_statistics_accuracies(step, index, batches):
 
 
 def evaluate(step, batches):
+    """The meter of `batches` (each rank's shard of the test set), summed over the ranks."""
     # BN uses its running statistics (eval mode) for both networks, so the numbers do not depend
-    # on how the test set is cut into batches.
+    # on how the test set is cut into batches or shards.
     step.set_mode(training=False)
     meter = EpochMeter()
     for images, targets in batches:
         outputs_net1, outputs_net2, terms = step.evaluate(images, targets)
         meter.update(terms, outputs_net1, outputs_net2, targets)
-    return meter
+    return meter.summed_over(step.group)

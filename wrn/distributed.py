@@ -1,0 +1,224 @@
+"""Training on several processes launched by torchrun: one process (rank) per GPU, on one node or
+several; on CPUs with gloo (the tests do).
+
+Every rank draws the same global batch of --batch_size images as a single process would (same
+seed, same (seed, epoch) generator) and trains on its own contiguous slice of it. Both networks are
+wrapped in DistributedDataParallel, which averages the gradients over the ranks; each rank's loss
+is weighted by its share of the batch, so the SGD step is the single-process step on the global
+batch. BN normalises each rank's slice by the slice's statistics, as the reference's DataParallel
+did, unless --sync_bn makes the statistics those of the global batch. Meters and the sharded test
+pass are summed over the ranks before anyone reads them; stop requests and the non-finite check
+are decided together, so every rank stops at the same step. Rank 0 alone prints and writes files.
+
+Without torchrun (WORLD_SIZE unset or 1) the run is one process: no process group is created and
+every method here reduces to the single-process behaviour.
+This file is identical in wrn/ and wrn_mobi/.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from dataset import DatasetError
+
+
+def launched_ranks():
+    """How many processes torchrun started for this run; 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank():
+    """This process's index among the processes of its node: the GPU it trains on."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def print_on_rank0(message):
+    """`message` on stderr, from rank 0 only: every rank meets the same errors and stop requests,
+    and one line says so, not one per rank."""
+    if launched_rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+class Group:
+    """This process's place in the run: rank `rank` of `size` processes (0 of 1 without torchrun).
+    Every method that says "collective" must be called by every rank at the same point."""
+
+    def __init__(self, rank=0, size=1, control=None):
+        self.rank, self.size = rank, size
+        # A gloo group for the decisions every rank takes together: a CPU flag reduced there does
+        # not wait for the GPU, which keeps queuing the next step's work.
+        self.control = control
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def __str__(self):
+        return "1 process" if self.size == 1 else f"{self.size} processes ({dist.get_backend()})"
+
+    def bounds(self, count):
+        """[start, stop) of this rank's contiguous part of `count` items; the parts differ by at
+        most one item (as numpy.array_split cuts them) and together hold each item once."""
+        base, extra = divmod(count, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + int(self.rank < extra)
+
+    def shard(self, images, targets):
+        """This rank's slice of a global batch, and the weight of its (slice-mean) loss. DDP
+        averages the ranks' gradients, so weighting each by slice size * ranks / batch size makes
+        the average the gradient of the global batch's mean loss, also for a last partial batch
+        that the ranks do not divide evenly. The weight is 1.0 when they do."""
+        start, stop = self.bounds(len(targets))
+        return images[start:stop], targets[start:stop], (stop - start) * self.size / len(targets)
+
+    def check_split(self, num_train, num_test, batch_size):
+        """Refuse a dataset whose batches or test set leave a rank without images."""
+        last_batch = num_train % batch_size or batch_size
+        if min(last_batch, num_train) < self.size:
+            raise DatasetError(f"the training set's last batch holds {min(last_batch, num_train)} images, fewer "
+                               f"than the {self.size} processes that share it; choose a --batch_size that leaves "
+                               f"at least {self.size} images in the last batch, or fewer processes")
+        if num_test < self.size:
+            raise DatasetError(f"the test set holds {num_test} images, fewer than the {self.size} processes "
+                               f"that share it; use fewer processes")
+
+    def sync_batchnorm(self, net):
+        """`net` with BN statistics computed over the global batch (--sync_bn): torch's
+        SyncBatchNorm on GPUs, GlobalBatchNorm2d on CPUs. Unchanged in a single process."""
+        if self.size == 1:
+            return net
+        if next(net.parameters()).device.type == "cuda":
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return GlobalBatchNorm2d.convert(net)
+
+    def wrap(self, net, device):
+        """`net` under DistributedDataParallel (gradients averaged over the ranks at each
+        backward, rank 0's BN running statistics broadcast at each training forward pass), or
+        `net` itself in a single process."""
+        if self.size == 1:
+            return net
+        return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+    def sum(self, tensor):
+        """`tensor`, summed over the ranks in place (collective)."""
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def min(self, tensor):
+        """`tensor`, its minimum over the ranks in place (collective)."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return tensor
+
+    def max(self, tensor):
+        """`tensor`, its maximum over the ranks in place (collective)."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self):
+        """Wait until every rank is here (collective)."""
+        if self.size > 1:
+            dist.barrier(group=self.control)
+
+    def any(self, flag):
+        """Whether `flag` holds on any rank (collective): a decision every rank takes together."""
+        if self.size == 1:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(value.item())
+
+
+def start(device):
+    """Join the process group torchrun set up, NCCL on GPUs and gloo on CPUs, and return this
+    process's Group; without torchrun, the Group of a single process. Ranks other than 0 send
+    their standard output nowhere: rank 0 alone prints (errors still reach stderr)."""
+    if launched_ranks() == 1:
+        return Group()
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+        control = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+        control = None  # the default group is gloo already
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return Group(dist.get_rank(), dist.get_world_size(), control)
+
+
+def finish():
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class SumOverRanks(torch.autograd.Function):
+    """all_reduce (sum) that autograd differentiates: every rank's output depends on every rank's
+    input, so a rank's input gradient is the sum of the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch, summed over the
+    ranks by SumOverRanks: --sync_bn on CPUs, where torch's SyncBatchNorm refuses
+    to run. Two passes, the global mean first and then the global sum of squared deviations from
+    it, for accuracy. Running statistics are updated as BatchNorm2d updates them (unbiased
+    variance, momentum or cumulative average); in eval mode it is BatchNorm2d."""
+
+    @classmethod
+    def convert(cls, net):
+        """`net` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding the same parameters
+        and buffers (the state dict keeps its keys)."""
+        for name, child in net.named_children():
+            if type(child) is torch.nn.BatchNorm2d:
+                norm = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
+                           device=child.weight.device)
+                norm.load_state_dict(child.state_dict())
+                setattr(net, name, norm)
+            else:
+                cls.convert(child)
+        return net
+
+    def forward(self, input):
+        if not self.training:
+            return super().forward(input)
+        x = input.float()  # statistics in fp32 under autocast, as BatchNorm2d keeps them
+        channels = (0, 2, 3)
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device)
+        totals = SumOverRanks.apply(torch.cat([x.sum(channels), count]))
+        total_count = totals[-1]
+        mean = totals[:-1] / total_count
+        squares = SumOverRanks.apply(((x - mean[None, :, None, None]) ** 2).sum(channels))
+        var = squares / total_count
+        if self.track_running_stats:
+            self.update_running_stats(mean.detach(), squares.detach() / (total_count - 1))
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(input.dtype)
+
+    @torch.no_grad()
+    def update_running_stats(self, mean, unbiased_var):
+        self.num_batches_tracked += 1
+        momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        self.running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
