@@ -288,8 +288,8 @@ if __name__ == "__main__":
         distributed.print_on_rank0(f"error: {error}")
         sys.exit(1)
     except KeyboardInterrupt:
-        distributed.print_on_rank0(f"\ninterrupted at once: checkpoint.pt in --save holds the last checkpoint; "
-                                   f"continue with\n  {safety.resume_command(sys.argv[1:])}")
+        distributed.print_on_rank0(f"\ninterrupted at once: nothing after the last checkpoint is kept; if --save "
+                                   f"holds checkpoint.pt, continue with\n  {safety.resume_command(sys.argv[1:])}")
         sys.exit(130)
     finally:
         distributed.finish()
