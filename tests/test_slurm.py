@@ -143,3 +143,172 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(local
     for name in ("net1.pt", "net2.pt"):
         assert (save / name).read_bytes() == (reference / name).read_bytes(), name
     assert [r["test_acc_net1"] for r in read_log(save)] == [r["test_acc_net1"] for r in read_log(reference)]
+
+
+# --- the SLURM submission, against stand-in SLURM commands ----------------------------------------
+
+FAKE_COMMANDS = {
+    # Records its script, answers with the next job id.
+    "sbatch": """n=$(( $(cat "$FAKE/next_id" 2>/dev/null || echo 100) + 1 )); echo $n > "$FAKE/next_id"
+cp "${@: -1}" "$FAKE/script_$n.sh"
+echo "Submitted batch job $n\"""",
+    # Knows the jobs listed in $FAKE/sacct.txt ("ID STATE" lines).
+    "sacct": """echo "JobID|State|NodeList"
+while read -r id state; do echo "$id|$state|node1"; done < <(cat "$FAKE/sacct.txt" 2>/dev/null)""",
+    # Knows the jobs listed in $FAKE/squeue.txt, refuses others as SLURM does.
+    "squeue": """state=$(awk -v id="$3" '$1 == id {print $2}' "$FAKE/squeue.txt" 2>/dev/null)
+[ -n "$state" ] || { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }
+echo "$state\"""",
+    "srun": "", "scancel": "", "scontrol": "",
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Stand-in SLURM commands on PATH; each call is appended to calls.txt."""
+    fake = tmp_path / "fake_slurm"
+    fake.mkdir()
+    for name, body in FAKE_COMMANDS.items():
+        (fake / name).write_text(f'#!/bin/bash\necho "{name} $*" >> "$FAKE/calls.txt"\n{body}\n')
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("FAKE", str(fake))
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "CLUSTER", "slurm")
+    monkeypatch.chdir(tmp_path)
+
+    def calls(command):
+        path = fake / "calls.txt"
+        return [line for line in (path.read_text().splitlines() if path.exists() else []) if line.startswith(command)]
+
+    def set_states(sacct=(), squeue=()):
+        (fake / "sacct.txt").write_text("".join(f"{job} {state}\n" for job, state in sacct))
+        (fake / "squeue.txt").write_text("".join(f"{job} {state}\n" for job, state in squeue))
+
+    return dict(dir=fake, calls=calls, set_states=set_states)
+
+
+CLUSTER_ARGS = ["--slurm", "--folders", "wrn", "--methods", "ind", "dml", "--seeds", 1, "--logdir", "logs",
+                "--partition", "gpu", "--time", 90, "--account", "lab", "--gpus_per_run", 2, "--cpus_per_run", 6,
+                "--mem_gb", 48, "--setup", "module load cuda/12", "--setup", "source ~/venv/bin/activate",
+                "--slurm_param", "exclude=node7", *TINY, "--sync_bn", "--dataroot", "DATA"]
+CLUSTER_SUFFIX = "_batch_size-16_epochs-2_sync_bn"
+
+
+def saves():
+    return {method: Path("logs") / f"wrn-10-1_wrn-10-1_{method}_seed1{CLUSTER_SUFFIX}" for method in ("ind", "dml")}
+
+
+def test_slurm_submission_asks_for_gpus_time_signal_requeue_and_runs_the_setup(fake_slurm):
+    code, out, err = call(*CLUSTER_ARGS)
+    assert code == 0, out + err
+    assert len(fake_slurm["calls"]("sbatch")) == 2
+    for job_id, (method, save) in zip((101, 102), saves().items()):
+        record = json.loads((save / slurm.RECORD).read_text())
+        assert record["job_id"] == str(job_id) and record["cluster"] == "slurm"
+        assert f"submitted job {job_id}: start {save}" in out
+        script = (fake_slurm["dir"] / f"script_{job_id}.sh").read_text()
+        lines = script.splitlines()
+        for flag in ("--gres=gpu:2", "--time=90", "--signal=USR2@120", "--requeue", "--partition=gpu",
+                     "--account=lab", "--cpus-per-task=6", "--mem=48GB", "--exclude=node7", "--nodes=1",
+                     f"--job-name={save.name}", f"--output={Path.cwd() / save / 'slurm' / '%j_0_log.out'}"):
+            assert f"#SBATCH {flag}" in lines, (flag, script)
+        assert lines.index("module load cuda/12") < lines.index("source ~/venv/bin/activate") < \
+            next(index for index, line in enumerate(lines) if line.startswith("srun "))
+        # What the job will run: torchrun over its 2 GPUs, --sync_bn passed through, no --resume yet.
+        run = submitit.core.utils.DelayedSubmission.load(save / "slurm" / f"{job_id}_submitted.pkl").function
+        argv = run.argv()
+        assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        assert argv[5].endswith(os.path.join("wrn", "main.py")) and "--gpu_id" not in argv
+        assert argv[argv.index("--method") + 1] == method and "--sync_bn" in argv and "--resume" not in argv
+
+
+def test_slurm_dry_run_lists_the_jobs_and_submits_nothing(fake_slurm):
+    code, out, _ = call(*CLUSTER_ARGS, "--dry_run")
+    assert code == 0
+    assert "2 to submit" in out and "2 GPUs, torchrun, 6 CPUs, 48 GB, 90 min, partition gpu" in out
+    assert "# setup: module load cuda/12" in out
+    assert [line.split()[3] for line in out.splitlines() if not line.startswith("#")] == [str(s) for s in saves().values()]
+    assert fake_slurm["calls"]("sbatch") == [] and not Path("logs").exists()
+
+
+def test_slurm_rerun_submits_only_runs_whose_job_failed_or_vanished(fake_slurm):
+    ind, dml = saves().values()
+    assert call(*CLUSTER_ARGS)[0] == 0  # jobs 101 (ind) and 102 (dml)
+    # Queued and running jobs get no second one; squeue is asked about a job sacct does not know.
+    for sacct, squeue in ([("101", "RUNNING"), ("102", "PENDING")], []), ([("101", "REQUEUED")], [("102", "PENDING")]):
+        fake_slurm["set_states"](sacct, squeue)
+        code, out, _ = call(*CLUSTER_ARGS)
+        assert code == 0 and "submitted job" not in out and "2 queued or running" in out, out
+        assert len(fake_slurm["calls"]("sbatch")) == 2
+    assert "squeue --noheader --jobs 102 --format=%T" in fake_slurm["calls"]("squeue")
+    # ind's job failed after writing a checkpoint; dml's vanished (neither sacct nor squeue knows it).
+    (ind / "checkpoint.pt").write_bytes(b"")
+    fake_slurm["set_states"]([("101", "FAILED")])
+    code, out, _ = call(*CLUSTER_ARGS)
+    assert code == 0
+    assert f"submitted job 103: resume {ind}" in out and f"submitted job 104: start {dml}" in out
+    assert json.loads((ind / slurm.RECORD).read_text())["job_id"] == "103"
+    run = submitit.core.utils.DelayedSubmission.load(ind / "slurm" / "103_submitted.pkl").function
+    assert run.argv()[-1] == "--resume"  # the job resumes from the checkpoint it finds
+
+
+def finished_log(method):
+    """A log.txt line of a finished 2-epoch run, with the keys --status and the sweep read."""
+    record = {"epoch": 2, "epochs": 2, "method": method, "links": "none", "depth": 10, "width": 1, "seed": 1,
+              "dataset": "CIFAR100", "lr": 0.1, "epoch_step": "[60,120,160]", "lr_decay_ratio": 0.2,
+              "test_acc_net1": 60.0, "test_acc_net2": 58.5, "n_parameters_net1": 1, "n_parameters_net2": 1}
+    return "json_stats: " + json.dumps(record) + "\n"
+
+
+def test_status_says_where_each_run_stands(fake_slurm):
+    args = ["--folders", "wrn", "--methods", "ind", "dml", "ds", "--seeds", 1, 2, "--logdir", "logs", *TINY]
+    save = {(method, seed): Path("logs") / f"wrn-10-1_wrn-10-1_{method}_seed{seed}{TINY_SUFFIX}"
+            for method in ("ind", "dml", "ds") for seed in (1, 2)}
+    for (method, seed), job_id in ((("ind", 1), 0), (("dml", 1), 201), (("ds", 1), 202), (("ind", 2), 203)):
+        save[method, seed].mkdir(parents=True)
+        if job_id:
+            (save[method, seed] / slurm.RECORD).write_text(json.dumps(
+                {"job_id": str(job_id), "cluster": "slurm", "folder": str(save[method, seed] / "slurm")}))
+    (save["ind", 1] / "log.txt").write_text(finished_log("ind"))
+    for name in ("net1.pt", "net2.pt"):
+        (save["ind", 1] / name).write_bytes(b"")
+    (save["dml", 1] / "log.txt").write_text(finished_log("dml").replace('"epoch": 2,', '"epoch": 1,'))
+    (save["dml", 1] / "checkpoint.pt").write_bytes(b"")
+    (save["ds", 1] / "stdout.txt").write_text("epoch 1/2 ...\nerror: --depth 10 is too shallow for ds\n")
+    fake_slurm["set_states"]([("201", "RUNNING"), ("202", "FAILED"), ("203", "PENDING")])
+
+    code, out, _ = call(*args, "--status")
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0] == f"finished     {save['ind', 1]} (epoch 2 of 2, test error 40.00 / 41.50 %)"
+    assert lines[1] == f"running      {save['dml', 1]} (job 201, epoch 1 of 2, test error 40.00 / 41.50 %)"
+    assert lines[2] == f"failed       {save['ds', 1]} (job 202, FAILED; output in {save['ds', 1] / 'stdout.txt'})"
+    assert lines[3:5] == ["    | epoch 1/2 ...", "    | error: --depth 10 is too shallow for ds"]
+    assert lines[5] == f"queued       {save['ind', 2]} (job 203, PENDING)"
+    assert lines[6:8] == [f"not started  {save['dml', 2]}", f"not started  {save['ds', 2]}"]
+    assert lines[8] == "# 6 runs: 1 finished, 1 running, 1 queued, 1 failed, 2 not started"
+    assert fake_slurm["calls"]("sbatch") == []
+    # Once every run finished, the exit code is 0.
+    for key in list(save)[1:]:
+        save.pop(key)
+    assert call("--folders", "wrn", "--methods", "ind", "--seeds", 1, "--logdir", "logs", *TINY, "--status")[0] == 0
+
+
+def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` fail
+    code, out, err = call("--slurm", "--logdir", tmp_path / "logs", *TINY)
+    assert code == 2 and out == ""
+    assert err == "error: sweep.py --slurm needs submitit: pip install -r requirements-tools.txt\n"
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--slurm_param", "exclude"], ["--slurm_param", "KEY=VALUE", "'exclude'"]),
+    (["--gpus_per_run", "-1"], ["--gpus_per_run", "at least 0"]),
+    (["--time", "2", "--signal_delay", "120"], ["--signal_delay", "--time"]),
+], ids=["slurm_param", "gpus_per_run", "signal_delay"])
+def test_slurm_refuses_bad_options_before_submitting(tmp_path, args, words):
+    code, out, err = call("--slurm", "--logdir", tmp_path / "logs", *args)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(word in err for word in words), err
+    assert not (tmp_path / "logs").exists()
