@@ -234,7 +234,7 @@ def submit(opt, job, main_command):
 def resources(opt):
     """The job's request in words (what --dry_run and the submission print)."""
     words = [f"{opt.gpus_per_run} GPU" + ("s, torchrun" if opt.gpus_per_run > 1 else "") if opt.gpus_per_run
-             else "no GPU", f"{opt.cpus_per_run} CPUs", f"{opt.mem_gb} GB", f"{opt.time} min"]
+             else "no GPU", f"{opt.cpus_per_run} CPU" + "s" * (opt.cpus_per_run > 1), f"{opt.mem_gb} GB", f"{opt.time} min"]
     words += [f"{key} {value}" for key, value in (("partition", opt.partition), ("account", opt.account),
                                                    ("qos", opt.qos), ("constraint", opt.constraint)) if value]
     words += [f"sbatch --{param}" for param in opt.slurm_param]
