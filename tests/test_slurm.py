@@ -148,8 +148,9 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(local
 # --- the SLURM submission, against stand-in SLURM commands ----------------------------------------
 
 FAKE_COMMANDS = {
-    # Records its script, answers with the next job id.
-    "sbatch": """n=$(( $(cat "$FAKE/next_id" 2>/dev/null || echo 100) + 1 )); echo $n > "$FAKE/next_id"
+    # Records its script, answers with the next job id; refuses the partition "nope".
+    "sbatch": """grep -q -- --partition=nope "${@: -1}" && { echo "sbatch: error: invalid partition specified: nope" >&2; exit 1; }
+n=$(( $(cat "$FAKE/next_id" 2>/dev/null || echo 100) + 1 )); echo $n > "$FAKE/next_id"
 cp "${@: -1}" "$FAKE/script_$n.sh"
 echo "Submitted batch job $n\"""",
     # Knows the jobs listed in $FAKE/sacct.txt ("ID STATE" lines).
@@ -311,4 +312,18 @@ def test_slurm_refuses_bad_options_before_submitting(tmp_path, args, words):
     code, out, err = call("--slurm", "--logdir", tmp_path / "logs", *args)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert all(word in err for word in words), err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_slurm_says_what_sbatch_refused_in_one_line(fake_slurm):
+    code, out, err = call(*CLUSTER_ARGS, "--partition", "nope")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: SLURM refused the job of {saves()['ind']}: ") and "invalid partition" in err
+    assert "0 of 2 jobs were submitted" in err and not list(Path("logs").rglob(slurm.RECORD))
+
+
+def test_job_options_without_slurm_are_refused(tmp_path):
+    code, out, err = call("--partition", "gpu", "--logdir", tmp_path / "logs", *TINY, "--gpus", "")
+    assert code == 2 and err == ("error: --partition describes the SLURM jobs of --slurm; add --slurm, or drop "
+                                 "--partition to run the sweep on this machine\n"), err
     assert not (tmp_path / "logs").exists()

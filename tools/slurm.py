@@ -11,6 +11,8 @@ Submitting again is safe: finished runs are skipped, a run whose recorded job is
 running (sacct, through submitit; squeue for a job sacct does not know) gets no second job, and a
 run whose job failed, was cancelled or vanished is submitted again, resuming from its checkpoint.
 """
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -38,6 +40,7 @@ _submitted = {}  # job id -> submitit job of this process (a local job's state n
 # --- options -------------------------------------------------------------------------------------
 
 def add_options(parser):
+    """The --slurm options of sweep.py's parser."""
     group = parser.add_argument_group(
         "SLURM (--slurm: one job per run through submitit; pip install -r requirements-tools.txt)")
     group.add_argument("--slurm", action="store_true", help="submit each run as a SLURM job instead of running it here")
@@ -48,13 +51,13 @@ def add_options(parser):
     group.add_argument("--account", default=None)
     group.add_argument("--qos", default=None)
     group.add_argument("--constraint", default=None, help="node features, e.g. a100")
-    group.add_argument("--time", default=1440, type=int, metavar="MIN",
+    group.add_argument("--time", default=JOB_OPTIONS["--time"], type=int, metavar="MIN",
                        help="time limit of each job in minutes (default: 1440); a longer run is requeued")
-    group.add_argument("--mem_gb", default=32, type=int, help="memory of each job (default: 32)")
-    group.add_argument("--cpus_per_run", default=8, type=int, help="CPUs of each job (default: 8)")
-    group.add_argument("--gpus_per_run", default=1, type=int,
+    group.add_argument("--mem_gb", default=JOB_OPTIONS["--mem_gb"], type=int, help="memory of each job (default: 32)")
+    group.add_argument("--cpus_per_run", default=JOB_OPTIONS["--cpus_per_run"], type=int, help="CPUs of each job (default: 8)")
+    group.add_argument("--gpus_per_run", default=JOB_OPTIONS["--gpus_per_run"], type=int,
                        help="GPUs of each job (default: 1); G > 1 trains under torchrun across them, 0 on the CPU")
-    group.add_argument("--signal_delay", default=120, type=int, metavar="S",
+    group.add_argument("--signal_delay", default=JOB_OPTIONS["--signal_delay"], type=int, metavar="S",
                        help="seconds between SLURM's warning signal and the end of the job, to write the "
                             "checkpoint (default: 120)")
     group.add_argument("--setup", action="append", default=[], metavar="LINE",
@@ -64,6 +67,11 @@ def add_options(parser):
 
 
 def check_options(opt):
+    if not (opt.slurm or opt.status):
+        given = [flag for flag in JOB_OPTIONS if getattr(opt, flag[2:]) != JOB_OPTIONS[flag]]
+        if given:
+            raise ToolError(f"{given[0]} describes the SLURM jobs of --slurm; add --slurm, or drop {given[0]} "
+                            f"to run the sweep on this machine")
     for flag, value, low in (("--time", opt.time, 1), ("--mem_gb", opt.mem_gb, 1),
                              ("--cpus_per_run", opt.cpus_per_run, 1), ("--gpus_per_run", opt.gpus_per_run, 0),
                              ("--signal_delay", opt.signal_delay, 1)):
@@ -77,6 +85,12 @@ def check_options(opt):
         if not equals or not key or key.startswith("-"):
             raise ToolError(f"--slurm_param takes KEY=VALUE (an sbatch option without its dashes, e.g. "
                             f"exclude=node12), got {param!r}")
+
+
+# The options that describe the jobs, with their defaults: without --slurm, one of them is a mistake.
+JOB_OPTIONS = {"--partition": None, "--account": None, "--qos": None, "--constraint": None, "--time": 1440,
+               "--mem_gb": 32, "--cpus_per_run": 8, "--gpus_per_run": 1, "--signal_delay": 120, "--setup": [],
+               "--slurm_param": []}
 
 
 def import_submitit():
@@ -222,7 +236,8 @@ def submit(opt, job, main_command):
     executor = submitit.AutoExecutor(folder=folder, cluster=CLUSTER, **{f"{CLUSTER}_max_num_timeout": MAX_TIMEOUTS})
     executor.update_parameters(**parameters(opt, os.path.basename(job.save)))
     run = slurm_job.TrainingRun(main_command, job.save, os.getcwd(), opt.gpus_per_run, opt.signal_delay)
-    submitted = executor.submit(run)
+    with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's refusal; the error carries it
+        submitted = executor.submit(run)
     _submitted[submitted.job_id] = submitted
     record = {"job_id": submitted.job_id, "cluster": CLUSTER, "folder": folder,
               "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join(main_command)}
@@ -245,10 +260,9 @@ def resources(opt):
 def main(opt, jobs, command):
     """--slurm and --status: `jobs` is the sweep's plan, `command(job)` a run's main.py command."""
     try:
-        check_options(opt)
         if opt.status:
             return status(jobs)
-        import_submitit()
+        submitit = import_submitit()
         records = {job.save: record for job in jobs if job.action in ("start", "resume")
                    and (record := read_record(job.save)) is not None}
         states = job_states(records)
@@ -275,10 +289,16 @@ def main(opt, jobs, command):
             print(shlex.join(command(job)))
     if opt.dry_run:
         return 1 if blocked else 0
-    for job in to_submit:
+    for done, job in enumerate(to_submit):
         os.makedirs(job.save, exist_ok=True)
-        # The job adds --resume itself when it finds a checkpoint (also after a requeue).
-        job_id = submit(opt, job, command(replace(job, action="start")))
+        try:
+            # The job adds --resume itself when it finds a checkpoint (also after a requeue).
+            job_id = submit(opt, job, command(replace(job, action="start")))
+        except (submitit.core.utils.FailedJobError, OSError) as error:
+            reason = (str(error).strip().splitlines() or ["no message"])[-1]
+            print(f"error: SLURM refused the job of {job.save}: {reason}; {done} of {len(to_submit)} jobs were "
+                  f"submitted, the same command submits the others once the options are fixed", file=sys.stderr)
+            return 2
         print(f"submitted job {job_id}: {job.action} {job.save}", flush=True)
     print(f"sweep: {len(to_submit)} jobs submitted; `python tools/sweep.py --status` with the same options "
           f"shows where each run stands")

@@ -100,6 +100,7 @@ def check_options(opt, main_args):
     for flag, _ in flag_values(main_args):
         if flag in RESERVED_FLAGS:
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
+    slurm.check_options(opt)
 
 
 def flag_values(args):
