@@ -149,7 +149,9 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(local
 
 FAKE_COMMANDS = {
     # Records its script, answers with the next job id; refuses the partition "nope".
-    "sbatch": """grep -q -- --partition=nope "${@: -1}" && { echo "sbatch: error: invalid partition specified: nope" >&2; exit 1; }
+    "sbatch": """if grep -q -- --partition=nope "${@: -1}"; then
+    echo "sbatch: error: invalid partition specified: nope" >&2; exit 1
+fi
 n=$(( $(cat "$FAKE/next_id" 2>/dev/null || echo 100) + 1 )); echo $n > "$FAKE/next_id"
 cp "${@: -1}" "$FAKE/script_$n.sh"
 echo "Submitted batch job $n\"""",
@@ -228,7 +230,8 @@ def test_slurm_dry_run_lists_the_jobs_and_submits_nothing(fake_slurm):
     assert code == 0
     assert "2 to submit" in out and "2 GPUs, torchrun, 6 CPUs, 48 GB, 90 min, partition gpu" in out
     assert "# setup: module load cuda/12" in out
-    assert [line.split()[3] for line in out.splitlines() if not line.startswith("#")] == [str(s) for s in saves().values()]
+    commands = [line.split() for line in out.splitlines() if not line.startswith("#")]
+    assert [command[3] for command in commands] == [str(save) for save in saves().values()]
     assert fake_slurm["calls"]("sbatch") == [] and not Path("logs").exists()
 
 
@@ -327,3 +330,18 @@ def test_job_options_without_slurm_are_refused(tmp_path):
     assert code == 2 and err == ("error: --partition describes the SLURM jobs of --slurm; add --slurm, or drop "
                                  "--partition to run the sweep on this machine\n"), err
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("gpus, visible, tail", [(0, "", ["--gpu_id", ""]), (1, "3", ["--gpu_id", "3"]),
+                                                 (1, None, ["--gpu_id", "0"])], ids=["cpu", "slurm_gpu", "no_env"])
+def test_a_one_process_job_trains_on_the_gpu_slurm_gave_it(tmp_path, monkeypatch, gpus, visible, tail):
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    command = ["python", "wrn/main.py", "--save", "logs/run", "--seed", "1"]
+    run = slurm_job.TrainingRun(command, "logs/run", str(tmp_path), gpus, 120)
+    assert run.argv() == command + tail
+    (tmp_path / "logs" / "run").mkdir(parents=True)
+    (tmp_path / "logs" / "run" / "checkpoint.pt").write_bytes(b"")
+    assert run.argv() == command + ["--resume"] + tail

@@ -47,15 +47,17 @@ def add_options(parser):
     group.add_argument("--status", action="store_true",
                        help="one line per run: finished, running, queued, failed or not started; exit code 0 "
                             "only when all finished")
-    group.add_argument("--partition", default=None)
-    group.add_argument("--account", default=None)
-    group.add_argument("--qos", default=None)
-    group.add_argument("--constraint", default=None, help="node features, e.g. a100")
+    group.add_argument("--partition", default=None, metavar="P", help="SLURM partition (default: the cluster's)")
+    group.add_argument("--account", default=None, metavar="A", help="account charged for the jobs")
+    group.add_argument("--qos", default=None, metavar="Q", help="quality of service")
+    group.add_argument("--constraint", default=None, metavar="C", help="node features, e.g. a100")
     group.add_argument("--time", default=JOB_OPTIONS["--time"], type=int, metavar="MIN",
                        help="time limit of each job in minutes (default: 1440); a longer run is requeued")
-    group.add_argument("--mem_gb", default=JOB_OPTIONS["--mem_gb"], type=int, help="memory of each job (default: 32)")
-    group.add_argument("--cpus_per_run", default=JOB_OPTIONS["--cpus_per_run"], type=int, help="CPUs of each job (default: 8)")
-    group.add_argument("--gpus_per_run", default=JOB_OPTIONS["--gpus_per_run"], type=int,
+    group.add_argument("--mem_gb", default=JOB_OPTIONS["--mem_gb"], type=int, metavar="G",
+                       help="memory of each job (default: 32)")
+    group.add_argument("--cpus_per_run", default=JOB_OPTIONS["--cpus_per_run"], type=int, metavar="N",
+                       help="CPUs of each job (default: 8)")
+    group.add_argument("--gpus_per_run", default=JOB_OPTIONS["--gpus_per_run"], type=int, metavar="G",
                        help="GPUs of each job (default: 1); G > 1 trains under torchrun across them, 0 on the CPU")
     group.add_argument("--signal_delay", default=JOB_OPTIONS["--signal_delay"], type=int, metavar="S",
                        help="seconds between SLURM's warning signal and the end of the job, to write the "
@@ -248,8 +250,8 @@ def submit(opt, job, main_command):
 
 def resources(opt):
     """The job's request in words (what --dry_run and the submission print)."""
-    words = [f"{opt.gpus_per_run} GPU" + ("s, torchrun" if opt.gpus_per_run > 1 else "") if opt.gpus_per_run
-             else "no GPU", f"{opt.cpus_per_run} CPU" + "s" * (opt.cpus_per_run > 1), f"{opt.mem_gb} GB", f"{opt.time} min"]
+    gpus = f"{opt.gpus_per_run} GPU" + ("s, torchrun" if opt.gpus_per_run > 1 else "") if opt.gpus_per_run else "no GPU"
+    words = [gpus, f"{opt.cpus_per_run} CPU" + "s" * (opt.cpus_per_run > 1), f"{opt.mem_gb} GB", f"{opt.time} min"]
     words += [f"{key} {value}" for key, value in (("partition", opt.partition), ("account", opt.account),
                                                    ("qos", opt.qos), ("constraint", opt.constraint)) if value]
     words += [f"sbatch --{param}" for param in opt.slurm_param]
