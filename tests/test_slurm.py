@@ -278,6 +278,8 @@ def test_status_says_where_each_run_stands(fake_slurm):
         (save["ind", 1] / name).write_bytes(b"")
     (save["dml", 1] / "log.txt").write_text(finished_log("dml").replace('"epoch": 2,', '"epoch": 1,'))
     (save["dml", 1] / "checkpoint.pt").write_bytes(b"")
+    save["dml", 2].mkdir(parents=True)
+    (save["dml", 2] / "checkpoint.pt").write_bytes(b"")  # stopped in its first epoch by a local sweep
     (save["ds", 1] / "stdout.txt").write_text("epoch 1/2 ...\nerror: --depth 10 is too shallow for ds\n")
     fake_slurm["set_states"]([("201", "RUNNING"), ("202", "FAILED"), ("203", "PENDING")])
 
@@ -289,8 +291,9 @@ def test_status_says_where_each_run_stands(fake_slurm):
     assert lines[2] == f"failed       {save['ds', 1]} (job 202, FAILED; output in {save['ds', 1] / 'stdout.txt'})"
     assert lines[3:5] == ["    | epoch 1/2 ...", "    | error: --depth 10 is too shallow for ds"]
     assert lines[5] == f"queued       {save['ind', 2]} (job 203, PENDING)"
-    assert lines[6:8] == [f"not started  {save['dml', 2]}", f"not started  {save['ds', 2]}"]
-    assert lines[8] == "# 6 runs: 1 finished, 1 running, 1 queued, 1 failed, 2 not started"
+    assert lines[6:8] == [f"stopped      {save['dml', 2]} (in epoch 1; no job: --slurm resumes it)",
+                          f"not started  {save['ds', 2]}"]
+    assert lines[8] == "# 6 runs: 1 finished, 1 running, 1 queued, 1 failed, 1 stopped, 1 not started"
     assert fake_slurm["calls"]("sbatch") == []
     # Once every run finished, the exit code is 0.
     for key in list(save)[1:]:

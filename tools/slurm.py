@@ -45,8 +45,8 @@ def add_options(parser):
         "SLURM (--slurm: one job per run through submitit; pip install -r requirements-tools.txt)")
     group.add_argument("--slurm", action="store_true", help="submit each run as a SLURM job instead of running it here")
     group.add_argument("--status", action="store_true",
-                       help="one line per run: finished, running, queued, failed or not started; exit code 0 "
-                            "only when all finished")
+                       help="one line per run: finished, running, queued, failed, stopped or not started; exit "
+                            "code 0 only when all finished")
     group.add_argument("--partition", default=None, metavar="P", help="SLURM partition (default: the cluster's)")
     group.add_argument("--account", default=None, metavar="A", help="account charged for the jobs")
     group.add_argument("--qos", default=None, metavar="Q", help="quality of service")
@@ -152,14 +152,16 @@ def squeue_state(job_id):
 
 
 def standing(job, record, state):
-    """(word, details, lines of output) of a run: finished, running, queued, failed, blocked or
-    not started."""
+    """(word, details, lines of output) of a run: finished, running, queued, failed, blocked,
+    stopped (a checkpoint, no job) or not started."""
     if job.action == "skip":
         return "finished", progress(job.save), []
     if job.action == "blocked":
         return "blocked", job.reason, []
     if record is None:
-        return "not started", progress(job.save) if job.action == "resume" else "", []
+        if job.action == "resume":
+            return "stopped", f"{progress(job.save) or 'in epoch 1'}; no job: --slurm resumes it", []
+        return "not started", "", []
     if state in QUEUED:
         return "queued", f"job {record['job_id']}, {state}", []
     if state in RUNNING:
@@ -208,7 +210,7 @@ def status(jobs):
         for line in lines:
             print(f"    | {line}")
     counts = ", ".join(f"{words.count(word)} {word}" for word in
-                       ("finished", "running", "queued", "failed", "blocked", "not started") if word in words)
+                       ("finished", "running", "queued", "failed", "blocked", "stopped", "not started") if word in words)
     print(f"# {len(jobs)} runs: {counts}")
     return 0 if all(word == "finished" for word in words) else 1
 
