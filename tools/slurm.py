@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -250,6 +251,14 @@ def submit(opt, job, main_command):
     return submitted.job_id
 
 
+def first_missing(path):
+    """The outermost folder of `path` that does not exist yet (what makedirs would create), or None."""
+    missing, path = None, os.path.abspath(path)
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
 def resources(opt):
     """The job's request in words (what --dry_run and the submission print)."""
     gpus = f"{opt.gpus_per_run} GPU" + ("s, torchrun" if opt.gpus_per_run > 1 else "") if opt.gpus_per_run else "no GPU"
@@ -294,11 +303,14 @@ def main(opt, jobs, command):
     if opt.dry_run:
         return 1 if blocked else 0
     for done, job in enumerate(to_submit):
+        created = first_missing(os.path.join(job.save, SUBMITIT_FOLDER))
         os.makedirs(job.save, exist_ok=True)
         try:
             # The job adds --resume itself when it finds a checkpoint (also after a requeue).
             job_id = submit(opt, job, command(replace(job, action="start")))
         except (submitit.core.utils.FailedJobError, OSError) as error:
+            if created:  # what this submission wrote
+                shutil.rmtree(created, ignore_errors=True)
             reason = (str(error).strip().splitlines() or ["no message"])[-1]
             print(f"error: SLURM refused the job of {job.save}: {reason}; {done} of {len(to_submit)} jobs were "
                   f"submitted, the same command submits the others once the options are fixed", file=sys.stderr)
