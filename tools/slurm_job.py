@@ -29,8 +29,9 @@ class TrainingRun:
 
     command: main.py's command line ([python, main.py, --save SAVE, ...]) without --resume and
         --gpu_id, relative to `cwd`; save: the run folder (relative to `cwd`); gpus: the job's GPUs
-        (0: the CPU, 1: one process, G > 1: torchrun with G processes); stop_grace_s: seconds
-        torchrun gives its processes to write the checkpoint after SIGTERM (SLURM's signal delay)."""
+        (0: the CPU, 1: one process, G > 1: torchrun with G processes); stop_grace_s: SLURM's signal
+        delay, the seconds torchrun gives its ranks to write the checkpoint after SIGTERM, and that
+        the job waits for SLURM's USR2 after a SIGTERM stopped main.py directly."""
 
     def __init__(self, command, save, cwd, gpus, stop_grace_s):
         self.command, self.save, self.cwd, self.gpus, self.stop_grace_s = command, save, cwd, gpus, stop_grace_s
