@@ -6,6 +6,8 @@
         --depth 16 --width 2 --dataroot DATA                   # the link ablation, on WRN-16-2
     python tools/sweep.py --folders wrn --methods ind dml --seeds 1 2 --gpus '' --jobs_per_gpu 2 \\
         --depth 10 --width 1 --epochs 2 --dataset synthetic --nthread 1   # a tiny sweep on the CPU
+    python tools/sweep.py --slurm --partition gpu --time 720 --dataroot DATA   # one SLURM job per run (slurm.py)
+    python tools/sweep.py --status --dataroot DATA             # where each run stands
 
 Options the sweep does not know are passed to every `main.py` (--depth, --epochs, --dataroot,
 --amp, ...). Run folders are LOGDIR/<net1>_<net2>_<method>_seed<seed>, main.py's default name,
@@ -31,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import slurm
 from summarize import ToolError, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +81,7 @@ def parse_options(argv=None):
                         help="comma-separated GPU ids that take runs in parallel; '' for the CPU (default: 0)")
     parser.add_argument("--jobs_per_gpu", default=1, type=int, help="runs at a time on each GPU (small models)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and what is skipped; run nothing")
+    slurm.add_options(parser)
     opt, main_args = parser.parse_known_args(argv)
     check_options(opt, main_args)
     return opt, main_args
@@ -96,6 +100,7 @@ def check_options(opt, main_args):
     for flag, _ in flag_values(main_args):
         if flag in RESERVED_FLAGS:
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
+    slurm.check_options(opt)
 
 
 def flag_values(args):
@@ -254,6 +259,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     jobs = plan(opt, main_args)
+    if opt.slurm or opt.status:
+        return slurm.main(opt, jobs, lambda job: command(job, main_args))
     gpu_slots = slots(opt)
     print_plan(jobs, main_args, gpu_slots)
     blocked = [(job, job.reason) for job in jobs if job.action == "blocked"]

@@ -1,0 +1,114 @@
+"""What a SLURM job of `tools/sweep.py --slurm` runs: one main.py run, stopped cleanly and requeued
+when SLURM signals the job before killing it (preemption or the time limit).
+
+submitit runs a TrainingRun object in the job. It starts main.py (or torchrun over the job's GPUs)
+as a child process, with --resume when the run folder holds a checkpoint, its output appended to
+SAVE/stdout.txt. SLURM sends its warning signal (USR2, --signal) to submitit's process, not to
+the child: submitit calls checkpoint(), which passes SIGTERM on to the child's process group
+(main.py, or torchrun and every rank), waits until main.py has written its checkpoint and exited
+(exit code 143), and returns a new TrainingRun: submitit then requeues the job, and the requeued
+job resumes the run. A run longer than the time limit thus ends across several jobs with the
+weights of one uninterrupted run.
+
+Only the standard library here (and submitit inside checkpoint()): the object is pickled with
+this module's code, so the job does not need tools/ on its Python path.
+"""
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+CHECKPOINT = "checkpoint.pt"
+OUTPUT_NAME = "stdout.txt"  # as the local sweep: summarize and the sweep's --status read it there
+SIGTERM_EXIT = 128 + signal.SIGTERM  # main.py's exit code after writing its checkpoint on SIGTERM
+
+
+class TrainingRun:
+    """One main.py run as a submitit job (callable, with submitit's checkpoint() protocol).
+
+    command: main.py's command line ([python, main.py, --save SAVE, ...]) without --resume and
+        --gpu_id, relative to `cwd`; save: the run folder (relative to `cwd`); gpus: the job's GPUs
+        (0: the CPU, 1: one process, G > 1: torchrun with G processes); stop_grace_s: SLURM's signal
+        delay, the seconds torchrun gives its ranks to write the checkpoint after SIGTERM, and that
+        the job waits for SLURM's USR2 after a SIGTERM stopped main.py directly."""
+
+    def __init__(self, command, save, cwd, gpus, stop_grace_s):
+        self.command, self.save, self.cwd, self.gpus, self.stop_grace_s = command, save, cwd, gpus, stop_grace_s
+        self.process = None
+
+    def __getstate__(self):  # the running child stays with this job; the pickle holds the run
+        return {**self.__dict__, "process": None}
+
+    def path(self, name):
+        return os.path.join(self.cwd, self.save, name)
+
+    def argv(self):
+        """main.py's command line in this job: --resume when the folder holds a checkpoint, and the
+        GPU SLURM gave the job (its CUDA_VISIBLE_DEVICES), or torchrun over all of them."""
+        args = self.command[2:] + (["--resume"] if os.path.isfile(self.path(CHECKPOINT)) else [])
+        if self.gpus > 1:  # each rank takes GPU LOCAL_RANK among the job's visible GPUs
+            return [self.command[0], "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={self.gpus}", self.command[1], *args]
+        gpu_id = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] if self.gpus else ""
+        return [*self.command[:2], *args, "--gpu_id", gpu_id]
+
+    def __call__(self):
+        """Train (or continue) the run to its end; returns the run folder. Raises RuntimeError with
+        main.py's last output line when it fails."""
+        argv = self.argv()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.stop_grace_s)}
+        os.makedirs(self.path(""), exist_ok=True)
+        with open(self.path(OUTPUT_NAME), "a") as output:
+            output.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {job_id()}: {shlex.join(argv)}\n")
+            output.flush()
+            # A session of its own: a signal to its process group reaches torchrun's ranks too.
+            self.process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, cwd=self.cwd, env=env,
+                                            start_new_session=True)
+        # poll() and sleep, not wait(): checkpoint() may run in this thread (a signal handler)
+        # while this loop is suspended, and Popen.wait() holds a lock that it would wait for.
+        while self.process.poll() is None:
+            time.sleep(1)
+        code = self.process.returncode
+        if code == 0:
+            return self.save
+        if code == SIGTERM_EXIT:
+            # SLURM's SIGTERM reached main.py itself (preemption signals every process of the job);
+            # its USR2 to submitit, which requeues, may follow within the signal delay.
+            time.sleep(self.stop_grace_s)
+        raise RuntimeError(f"main.py exited with code {code}: {last_line(self.path(OUTPUT_NAME))} "
+                           f"(output in {os.path.join(self.save, OUTPUT_NAME)})")
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this on SLURM's warning signal: stop main.py (it saves a checkpoint),
+        then return the submission that continues the run; None (no requeue) if it failed."""
+        from submitit.helpers import DelayedSubmission
+
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                # Wait for the exit without reaping it (WNOWAIT), so that poll() still sees it.
+                os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+            except (ProcessLookupError, ChildProcessError):  # already exited and reaped
+                pass
+            code = self.process.poll()
+            print(f"{self.save}: stopped main.py for the requeue (exit code {code})", flush=True)
+            # main.py exits 143 with its checkpoint written; killed by SIGTERM (-15) before it could
+            # catch it, it had nothing to save yet. torchrun exits 1 when its ranks stopped.
+            if code not in (0, SIGTERM_EXIT, -signal.SIGTERM) and not os.path.isfile(self.path(CHECKPOINT)):
+                return None
+        return DelayedSubmission(TrainingRun(self.command, self.save, self.cwd, self.gpus, self.stop_grace_s))
+
+
+def job_id():
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "?")
+
+
+def last_line(path):
+    """The last non-empty line of main.py's output: its error message, usually."""
+    try:
+        with open(path, errors="replace") as output:
+            lines = [line.strip() for line in output if line.strip()]
+    except OSError:
+        return "no output"
+    return lines[-1] if lines else "no output"
