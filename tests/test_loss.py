@@ -326,8 +326,8 @@ def test_kl_terms_are_weight_times_t_squared_times_the_kl_at_t_and_cross_entropy
               for name, tensor in zip(NAMES, outputs)}
     for term_name in kl_term_names(terms):
         student_net, student, teacher_net, teacher = KL_NAME.fullmatch(term_name).groups()
-        expected = kd_weight * temperature ** 2 * reference_kl_at(logits[teacher_net, teacher].numpy(),
-                                                                  logits[student_net, student].numpy(), temperature, eps)
+        teacher_logits, student_logits = logits[teacher_net, teacher].numpy(), logits[student_net, student].numpy()
+        expected = kd_weight * temperature ** 2 * reference_kl_at(teacher_logits, student_logits, temperature, eps)
         assert terms[term_name].item() == pytest.approx(expected, rel=1e-5), term_name
     total = dcm.dcm_loss(outputs_1, outputs_2, targets, "dense", **knobs)
     assert total.item() == pytest.approx(sum(value.item() for value in terms.values()), rel=1e-6)
