@@ -58,16 +58,16 @@ class TrainingStep:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def eager_forward_and_loss(self, images, targets, training, kd_weight):
+    def eager_forward_and_loss(self, images, targets, training, kd_weight=None):
         """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch, the KL
-        terms weighted by `kd_weight`."""
+        terms weighted by `kd_weight` (default: --kd_weight)."""
         with self.autocast():
             # Evaluation runs the plain modules: DDP's forward pass is a collective (it broadcasts
             # the BN buffers), which ranks evaluating shards of different sizes cannot all join.
             net1, net2 = self.trained_nets if training else self.nets
             outputs_net1, outputs_net2 = net1(images), net2(images)
-            terms = loss_terms(outputs_net1, outputs_net2, targets, self.links, self.temperature, kd_weight,
-                               self.kl_eps)
+            terms = loss_terms(outputs_net1, outputs_net2, targets, self.links, self.temperature,
+                               self.kd_weight if kd_weight is None else kd_weight, self.kl_eps)
         return outputs_net1, outputs_net2, terms, sum(terms.values())
 
     def train(self, images, targets, optimizer, loss_weight=1.0, kd_weight=None):
