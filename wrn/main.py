@@ -88,13 +88,13 @@ def parse_options(argv=None):
     parser.add_argument("--links", default="dense", choices=[links for links in LINKS if links != "none"],
                         help="which classifier pairs DCM distils between (ablation); dcm only")
     kd = parser.add_argument_group("distillation of dml and dcm (the defaults are the published DCM's)")
-    kd.add_argument("--temperature", default=1.0, type=float, help="T of every KL term: softmax(z / T) on both "
-                    "sides, the term times T^2 (Hinton et al. 2015); the cross-entropy stays at T = 1")
-    kd.add_argument("--kd_weight", default=1.0, type=float, help="the weight of every KL term")
+    kd.add_argument("--temperature", default=1.0, type=float, metavar="T", help="every KL term on softmax(z / T) "
+                    "of both sides, times T^2 (Hinton et al. 2015); the cross-entropy stays at T = 1")
+    kd.add_argument("--kd_weight", default=1.0, type=float, metavar="L", help="the weight of every KL term")
     kd.add_argument("--kd_warmup", default=0.0, type=float, metavar="E", help="the KL weight rises over the first E "
-                    "epochs, per step: kd_weight * exp(-5 (1 - t)^2), t = epochs done / E (Laine & Aila 2017)")
-    kd.add_argument("--kl_eps", default=1e-8, type=float, help="probabilities smoothed by (p + eps) / (1 + C eps) "
-                    "in the KL; the published 1e-8 caps each term near 18.4 nats, 0 is the plain KL")
+                    "epochs, per step: L exp(-5 (1 - t)^2), t = epochs done / E (Laine & Aila 2017)")
+    kd.add_argument("--kl_eps", default=1e-8, type=float, metavar="EPS", help="the KL's probabilities smoothed to "
+                    "(p + EPS) / (1 + C EPS); the published 1e-8 caps each term near 18.4 nats, 0 is the plain KL")
     speed = parser.add_argument_group("speed (the defaults are the reference's fp32 eager training)")
     speed.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES),
                        help="autocast the networks to bf16, or to fp16 with loss scaling (changes the numerics)")
