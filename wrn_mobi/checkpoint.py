@@ -143,6 +143,10 @@ def load_checkpoint(opt, path, step, optimizer, device):
     if state["epoch_meter"] is not None:
         meter = training.EpochMeter()
         meter.load_state_dict(state["epoch_meter"])
+        if len(meter.correct) == sum(meter.num_classifiers):  # no count for the ensemble
+            raise CheckpointError(f"--resume {path} was written part-way through an epoch by an earlier main.py that "
+                                  f"did not count the pair's ensemble; finish that epoch with the earlier version "
+                                  f"(its end-of-epoch checkpoint resumes here)")
         if not step.group.is_main:
             meter.clear_sums()
     return {"epoch": state["epoch"], "step": state["step"], "meter": meter, "train_time": state["epoch_train_time"],
