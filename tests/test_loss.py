@@ -1,4 +1,5 @@
-"""dcm_loss.py against SPEC §3-§4: the smoothed KL, which logits each term trains, the link sets."""
+"""dcm_loss.py against SPEC §3-§4: the smoothed KL, which logits each term trains, the link sets; and the
+temperature, distillation weight and smoothing beyond the published values, against closed forms."""
 import itertools
 import re
 from types import SimpleNamespace
@@ -257,3 +258,145 @@ def test_dcm_loss_gradient_reaches_every_classifier(folder):
     outputs_2 = random_outputs(generator, requires_grad=True)
     dcm.dcm_loss(outputs_1, outputs_2, torch.tensor([0, 1, 2, 3])).backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in outputs_1 + outputs_2)
+
+
+# --- temperature, distillation weight, smoothing (beyond the published T = 1, weight 1, eps 1e-8) ---
+
+def reference_kl_at(logits_p, logits_q, temperature, eps):
+    """Batch mean of KL(p || q) in float64 numpy, p = softmax(logits_p / T) smoothed by eps (0: none)."""
+    def probs(logits):
+        logits = np.asarray(logits, dtype=np.float64) / temperature
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p = e / e.sum(axis=1, keepdims=True)
+        return (p + eps) / (1 + logits.shape[1] * eps)
+
+    p, q = probs(logits_p), probs(logits_q)
+    return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+
+
+@pytest.mark.parametrize("temperature, eps", [(3.0, 0.0), (0.5, 0.0), (2.5, 1e-8), (4.0, 1e-3)])
+def test_kl_divergence_at_a_temperature_and_smoothing_matches_numpy(folder, temperature, eps):
+    kl_divergence = load_folder(folder).dcm_loss.kl_divergence
+    generator = torch.Generator().manual_seed(20)
+    logits_p, logits_q = torch.randn(6, 7, generator=generator) * 3, torch.randn(6, 7, generator=generator) * 3
+    value = kl_divergence(logits_p, logits_q, temperature=temperature, eps=eps).item()
+    assert value == pytest.approx(reference_kl_at(logits_p.numpy(), logits_q.numpy(), temperature, eps), rel=1e-5)
+    assert value != pytest.approx(reference_kl(logits_p.numpy(), logits_q.numpy()), rel=1e-3)
+
+
+def test_eps_0_is_the_plain_kl_without_the_cap(folder):
+    kl_divergence = load_folder(folder).dcm_loss.kl_divergence
+    logits_p, logits_q = torch.tensor([[0.0, -100.0]]), torch.tensor([[-100.0, 0.0]])
+    # KL(p || q) = sum p log(p / q) = (1 - e^-100) * 100 + e^-100 * (-100) = 100 up to e^-100.
+    assert kl_divergence(logits_p, logits_q, eps=0).item() == pytest.approx(100.0, rel=1e-6)
+    assert kl_divergence(logits_p, logits_q).item() == pytest.approx(np.log(1e8), rel=1e-3)  # the published cap
+
+
+def test_the_published_smoothing_starves_the_gradient_of_a_network_far_from_its_target(folder):
+    """At a logit gap of 25 the smoothed KL passes ~1e-3 of the plain KL's gradient (README)."""
+    kl_divergence = load_folder(folder).dcm_loss.kl_divergence
+    teacher = torch.zeros(1, 100)
+    teacher[0, 0] = 25.0
+    grads = {}
+    for eps in (1e-8, 0.0):
+        student = torch.zeros(1, 100)
+        student[0, 1] = 25.0
+        student.requires_grad_(True)
+        kl_divergence(teacher, student, eps=eps).backward()
+        grads[eps] = student.grad
+    # The plain KL's gradient is softmax(student) - softmax(teacher), about e_1 - e_0.
+    expected = F.softmax(student.detach().double(), dim=1) - F.softmax(teacher.double(), dim=1)
+    assert torch.allclose(grads[0.0].double(), expected, atol=1e-6)
+    assert grads[1e-8].norm() / grads[0.0].norm() < 1e-2
+
+
+def test_kl_terms_are_weight_times_t_squared_times_the_kl_at_t_and_cross_entropy_stays_at_t_1(folder):
+    dcm = load_folder(folder).dcm_loss
+    generator = torch.Generator().manual_seed(21)
+    outputs_1, outputs_2 = random_outputs(generator, num_classes=10), random_outputs(generator, num_classes=10)
+    targets = torch.tensor([9, 0, 3, 3])
+    temperature, kd_weight, eps = 4.0, 0.3, 0.0
+    knobs = dict(temperature=temperature, kd_weight=kd_weight, eps=eps)
+    terms = dcm.loss_terms(outputs_1, outputs_2, targets, "dense", **knobs)
+    for net, outputs in (("net1", outputs_1), ("net2", outputs_2)):
+        for name, logits in zip(NAMES, outputs):
+            expected = F.cross_entropy(logits, targets).item()
+            assert terms[f"ce_{net}_{name}"].item() == pytest.approx(expected, rel=1e-6)
+    logits = {(net, name): tensor for net, outputs in (("net1", outputs_1), ("net2", outputs_2))
+              for name, tensor in zip(NAMES, outputs)}
+    for term_name in kl_term_names(terms):
+        student_net, student, teacher_net, teacher = KL_NAME.fullmatch(term_name).groups()
+        teacher_logits, student_logits = logits[teacher_net, teacher].numpy(), logits[student_net, student].numpy()
+        expected = kd_weight * temperature ** 2 * reference_kl_at(teacher_logits, student_logits, temperature, eps)
+        assert terms[term_name].item() == pytest.approx(expected, rel=1e-5), term_name
+    total = dcm.dcm_loss(outputs_1, outputs_2, targets, "dense", **knobs)
+    assert total.item() == pytest.approx(sum(value.item() for value in terms.values()), rel=1e-6)
+    # The weight may be a 0-dim tensor (the warm-up's weight of a step): the same terms.
+    tensor_terms = dcm.loss_terms(outputs_1, outputs_2, targets, temperature=temperature,
+                                  kd_weight=torch.tensor(kd_weight), eps=eps)
+    assert all(torch.equal(tensor_terms[name], terms[name]) for name in terms)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 8.0])
+def test_the_kl_terms_gradient_is_weight_times_t_times_the_difference_of_tempered_softmaxes(folder, temperature):
+    """d/dz_s of L T^2 KL(p_T(z_t) || p_T(z_s)) = L T (softmax(z_s / T) - softmax(z_t / T)) / N
+    (Hinton, Vinyals & Dean 2015, eq. 2): the T^2 factor keeps it at the cross-entropy's scale."""
+    dcm = load_folder(folder).dcm_loss
+    generator = torch.Generator().manual_seed(22)
+    kd_weight = 0.7
+    teacher = torch.randn(5, 10, generator=generator, dtype=torch.float64) * 3
+    student = (torch.randn(5, 10, generator=generator, dtype=torch.float64) * 3).requires_grad_(True)
+    terms = dcm.loss_terms([student], [teacher], torch.zeros(5, dtype=torch.long), "final",
+                           temperature=temperature, kd_weight=kd_weight, eps=0)
+    (grad,) = torch.autograd.grad(terms["kl_net1_final_from_net2_final"], [student])
+    expected = kd_weight * temperature * (F.softmax(student.detach() / temperature, dim=1)
+                                          - F.softmax(teacher / temperature, dim=1)) / 5
+    assert torch.allclose(grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_at_a_high_temperature_the_kl_gradient_matches_logits_at_the_cross_entropys_scale(folder):
+    """T -> infinity: the gradient tends to L (z_s - z_t) / (N C) for zero-mean logits (Hinton et
+    al. 2015, eq. 3-4), independent of T."""
+    dcm = load_folder(folder).dcm_loss
+    generator = torch.Generator().manual_seed(23)
+    teacher, student = torch.randn(4, 10, generator=generator), torch.randn(4, 10, generator=generator)
+    teacher, student = teacher - teacher.mean(1, keepdim=True), student - student.mean(1, keepdim=True)
+    student.requires_grad_(True)
+    grads = []
+    for temperature in (50.0, 200.0):
+        terms = dcm.loss_terms([student], [teacher], torch.zeros(4, dtype=torch.long), "final",
+                               temperature=temperature, kd_weight=2.0, eps=0)
+        grads.append(torch.autograd.grad(terms["kl_net1_final_from_net2_final"], [student])[0])
+    expected = 2.0 * (student.detach() - teacher) / (4 * 10)
+    for grad in grads:
+        assert torch.allclose(grad, expected, rtol=5e-2, atol=1e-4)
+
+
+def test_with_temperature_weight_and_eps_0_every_kl_term_still_trains_only_its_student(folder):
+    dcm = load_folder(folder).dcm_loss
+    generator = torch.Generator().manual_seed(24)
+    logits = {(net, name): torch.randn(4, 5, generator=generator, requires_grad=True)
+              for net in ("net1", "net2") for name in NAMES}
+    keys = list(logits)
+    terms = dcm.loss_terms([logits["net1", name] for name in NAMES], [logits["net2", name] for name in NAMES],
+                           torch.tensor([0, 1, 2, 3]), temperature=3.0, kd_weight=0.5, eps=0)
+    for term_name in sorted(kl_term_names(terms)):
+        student_net, student, _, _ = KL_NAME.fullmatch(term_name).groups()
+        grads = torch.autograd.grad(terms[term_name], [logits[key] for key in keys], retain_graph=True,
+                                    allow_unused=True)
+        for key, grad in zip(keys, grads):
+            if key == (student_net, student):
+                assert grad is not None and grad.abs().sum() > 0, term_name
+            else:
+                assert grad is None or torch.count_nonzero(grad) == 0, (term_name, key)
+
+
+def test_published_defaults_of_the_public_functions(folder):
+    dcm = load_folder(folder).dcm_loss
+    generator = torch.Generator().manual_seed(25)
+    outputs_1, outputs_2 = random_outputs(generator), random_outputs(generator)
+    targets = torch.tensor([0, 1, 2, 3])
+    explicit = dcm.dcm_loss(outputs_1, outputs_2, targets, "dense", temperature=1.0, kd_weight=1.0, eps=1e-8)
+    assert torch.equal(dcm.dcm_loss(outputs_1, outputs_2, targets), explicit)
+    assert torch.equal(dcm.kl_divergence(outputs_1[0], outputs_2[0]),
+                       dcm.kl_divergence(outputs_1[0], outputs_2[0], temperature=1.0, eps=1e-8))

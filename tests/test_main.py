@@ -164,7 +164,7 @@ def test_dcm_logged_accuracies_are_whole_image_counts_in_0_100(dcm_run):
         for split, count in (("train", dcm_run["num_train"]), ("test", dcm_run["num_test"])):
             accuracies = {key: value for key, value in record.items()
                           if key.startswith(f"{split}_acc") and not key.endswith("_batchstats")}
-            assert len(accuracies) == 7  # train_acc / test_acc + 6 classifiers
+            assert len(accuracies) == 8  # train_acc / test_acc + 6 classifiers + the ensemble
             for key, value in accuracies.items():
                 assert 0 <= value <= 100, key
                 # Counted over every image, partial last batch included.

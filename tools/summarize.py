@@ -5,6 +5,7 @@
     python tools/summarize.py logs --best                       # best epoch instead of the last
     python tools/summarize.py logs --latex > table.tex          # or --csv: one line per cell
     python tools/summarize.py wrn_mobi/logs --batchstats        # MobileNet tested like the published code
+    python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
 Arguments are log files, folders (searched for log.txt) or globs. Runs are grouped by every
 option main.py logged except those that do not change what is trained (seed, save, note,
@@ -14,10 +15,12 @@ other --links as dcm-same, dcm-cross, dcm-final) with net 1's and net 2's error.
 
 Each cell is the error (100 - test accuracy of the network's final classifier) after the last
 epoch (the paper's protocol; --best takes each run's best epoch), mean +/- sample std (n-1),
-with n, the number of runs. A run is finished when its last logged epoch is its --epochs;
-unfinished runs are flagged and left out unless --include_unfinished. Where the paper reports
-the cell (WRN-28-10 with WRN-28-10 or MobileNet, CIFAR-100 and the reference recipe), its value
-and our difference are printed below our row. Notes (unfinished runs, repeated seeds, missing
+with n, the number of runs. --ensemble adds a column per method: the error of the two
+networks' final classifiers with their softmax averaged (test_acc_ensemble). A run is finished
+when its last logged epoch is its --epochs; unfinished runs are flagged and left out unless
+--include_unfinished. Where the paper reports the cell (WRN-28-10 with WRN-28-10 or MobileNet,
+CIFAR-100 and the reference recipe, its distillation settings included), its value and our
+difference are printed below our row. Notes (unfinished runs, repeated seeds, missing
 keys) go to stderr, the table to stdout.
 
 Which folder a log came from is not logged: net 2 is wrn/'s WRN-d-k when its parameter count
@@ -46,6 +49,8 @@ REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "depth", "width", "seed",
 NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
                      "checkpoint_every", "deterministic", "eval_batch_size", "channels_last", "compile")
 BATCHSTATS_KEY = "test_acc_net2_batchstats"
+ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
+ENSEMBLE_KEY = "test_acc_ensemble"
 METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 METHOD_HEADERS = {"ind": "Ind", "dml": "DML", "ds": "DS", "dcm": "DCM"}
 
@@ -59,7 +64,10 @@ PAPER = {
 }
 # The paper's numbers are comparable only with runs of its training recipe.
 PAPER_RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
-                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2}
+                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2,
+                "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
+# Options main.py logs since they were added: a log without one was trained at the paper's value.
+ADDED_OPTIONS = ("temperature", "kd_weight", "kd_warmup", "kl_eps")
 LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
 
@@ -106,6 +114,7 @@ class Run:
         options = {key: value for key, value in self.last.items()
                    if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
         options["lr"] = base_lr(self.last)
+        options.update({key: PAPER_RECIPE[key] for key in ADDED_OPTIONS if key not in options})
         options["net2"] = self.net_names[1]
         return options
 
@@ -207,7 +216,9 @@ class Row:
 
 
 def accuracy_key(run, net, batchstats):
-    """The logged accuracy of network `net` (1 or 2) of `run` that the table uses."""
+    """The logged accuracy of network `net` (1, 2 or ENSEMBLE) of `run` that the table uses."""
+    if net == ENSEMBLE:
+        return ENSEMBLE_KEY
     if net == 2 and batchstats and run.net_names[1] == "mobilenet":
         return BATCHSTATS_KEY
     return f"test_acc_net{net}"
@@ -229,7 +240,7 @@ def recipe_differences(row_options):
 
 def paper_value(row_options, net_names, method, net):
     """The paper's (mean, std) for this cell, or None where it has none or the recipe differs."""
-    if method not in PAPER.get(net_names, {}) or recipe_differences(row_options):
+    if method not in PAPER.get(net_names, {}) or net == ENSEMBLE or recipe_differences(row_options):
         return None
     return PAPER[net_names][method][net - 1]
 
@@ -251,8 +262,9 @@ def method_order(method):
     return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
-def tabulate(runs, best=False, include_unfinished=False, batchstats=False):
-    """The rows of the table, and the notes to print below it."""
+def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensemble=False):
+    """The rows of the table, and the notes to print below it; `ensemble` adds the pair's ensemble
+    to the networks of each method."""
     rows, notes = [], []
     for row_key, methods in group_rows(runs).items():
         options = json.loads(row_key)
@@ -261,7 +273,7 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False):
         for method in sorted(methods, key=method_order):
             method_runs = sorted(methods[method], key=lambda run: (run.seed, run.path))
             notes += repeated_seed_notes(method_runs)
-            for net in (1, 2):
+            for net in (1, 2, ENSEMBLE) if ensemble else (1, 2):
                 cell, missing = measure_cell(method_runs, net, best, include_unfinished, batchstats)
                 cell.paper = paper_value(options, net_names, method, net)
                 cells[method, net] = cell
@@ -278,7 +290,7 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False):
 
 
 def measure_cell(method_runs, net, best, include_unfinished, batchstats):
-    """The Cell of network `net` over the runs of one method, and (log, key) of the runs whose log
+    """The Cell of network `net` (1, 2 or ENSEMBLE) over the runs of one method, and (log, key) of the runs whose log
     lacks the accuracy the cell needs."""
     errors, seeds, missing = [], [], []
     for run in method_runs:
@@ -346,7 +358,8 @@ def table_lines(rows):
     methods = sorted({method for row in rows for method, _ in row.cells}, key=method_order)
     varying, _ = split_options([row.options for row in rows])
     with_paper = any(cell.paper for row in rows for cell in row.cells.values())
-    keys = [(method, net) for method in methods for net in (1, 2)]
+    nets = (1, 2, ENSEMBLE) if any(net == ENSEMBLE for row in rows for _, net in row.cells) else (1, 2)
+    keys = [(method, net) for method in methods for net in nets]
     header = ["Net 1", "Net 2", *varying, *([""] if with_paper else [])]
     label_columns = len(header)
     lines = [header + [f"{method_header(method)} {net}" for method, net in keys]]
@@ -366,12 +379,15 @@ def table_lines(rows):
 
 def title(rows, best, batchstats):
     _, shared = split_options([row.options for row in rows])
+    ensemble = any(net == ENSEMBLE for row in rows for _, net in row.cells)
     epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
     lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
              f"n = runs."]
     if batchstats:
         lines.append(f"MobileNet (net 2): {BATCHSTATS_KEY}, BN with the test batch's statistics "
                      f"(the published wrn_mobi's protocol).")
+    if ensemble:
+        lines.append(f"{ENSEMBLE}: the two networks' final classifiers with their softmax averaged ({ENSEMBLE_KEY}).")
     lines.append("Settings of every row: " + ", ".join(f"{key} {value}" for key, value in shared.items()) + ".")
     return lines
 
@@ -414,7 +430,8 @@ def csv_text(rows):
         for (method, net), cell in row.cells.items():
             writer.writerow({"net1": row.net_names[0], "net2": row.net_names[1],
                              **{key: row.options.get(key, "") for key in option_names},
-                             "method": method, "net": net, "network": row.net_names[net - 1],
+                             "method": method, "net": net,
+                             "network": "+".join(row.net_names) if net == ENSEMBLE else row.net_names[net - 1],
                              "runs": len(cell.errors), "unfinished": cell.unfinished,
                              "mean": none_as_empty(cell.mean), "std": none_as_empty(cell.std),
                              "paper_mean": cell.paper[0] if cell.paper else "",
@@ -441,6 +458,8 @@ def parse_options(argv=None):
     parser.add_argument("--batchstats", action="store_true",
                         help=f"MobileNet's error from {BATCHSTATS_KEY} (BN with test-batch statistics, "
                              f"the published code's protocol)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help=f"a column per method: the pair as an ensemble (final softmax averaged, {ENSEMBLE_KEY})")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--latex", action="store_true", help="a LaTeX tabular instead of Markdown")
     output.add_argument("--csv", action="store_true", help="CSV, one line per cell, instead of Markdown")
@@ -453,16 +472,24 @@ def check_batchstats(runs):
                         f"logs it for its MobileNet; older logs and wrn/ runs do not); drop --batchstats")
 
 
+def check_ensemble(runs):
+    if not any(ENSEMBLE_KEY in run.last for run in runs):
+        raise ToolError(f"--ensemble: none of the {len(runs)} logs holds {ENSEMBLE_KEY} (logs written before "
+                        f"main.py logged the ensemble lack it); drop --ensemble")
+
+
 def main(argv=None):
     opt = parse_options(argv)
     try:
         runs = load_runs(opt.logs)
         if opt.batchstats:
             check_batchstats(runs)
+        if opt.ensemble:
+            check_ensemble(runs)
     except ToolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows, notes = tabulate(runs, opt.best, opt.include_unfinished, opt.batchstats)
+    rows, notes = tabulate(runs, opt.best, opt.include_unfinished, opt.batchstats, opt.ensemble)
     if opt.csv:
         table = csv_text(rows)
     elif opt.latex:

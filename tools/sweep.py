@@ -12,7 +12,8 @@
 Options the sweep does not know are passed to every `main.py` (--depth, --epochs, --dataroot,
 --amp, ...). Run folders are LOGDIR/<net1>_<net2>_<method>_seed<seed>, main.py's default name,
 followed by the passed options that change what is trained (all but --dataroot, --nthread and
---note), e.g. logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30. Paths are relative to where the sweep
+--note, and --temperature, --kd_weight, --kd_warmup, --kl_eps at their defaults), e.g.
+logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30 or logs/wrn-16-1_wrn-16-1_dcm_seed1_temperature-4. Paths are relative to where the sweep
 is started, and so are the runs'.
 
 A run whose log reached its last epoch and that exported net1.pt and net2.pt is skipped; a run
@@ -46,6 +47,8 @@ RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--m
 # Passed flags that do not change what is trained, so they are not part of a run's folder name.
 NAMELESS_FLAGS = ("--dataroot", "--nthread", "--note", "--checkpoint_every", "--deterministic", "--eval_batch_size",
                   "--channels_last", "--compile")
+# Passed flags that name a run only at values other than main.py's default (the published DCM's).
+NAMELESS_AT_DEFAULT = {"--temperature": 1.0, "--kd_weight": 1.0, "--kd_warmup": 0.0, "--kl_eps": 1e-8}
 OUTPUT_NAME = "stdout.txt"
 POLL_SECONDS = 0.5
 
@@ -132,10 +135,20 @@ def run_name(folder, method, seed, main_args):
     net2 = net1 if folder == "wrn" else "mobilenet"  # models.pair_names of each folder
     name = f"{net1}_{net2}_{method}_seed{seed}"
     for flag in sorted(set(options) - set(NAMELESS_FLAGS) - {"--depth", "--width"}):
+        if is_default(flag, options[flag]):
+            continue
         # Folder names without brackets, commas or spaces: '--epoch_step [60,120]' -> 'epoch_step-60-120'.
         name += "_" + "-".join([flag[2:], *(re.sub(r"[^A-Za-z0-9.]+", "-", value).strip("-")
                                             for value in options[flag])])
     return name
+
+
+def is_default(flag, values):
+    """Whether a NAMELESS_AT_DEFAULT flag is passed at main.py's default value ('--kd_weight 1.0')."""
+    try:
+        return flag in NAMELESS_AT_DEFAULT and len(values) == 1 and float(values[0]) == NAMELESS_AT_DEFAULT[flag]
+    except ValueError:  # not a number: main.py refuses it, by the name the sweep gives it
+        return False
 
 
 def plan(opt, main_args):

@@ -1,13 +1,16 @@
-"""The DCM training objective (Yao & Sun, ECCV 2020) with lambda = 1 and temperature 1.
+"""The DCM training objective (Yao & Sun, ECCV 2020); the published one has lambda = 1, temperature 1.
 
     loss = sum over every classifier c of both nets of CE(c)
-         + sum over linked cross-network pairs (i of one net, j of the other), both directions,
-           of KL(p_j.detach() || p_i)
+         + kd_weight * T^2 * sum over linked cross-network pairs (i of one net, j of the other),
+           both directions, of KL(p_j.detach() || p_i),   p = softmax(logits / T) (smoothed, see below)
 
 Each network learns from the other's predictions as fixed targets; no pair lies inside one
 network. The link sets of the paper's ablation pick which pairs (i, j) are linked:
 dense (all), same (stage k <-> stage k), cross (k <-> l, k != l), final (final <-> final),
 none (cross-entropy only: independent training and deep supervision).
+The published values are T = 1, kd_weight = 1 and the smoothing eps = 1e-8. T^2 keeps the KL
+gradient at the scale of the cross-entropy's whatever T (Hinton, Vinyals & Dean 2015, "Distilling
+the Knowledge in a Neural Network", section 2); the cross-entropy terms are always at T = 1.
 Every term is computed from fp32 logits, so the loss keeps full precision under --amp.
 """
 import torch.nn.functional as F
@@ -16,17 +19,24 @@ SMOOTHING = 1e-8
 LINKS = ("dense", "same", "cross", "final", "none")
 
 
-def smoothed_log_probs(logits):
-    """log p' where p' = (softmax(logits) + 1e-8) / (1 + C * 1e-8): finite logs, still a distribution."""
+def smoothed_log_probs(logits, temperature=1.0, eps=SMOOTHING):
+    """log p' where p = softmax(logits / T) and p' = (p + eps) / (1 + C * eps): finite logs, still a
+    distribution. The published eps = 1e-8 bounds every log ratio by log(1 / eps) = 18.4 nats; eps = 0
+    gives the plain log-softmax (no bound). logits: (N, C); returns (N, C) in fp32."""
+    scaled = logits.float() / temperature
+    if eps == 0:
+        return F.log_softmax(scaled, dim=1)
     num_classes = logits.shape[1]
-    probs = F.softmax(logits.float(), dim=1)
-    return ((probs + SMOOTHING) / (1 + num_classes * SMOOTHING)).log()
+    probs = F.softmax(scaled, dim=1)
+    return ((probs + eps) / (1 + num_classes * eps)).log()
 
 
-def kl_divergence(logits_p, logits_q):
-    """Batch mean of KL(p || q), p and q the smoothed softmax of logits_p and logits_q."""
-    log_p = smoothed_log_probs(logits_p)
-    log_q = smoothed_log_probs(logits_q)
+def kl_divergence(logits_p, logits_q, temperature=1.0, eps=SMOOTHING):
+    """Batch mean of KL(p || q) in nats, p and q the softmax of logits_p / T and logits_q / T (both
+    (N, C)), smoothed by eps as in smoothed_log_probs (eps = 0: exact KL). A scalar tensor; the T^2
+    factor of the distillation term is the caller's (loss_terms)."""
+    log_p = smoothed_log_probs(logits_p, temperature, eps)
+    log_q = smoothed_log_probs(logits_q, temperature, eps)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
 
 
@@ -52,23 +62,30 @@ def linked_pairs(num_classifiers_1, num_classifiers_2, links):
     return [(i, j) for i in range(num_classifiers_1) for j in range(num_classifiers_2) if is_linked(i, j)]
 
 
-def loss_terms(outputs_1, outputs_2, targets, links="dense"):
-    """Every term of the objective by name: ce_net1_aux1, ..., kl_net1_aux1_from_net2_final, ...
+def loss_terms(outputs_1, outputs_2, targets, links="dense", temperature=1.0, kd_weight=1.0, eps=SMOOTHING):
+    """Every term of the objective by name, as it enters the loss: ce_net1_aux1, ...,
+    kl_net1_aux1_from_net2_final, ... Their sum is dcm_loss().
 
-    `kl_netA_X_from_netB_Y` is KL(p_B,Y.detach() || p_A,X): classifier X of net A learning from
-    classifier Y of net B. Their sum is dcm_loss().
+    `kl_netA_X_from_netB_Y` is kd_weight * T^2 * KL(p_B,Y.detach() || p_A,X): classifier X of net A
+    learning from classifier Y of net B, p = softmax(logits / T) smoothed by eps. outputs_1,
+    outputs_2: lists of (N, C) logits, shallow to deep; targets: (N,) class indices. kd_weight may
+    be a float or a 0-dim tensor (the warm-up's weight of this step, without recompiling).
     """
     names_1, names_2 = classifier_names(len(outputs_1)), classifier_names(len(outputs_2))
     terms = {}
     for net, names, outputs in (("net1", names_1, outputs_1), ("net2", names_2, outputs_2)):
         for name, logits in zip(names, outputs):
             terms[f"ce_{net}_{name}"] = F.cross_entropy(logits.float(), targets)
+    # At the published values the scale is exactly 1: multiplying by it leaves every bit as it was.
+    scale = kd_weight * temperature ** 2
     for i, j in linked_pairs(len(outputs_1), len(outputs_2), links):
-        terms[f"kl_net1_{names_1[i]}_from_net2_{names_2[j]}"] = kl_divergence(outputs_2[j].detach(), outputs_1[i])
-        terms[f"kl_net2_{names_2[j]}_from_net1_{names_1[i]}"] = kl_divergence(outputs_1[i].detach(), outputs_2[j])
+        terms[f"kl_net1_{names_1[i]}_from_net2_{names_2[j]}"] = scale * kl_divergence(
+            outputs_2[j].detach(), outputs_1[i], temperature, eps)
+        terms[f"kl_net2_{names_2[j]}_from_net1_{names_1[i]}"] = scale * kl_divergence(
+            outputs_1[i].detach(), outputs_2[j], temperature, eps)
     return terms
 
 
-def dcm_loss(outputs_1, outputs_2, targets, links="dense"):
-    """The total training loss of the two networks as a scalar tensor."""
-    return sum(loss_terms(outputs_1, outputs_2, targets, links).values())
+def dcm_loss(outputs_1, outputs_2, targets, links="dense", temperature=1.0, kd_weight=1.0, eps=SMOOTHING):
+    """The total training loss of the two networks as a scalar tensor (see loss_terms)."""
+    return sum(loss_terms(outputs_1, outputs_2, targets, links, temperature, kd_weight, eps).values())

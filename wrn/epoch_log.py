@@ -22,12 +22,14 @@ def accuracy_stats(prefix, accuracies, suffix=""):
 
 
 def meter_stats(split, meter):
-    """{split}_loss, {split}_acc_net1/_net2 (final classifiers), {split}_acc_net{1,2}_aux{k}, {split}_loss_terms."""
+    """{split}_loss, {split}_acc_net1/_net2 (final classifiers), {split}_acc_net{1,2}_aux{k},
+    {split}_acc_ensemble (the two final classifiers' softmax averaged), {split}_loss_terms."""
     stats = {f"{split}_loss": meter.loss()}
     accuracies = meter.accuracies()
     for net, count in zip(("net1", "net2"), meter.num_classifiers):
         stats.update(accuracy_stats(f"{split}_acc_{net}", accuracies[:count]))
         accuracies = accuracies[count:]
+    stats[f"{split}_acc_ensemble"] = accuracies[0]
     stats[f"{split}_acc"] = stats[f"{split}_acc_net1"]  # the reference's key: net 1's final classifier
     stats[f"{split}_loss_terms"] = meter.terms()
     return stats

@@ -26,6 +26,7 @@ import torch
 
 import benchmark
 import dataset
+import distillation
 import distributed
 import epoch_log
 import hardware
@@ -86,6 +87,14 @@ def parse_options(argv=None):
                         help="ind: independent, dml: deep mutual learning, ds: deep supervision, dcm (default)")
     parser.add_argument("--links", default="dense", choices=[links for links in LINKS if links != "none"],
                         help="which classifier pairs DCM distils between (ablation); dcm only")
+    kd = parser.add_argument_group("distillation of dml and dcm (the defaults are the published DCM's)")
+    kd.add_argument("--temperature", default=1.0, type=float, metavar="T", help="every KL term on softmax(z / T) "
+                    "of both sides, times T^2 (Hinton et al. 2015); the cross-entropy stays at T = 1")
+    kd.add_argument("--kd_weight", default=1.0, type=float, metavar="L", help="the weight of every KL term")
+    kd.add_argument("--kd_warmup", default=0.0, type=float, metavar="E", help="the KL weight rises over the first E "
+                    "epochs, per step: L exp(-5 (1 - t)^2), t = epochs done / E (Laine & Aila 2017)")
+    kd.add_argument("--kl_eps", default=1e-8, type=float, metavar="EPS", help="the KL's probabilities smoothed to "
+                    "(p + EPS) / (1 + C EPS); the published 1e-8 caps each term near 18.4 nats, 0 is the plain KL")
     speed = parser.add_argument_group("speed (the defaults are the reference's fp32 eager training)")
     speed.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES),
                        help="autocast the networks to bf16, or to fp16 with loss scaling (changes the numerics)")
@@ -119,6 +128,8 @@ def check_options(opt):
             raise UsageError(f"{flag} must be a positive number, got {value}")
     if not (opt.weight_decay >= 0 and math.isfinite(opt.weight_decay)):
         raise UsageError(f"--weight_decay must be >= 0, got {opt.weight_decay}")
+    if problem := distillation.option_error(opt, has_kl=METHODS[opt.method][1] != "none"):
+        raise UsageError(problem)
     lr_drop_epochs(opt)  # raises UsageError on a malformed --epoch_step
     if opt.method != "dcm" and opt.links != "dense":
         raise UsageError(f"--links chooses DCM's distillation pairs; --method {opt.method} has fixed links "
@@ -162,7 +173,8 @@ def build_training_step(opt, num_classes, device, group):
     uses_aux = METHODS[opt.method][0]
     nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, uses_aux)]
     nets = [group.sync_batchnorm(net) for net in nets] if opt.sync_bn else nets
-    return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile, group)
+    return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile, group,
+                                 opt.temperature, opt.kd_weight, opt.kl_eps)
 
 
 def distillation_links(opt):
@@ -248,8 +260,9 @@ def main(argv=None):
         guard.begin_epoch(epoch, optimizer, epoch_log.log_size(opt), position["train_time"])
         batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch, first_batch=position["step"])
         total = dataset.num_batches(len(data.train_labels), opt.batch_size)
+        kd_weights = lambda index: distillation.kd_weight_at(opt.kd_weight, opt.kd_warmup, epoch, index, total)
         train_meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}",
-                                           meter=position["meter"], after_step=guard.after_step)
+                                           meter=position["meter"], after_step=guard.after_step, kd_weights=kd_weights)
         guard.check_finite(train_meter)
         if train_meter.steps < total:  # a stop request ended the epoch; after_step saved the checkpoint
             return stop.report(opt, argv)
@@ -265,7 +278,7 @@ def main(argv=None):
         test_time = time.time() - start
 
         stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
-                 **published_stats,
+                 **published_stats, "train_kd_weight": kd_weights(total - 1),  # the KL weight of the last step
                  "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
         guard.end_epoch(stats)
         if stop.agreed():

@@ -6,7 +6,8 @@ The speed settings live here and change nothing else in the program:
   --channels_last     NHWC memory layout for the networks and their input batches
   --compile           torch.compile of the forward pass of both networks and the loss; autograd
                       compiles the backward pass with it
-With none of them (the default) the step is the reference's plain fp32 eager step. Under torchrun
+With none of them (the default) the step is the reference's plain fp32 eager step. The distillation
+settings (--temperature, --kd_weight and its warm-up, --kl_eps) go to dcm_loss.loss_terms. Under torchrun
 each rank trains on its slice of the global batch and the meters are summed over the ranks
 (distributed.py).
 This file is identical in wrn/ and wrn_mobi/.
@@ -16,25 +17,29 @@ import functools
 import sys
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from dcm_loss import loss_terms
+from dcm_loss import SMOOTHING, loss_terms
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}
 
 
 class TrainingStep:
-    """Both networks, the links they distil along and the speed settings: train() makes one SGD
-    step on a batch, evaluate() one forward pass in eval mode. `nets` stay the plain modules
-    (checkpoints and exports hold their state dicts, whatever the number of ranks); training
-    runs them under DistributedDataParallel when `group` has several ranks."""
+    """Both networks, the links they distil along, the distillation settings and the speed settings:
+    train() makes one SGD step on a batch, evaluate() one forward pass in eval mode. `nets` stay the
+    plain modules (checkpoints and exports hold their state dicts, whatever the number of ranks);
+    training runs them under DistributedDataParallel when `group` has several ranks."""
 
-    def __init__(self, nets, links, device, amp="none", channels_last=False, compile=False, group=None):
+    def __init__(self, nets, links, device, amp="none", channels_last=False, compile=False, group=None,
+                 temperature=1.0, kd_weight=1.0, kl_eps=SMOOTHING):
         self.nets = nets
         self.group = group or distributed.Group()
         self.links = links
+        self.temperature, self.kd_weight, self.kl_eps = temperature, kd_weight, kl_eps
+        self.device = device
         self.device_type = device.type
         self.amp_dtype = AMP_DTYPES[amp]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -53,20 +58,26 @@ class TrainingStep:
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def eager_forward_and_loss(self, images, targets, training):
-        """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch."""
+    def eager_forward_and_loss(self, images, targets, training, kd_weight=None):
+        """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch, the KL
+        terms weighted by `kd_weight` (default: --kd_weight)."""
         with self.autocast():
             # Evaluation runs the plain modules: DDP's forward pass is a collective (it broadcasts
             # the BN buffers), which ranks evaluating shards of different sizes cannot all join.
             net1, net2 = self.trained_nets if training else self.nets
             outputs_net1, outputs_net2 = net1(images), net2(images)
-            terms = loss_terms(outputs_net1, outputs_net2, targets, self.links)
+            terms = loss_terms(outputs_net1, outputs_net2, targets, self.links, self.temperature,
+                               self.kd_weight if kd_weight is None else kd_weight, self.kl_eps)
         return outputs_net1, outputs_net2, terms, sum(terms.values())
 
-    def train(self, images, targets, optimizer, loss_weight=1.0):
-        """One SGD step on the batch; `loss_weight` scales its gradient (distributed.Group.shard)."""
+    def train(self, images, targets, optimizer, loss_weight=1.0, kd_weight=None):
+        """One SGD step on the batch; `loss_weight` scales its gradient (distributed.Group.shard),
+        `kd_weight` is this step's KL weight (default: --kd_weight; the warm-up passes its own)."""
+        # A 0-dim tensor made on the device (no host-to-device copy to wait for), so that a compiled
+        # step takes every weight of the warm-up without recompiling.
+        kd_weight = torch.full((), self.kd_weight if kd_weight is None else kd_weight, device=self.device)
         outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(
-            images.contiguous(memory_format=self.memory_format), targets, True)
+            images.contiguous(memory_format=self.memory_format), targets, True, kd_weight)
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * loss_weight).backward()
         self.scaler.step(optimizer)
@@ -75,8 +86,10 @@ class TrainingStep:
 
     @torch.no_grad()
     def evaluate(self, images, targets):
+        """Outputs and loss terms of a test batch; the KL terms are weighted by the full --kd_weight
+        (the objective the warm-up leads to)."""
         outputs_net1, outputs_net2, terms, _ = self.forward_and_loss(
-            images.contiguous(memory_format=self.memory_format), targets, False)
+            images.contiguous(memory_format=self.memory_format), targets, False, self.kd_weight)
         return outputs_net1, outputs_net2, terms
 
     def set_mode(self, training):
@@ -95,7 +108,8 @@ class TrainingStep:
 
 
 class EpochMeter:
-    """Sums of every loss term and correct counts of every classifier, kept on the device so that
+    """Sums of every loss term and correct counts of every classifier and of the pair's ensemble
+    (the two final classifiers' softmax averaged), kept on the device so that
     training never waits for the host; read once at the end of the epoch. It also remembers the
     first step whose loss terms were not finite, and which terms they were."""
 
@@ -112,7 +126,8 @@ class EpochMeter:
     def update(self, terms, outputs_net1, outputs_net2, targets):
         batch = targets.numel()
         term_values = torch.stack([value.detach().float() for value in terms.values()])
-        predictions = torch.stack([logits.detach().argmax(dim=1) for logits in outputs_net1 + outputs_net2])
+        predictions = torch.stack([logits.detach().argmax(dim=1) for logits in outputs_net1 + outputs_net2]
+                                  + [ensemble_predictions(outputs_net1[-1], outputs_net2[-1])])
         correct = (predictions == targets).sum(dim=1)
         if self.term_sums is None:
             self.num_classifiers = (len(outputs_net1), len(outputs_net2))
@@ -134,7 +149,8 @@ class EpochMeter:
         return self.term_sums.sum().item() / self.count
 
     def accuracies(self):
-        """Top-1 accuracy (%) of every classifier: net 1's, then net 2's, shallow to deep."""
+        """Top-1 accuracy (%) of every classifier, net 1's then net 2's, shallow to deep, then of the
+        ensemble of the two final classifiers."""
         return (self.correct.double() * 100 / self.count).tolist()
 
     def terms(self):
@@ -180,23 +196,34 @@ class EpochMeter:
             setattr(self, key, tuple(value) if key == "num_classifiers" else value)
 
 
-def train_epoch(step, optimizer, batches, total_batches, description, meter=None, after_step=None):
+def ensemble_predictions(final_logits_1, final_logits_2):
+    """The class of highest average probability of the two networks' final classifiers (N, C) -> (N,):
+    the pair as an ensemble, probabilities averaged as in deep ensembles (Lakshminarayanan et al.,
+    NeurIPS 2017), the ensemble online-distillation papers report next to each network."""
+    probs_1, probs_2 = (F.softmax(logits.detach().float(), dim=1) for logits in (final_logits_1, final_logits_2))
+    return ((probs_1 + probs_2) / 2).argmax(dim=1)
+
+
+def train_epoch(step, optimizer, batches, total_batches, description, meter=None, after_step=None, kd_weights=None):
     """Train on `batches`; return the epoch's meter. `meter` continues an epoch resumed part-way;
-    `after_step(meter)` runs after every step and ends the epoch early by returning True. Each rank
-    trains on its slice of every batch and meters it; the meter returned is summed over the ranks."""
+    `after_step(meter)` runs after every step and ends the epoch early by returning True;
+    `kd_weights(index)` is the KL weight of the epoch's step `index` (0-based; default: the step's
+    own --kd_weight). Each rank trains on its slice of every batch and meters it; the meter returned
+    is summed over the ranks."""
     step.set_mode(training=True)
     meter = meter or EpochMeter()
     progress = tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
                     dynamic_ncols=True, disable=not sys.stdout.isatty())
     for images, targets in progress:
         images, targets, loss_weight = step.group.shard(images, targets)
-        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, loss_weight)
+        kd_weight = kd_weights(meter.steps) if kd_weights else None
+        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, loss_weight, kd_weight)
         meter.update(terms, outputs_net1, outputs_net2, targets)
         # Reading the meter waits for the device; the bar (rank 0's) shows rank 0's slices.
         if not progress.disable and meter.steps % 20 == 1:
             accuracies = meter.accuracies()
             progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
-                                 acc_net2=f"{accuracies[-1]:.1f}")
+                                 acc_net2=f"{accuracies[len(outputs_net1) + len(outputs_net2) - 1]:.1f}")
         if after_step is not None and after_step(meter):
             break
     return meter.summed_over(step.group)

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 
+import distillation
 import training
 
 CHECKPOINT = "checkpoint.pt"
@@ -28,7 +29,7 @@ AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classif
 # resumes a run that agrees. --epochs may grow, and the speed options (--amp, --channels_last,
 # --compile, ...) may change on resume.
 RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed", "batch_size", "lr", "weight_decay",
-                        "epoch_step", "lr_decay_ratio")
+                        "epoch_step", "lr_decay_ratio", "temperature", "kd_weight", "kd_warmup", "kl_eps")
 
 
 class CheckpointError(Exception):
@@ -120,6 +121,8 @@ def load_checkpoint(opt, path, step, optimizer, device):
         raise CheckpointError(f"--resume {path} is not a checkpoint this script can load safely "
                               f"({type(error).__name__}): it is truncated, corrupt, or holds objects that only "
                               f"arbitrary unpickling would load, which is refused; give another file") from None
+    # The distillation options came after the first checkpoints: one without them used the published values.
+    saved_options = {**distillation.PUBLISHED, **saved_options}
     mismatched = [f"--{name} {saved_options.get(name)} (not {getattr(opt, name)})" for name in RUN_DEFINING_OPTIONS
                   if saved_options.get(name) != getattr(opt, name)]
     if mismatched:
@@ -140,6 +143,10 @@ def load_checkpoint(opt, path, step, optimizer, device):
     if state["epoch_meter"] is not None:
         meter = training.EpochMeter()
         meter.load_state_dict(state["epoch_meter"])
+        if len(meter.correct) == sum(meter.num_classifiers):  # no count for the ensemble
+            raise CheckpointError(f"--resume {path} was written part-way through an epoch by an earlier main.py that "
+                                  f"did not count the pair's ensemble; finish that epoch with the earlier version "
+                                  f"(its end-of-epoch checkpoint resumes here)")
         if not step.group.is_main:
             meter.clear_sums()
     return {"epoch": state["epoch"], "step": state["step"], "meter": meter, "train_time": state["epoch_train_time"],
