@@ -3,9 +3,8 @@ KL weight of every training step (--kd_weight, ramped up over the first --kd_war
 
 The ramp is the sigmoid-shaped ramp-up of temporal ensembling (Laine & Aila, "Temporal Ensembling
 for Semi-Supervised Learning", ICLR 2017, section 3.1: w(t) = exp(-5 (1 - t)^2)), in the form of
-the mean-teacher code's sigmoid_rampup (Tarvainen & Valpola, NeurIPS 2017) that online distillation
-methods took over for their distillation weight (ONE, Lan et al. NeurIPS 2018; OKDDip, Chen et al.
-AAAI 2020):
+the mean-teacher code's sigmoid_rampup (Tarvainen & Valpola, NeurIPS 2017), which online
+distillation methods took over for their distillation weight:
 
     weight = kd_weight * exp(-5 (1 - t)^2),   t = min(1, epochs done / kd_warmup)
 
