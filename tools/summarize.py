@@ -103,11 +103,22 @@ class Run:
     @property
     def row_options(self):
         """The options that define the run's row: all of the cell's but the method and links."""
-        options = {key: value for key, value in self.last.items()
+        options = {key: option_value(value) for key, value in self.last.items()
                    if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
         options["lr"] = base_lr(self.last)
         options["net2"] = self.net_names[1]
         return options
+
+
+def option_value(value):
+    """An option's value as it is compared: a list given as JSON text ('[60, 120, 160]',
+    '[60,120,160]') as the list, anything else as logged (JSON numbers are compared as numbers)."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
 
 
 def is_measurement(key):
@@ -119,7 +130,7 @@ def is_measurement(key):
 def base_lr(record):
     """The --lr option. main.py logs the epoch's lr under the same key, so the option is that
     lr undone by the drops of --epoch_step so far (rounded: the drops were float products)."""
-    drops = sum(1 for drop_epoch in json.loads(record["epoch_step"]) if drop_epoch <= record["epoch"])
+    drops = sum(1 for drop_epoch in option_value(record["epoch_step"]) if drop_epoch <= record["epoch"])
     return float(f"{record['lr'] / record['lr_decay_ratio'] ** drops:.10g}")
 
 
