@@ -134,6 +134,24 @@ def test_sweep_run_names_are_main_py_default_names(folder):
         assert sweep.run_name(folder, method, 3, []) == os.path.basename(main.default_save_dir(opt))
 
 
+def test_sweep_run_names_hold_option_values_not_spellings():
+    plain = sweep.run_name("wrn", "dcm", 1, [])
+    for args in (["--lr", "0.1"], ["--lr", "1e-1"], ["--lr=0.10"], ["--epoch_step", "[60, 120, 160]"],
+                 ["--weight_decay", "5e-4"], ["--nthread", "1", "--compile", "--dataroot", "x"]):
+        assert sweep.run_name("wrn", "dcm", 1, args) == plain, args  # defaults, or what does not change training
+    spellings = (["--epoch_step", "[60, 120]", "--lr", "5e-2"], ["--epoch_step=[60,120]", "--lr", "0.050"])
+    names = {sweep.run_name("wrn_mobi", "ind", 2, args) for args in spellings}
+    assert names == {"wrn-28-10_mobilenet_ind_seed2_epoch_step-60-120_lr-0.05"}
+    assert sweep.run_name("wrn", "dcm", 1, ["--sync_bn", "--amp", "bf16", "--weight_decay", "1e-4"]) == (
+        plain + "_amp-bf16_sync_bn_weight_decay-0.0001")
+
+
+def test_sweep_refuses_a_value_main_py_would_refuse(tmp_path):
+    line = error_line(*call(sweep.main, "--logdir", tmp_path / "logs", "--lr", "fast")[::2])
+    assert "--lr" in line and "'fast'" in line
+    assert not (tmp_path / "logs").exists()
+
+
 def test_sweep_again_skips_every_finished_run(swept):
     outputs = {save: (save / "stdout.txt").read_text() for save in swept["saves"].values()}
     code, out, _ = call(sweep.main, *swept["args"])
