@@ -378,7 +378,7 @@ def test_paper_cells_are_mean_and_std_by_hand_beside_the_papers_values(paper_log
             paper_mean = float(rows[paper_row][column].split(" ± ")[0])
             assert rows[paper_row + 1][column] == f"{np.mean(errors) - paper_mean:+.2f}"
     assert "the last epoch" in out
-    assert "paper's MobileNet values come from the published wrn_mobi" in out
+    assert "The paper's MobileNet values come from the published wrn_mobi" in out
 
 
 def test_best_takes_each_runs_best_epoch(paper_logs):

@@ -442,11 +442,13 @@ def title(rows, best, batchstats):
              f"n = runs."]
     if any(row.other_cells for row in rows):
         first, second = ("batchstats", "eval") if batchstats else ("eval", "batchstats")
-        lines.append(f"MobileNet (net 2): the 'ours' line measures it with {PROTOCOL_NAMES[first]}, the "
-                     f"'ours, {PROTOCOL_NAMES[second]}' line with {PROTOCOL_NAMES[second]}. With BN in eval mode "
-                     f"is the proper measurement; the paper's MobileNet values come from the published wrn_mobi, "
-                     f"which normalised each test batch by its own statistics ({BATCHSTATS_KEY}): they are set "
-                     f"beside, and differenced against, the {PROTOCOL_NAMES['batchstats']} line.")
+        measured = {"eval": "BN in eval mode (the proper measurement, test_acc_net2)",
+                    "batchstats": f"BN normalising each test batch by its own statistics ({BATCHSTATS_KEY}), as "
+                                  f"the published wrn_mobi tested it"}
+        compared = "'ours'" if batchstats else f"'ours, {PROTOCOL_NAMES['batchstats']}'"
+        lines.append(f"MobileNet (net 2): 'ours' is its error with {measured[first]}; 'ours, "
+                     f"{PROTOCOL_NAMES[second]}' with {measured[second]}. The paper's MobileNet values come from "
+                     f"the published wrn_mobi: they are set beside, and differenced against, the {compared} line.")
     lines.append("Settings of every row: " + ", ".join(f"{key} {value}" for key, value in shared.items()) + ".")
     return lines
 
