@@ -246,7 +246,12 @@ class Row:
         return None
 
 
-def accuracy_key(net, protocol):
+def accuracy_key(run, net, batchstats):
+    """The logged accuracy of network `net` (1 or 2) of `run` that the "ours" line (and plot.py) uses."""
+    return protocol_key(net, "batchstats" if net == 2 and batchstats and run.net_names[1] == "mobilenet" else "eval")
+
+
+def protocol_key(net, protocol):
     """The logged accuracy of network `net` (1 or 2) measured by `protocol`."""
     return BATCHSTATS_KEY if protocol == "batchstats" else f"test_acc_net{net}"
 
@@ -349,7 +354,7 @@ def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
     for run in method_runs:
         if not (run.finished or include_unfinished):
             continue
-        key = accuracy_key(net, protocol)
+        key = protocol_key(net, protocol)
         error = run_error(run, key, best)
         if error is None:
             missing.append((run.path, key))
