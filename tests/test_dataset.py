@@ -165,6 +165,17 @@ def test_cifar_normalisation_constants(folder):
     assert dataset.CIFAR_STD == pytest.approx([63.0 / 255, 62.1 / 255, 66.7 / 255])
 
 
+def test_fashion_mnist_is_normalised_with_the_statistics_of_the_padded_images(folder):
+    # Zero-padding 28x28 -> 32x32 keeps the pixel sum and the sum of squares: from the 28x28
+    # training images' mean 0.286041 and std 0.353024 (the real files), the padded images' follow.
+    dataset = load_folder(folder).dataset
+    kept = 28 * 28 / (32 * 32)
+    mean = 0.286041 * kept
+    std = ((0.353024 ** 2 + 0.286041 ** 2) * kept - mean ** 2) ** 0.5
+    assert dataset.FASHION_MNIST_MEAN == pytest.approx((mean,) * 3, abs=1e-4)
+    assert dataset.FASHION_MNIST_STD == pytest.approx((std,) * 3, abs=1e-4)
+
+
 def test_flips_and_offsets_are_uniform_and_independent(folder):
     dataset = load_folder(folder).dataset
     count = 3600
@@ -313,6 +324,18 @@ def test_missing_dataset_with_failed_download_names_the_expected_folder(folder, 
     message = str(error.value)
     assert os.path.join(str(tmp_path), *expected_folder) in message
     assert "network is unreachable" in message
+
+
+def test_a_local_cifar_archive_failing_the_checksum_is_named(folder, tmp_path, monkeypatch):
+    import torchvision
+    dataset = load_folder(folder).dataset
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", refuse_download)  # what torchvision does offline
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"the first bytes of an interrupted download")
+    with pytest.raises(dataset.DatasetError) as error:
+        dataset.load_dataset("CIFAR100", str(tmp_path), CPU)
+    message = str(error.value)
+    assert os.path.join(str(tmp_path), "cifar-100-python.tar.gz") in message and "md5 checksum" in message
+    assert (tmp_path / "cifar-100-python.tar.gz").exists()  # the user's file is kept
 
 
 def test_unknown_dataset_raises_dataset_error(folder):

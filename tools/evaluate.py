@@ -6,10 +6,15 @@
 Each file is read with torch.load(weights_only=True) and loaded, strictly, into the network its
 weights describe: a WRN-d-k (depth, width and classes read off the tensors; wrn/models.py, whose
 WRN code is identical to wrn_mobi's) or the MobileNet (wrn_mobi/models.py), built without
-auxiliary classifiers. It is tested like main.py tests (BN in eval mode, the whole test set of
---dataset, normalised the same way), so the error is 100 - the test_acc_net1/net2 that main.py
-logged for those weights. --dataset defaults to the one in the log.txt beside the file, else
-CIFAR100. GFLOP are 2 x multiply-adds of one 32x32 image's forward pass (torch's FLOP counter).
+auxiliary classifiers. It is tested as main.py tested it at the run's last epoch: BN in eval mode,
+the whole test set of the run's dataset normalised the same way, under the run's --amp autocast
+and memory layout (--channels_last), all read off the log.txt beside the file. So the error is
+100 - the test_acc_net1/net2 that main.py logged last, and the test loss (cross-entropy of the
+network's final classifier) its test_loss_terms ce_net1_final / ce_net2_final, whatever the number
+of processes (their BN statistics are rank 0's) or the resumes. A run trained with --compile is
+evaluated eagerly: the same numbers up to float rounding. --dataset and --amp override the log
+(without one: CIFAR100, fp32). GFLOP are 2 x multiply-adds of one 32x32 image's forward pass
+(torch's FLOP counter).
 
 Checkpoints (checkpoint.pt), networks that still carry auxiliary classifiers, and files of other
 networks or datasets are refused with a message. Prints a Markdown table.
@@ -23,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +36,7 @@ AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classif
 WRN_BLOCK_KEY = "group0.{}.conv0.weight"  # one per block of group0: (depth - 4) / 6 of them
 MOBILENET_KEY = "stem.0.weight"
 IMAGE_SHAPE = (1, 3, 32, 32)
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # main.py's --amp (training.py)
 
 
 class EvaluateError(Exception):
@@ -107,25 +114,34 @@ def build_network(path, state):
 
 # --- measurements ----------------------------------------------------------------------------------
 
-def dataset_of(path, requested):
-    """--dataset, else the dataset of the run the file comes from (log.txt beside it), else CIFAR100."""
-    if requested:
-        return requested
-    log = Path(path).parent / "log.txt"
+def run_protocol(path, opt):
+    """{dataset, amp, channels_last} main.py tested the file's network with at its last epoch: the
+    options of the last line of the log.txt beside it, --dataset and --amp overriding them."""
+    protocol = {"dataset": "CIFAR100", "amp": "none", "channels_last": False}
     try:
-        first = log.read_text().splitlines()[0]
-        return json.loads(first[len("json_stats: "):])["dataset"]
-    except (OSError, IndexError, ValueError, KeyError):
-        return "CIFAR100"
+        last = (Path(path).parent / "log.txt").read_text().splitlines()[-1]
+        logged = json.loads(last[len("json_stats: "):])
+        protocol.update({key: logged[key] for key in protocol if key in logged})
+    except (OSError, IndexError, ValueError, TypeError):
+        pass  # no log beside the file: the defaults, main.py's
+    protocol.update({key: getattr(opt, key) for key in ("dataset", "amp") if getattr(opt, key)})
+    return protocol
 
 
 @torch.no_grad()
-def test_accuracy(network, dataset_module, data, batch_size):
-    """Top-1 accuracy (%) of the final classifier on the whole test set, as main.py measures it."""
-    correct = 0
+def test_measurements(network, dataset_module, data, batch_size, amp, channels_last):
+    """(top-1 accuracy (%), mean cross-entropy) of the final classifier on the whole test set, as
+    main.py measures them: under autocast to `amp`, the loss in fp32, summed per batch."""
+    device = data.test_images.device
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    network.to(memory_format=memory_format)
+    correct, loss_sum = 0, torch.zeros((), device=device)
     for images, labels in dataset_module.test_batches(data, batch_size):
-        correct += (network(images)[-1].argmax(dim=1) == labels).sum().item()
-    return 100 * correct / len(data.test_labels)
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
+            logits = network(images.contiguous(memory_format=memory_format))[-1]
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        loss_sum += F.cross_entropy(logits.float(), labels) * labels.numel()
+    return 100 * correct / len(data.test_labels), loss_sum.item() / len(data.test_labels)
 
 
 @torch.no_grad()
@@ -135,12 +151,14 @@ def forward_gflop(network, device):
     return counter.get_total_flops() / 1e9
 
 
-def evaluate(path, opt, device, datasets):
-    """The table row of one file; `datasets` caches each loaded dataset by name."""
+def measure(path, opt, device, datasets):
+    """{network, dataset, test_images, protocol, accuracy, loss, parameters, gflop} of one file;
+    `datasets` caches each loaded dataset by name."""
     state = read_weights(path)
     name, network, num_classes = build_network(path, state)
     dataset_module = load_module("wrn", "dataset")  # identical in both folders
-    dataset_name = dataset_of(path, opt.dataset)
+    protocol = run_protocol(path, opt)
+    dataset_name = protocol["dataset"]
     if dataset_name not in datasets:
         try:
             datasets[dataset_name] = dataset_module.load_dataset(dataset_name, opt.dataroot, device)
@@ -151,10 +169,21 @@ def evaluate(path, opt, device, datasets):
         raise EvaluateError(f"{path} classifies into {num_classes} classes, {dataset_name} has {data.num_classes}; "
                             f"give the run's dataset with --dataset")
     network.to(device)
-    accuracy = test_accuracy(network, dataset_module, data, opt.batch_size)
-    parameters = sum(p.numel() for p in network.parameters())
-    return [path, name, f"{dataset_name} ({len(data.test_labels)} images)", f"{100 - accuracy:.2f}",
-            f"{accuracy:.2f}", f"{parameters:,}", f"{forward_gflop(network, device):.3f}"]
+    accuracy, loss = test_measurements(network, dataset_module, data, opt.batch_size, protocol["amp"],
+                                       protocol["channels_last"])
+    settings = ", ".join(["fp32" if protocol["amp"] == "none" else f"amp {protocol['amp']}",
+                          *(["channels_last"] if protocol["channels_last"] else [])])
+    return {"network": name, "dataset": dataset_name, "test_images": len(data.test_labels), "protocol": settings,
+            "accuracy": accuracy, "loss": loss, "parameters": sum(p.numel() for p in network.parameters()),
+            "gflop": forward_gflop(network.to(memory_format=torch.contiguous_format), device)}
+
+
+def evaluate(path, opt, device, datasets):
+    """The table row of one file."""
+    numbers = measure(path, opt, device, datasets)
+    return [path, numbers["network"], f"{numbers['dataset']} ({numbers['test_images']} images)", numbers["protocol"],
+            f"{100 - numbers['accuracy']:.2f}", f"{numbers['accuracy']:.2f}", f"{numbers['loss']:.4f}",
+            f"{numbers['parameters']:,}", f"{numbers['gflop']:.3f}"]
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -166,6 +195,9 @@ def parse_options(argv=None):
     parser.add_argument("weights", nargs="+", help="net1.pt / net2.pt files written by main.py")
     parser.add_argument("--dataset", default=None, choices=load_module("wrn", "dataset").DATASETS,
                         help="default: the dataset in the log.txt beside each file, else CIFAR100")
+    parser.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
+                        help="autocast of the test pass; default: main.py's --amp in the log.txt beside each file, "
+                             "else none (fp32)")
     parser.add_argument("--dataroot", default="./data", help="folder holding the dataset (as main.py's)")
     parser.add_argument("--batch_size", default=500, type=int, help="test batch size (BN in eval mode), as main.py's")
     parser.add_argument("--gpu_id", default="0", type=str, help="the GPU to use; '' for the CPU")
@@ -186,7 +218,8 @@ def select_device(opt):
 def main(argv=None):
     opt = parse_options(argv)
     device = select_device(opt)
-    columns = ["file", "network", "test set", "test error (%)", "test acc (%)", "parameters", "GFLOP / image"]
+    columns = ["file", "network", "test set", "protocol", "test error (%)", "test acc (%)", "test loss",
+               "parameters", "GFLOP / image"]
     datasets = {}
     try:
         rows = [evaluate(path, opt, device, datasets) for path in opt.weights]

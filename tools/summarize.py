@@ -4,7 +4,7 @@
     python tools/summarize.py 'wrn/logs/*_seed*' 'wrn_mobi/logs/*_seed*'
     python tools/summarize.py logs --best                       # best epoch instead of the last
     python tools/summarize.py logs --latex > table.tex          # or --csv: one line per cell
-    python tools/summarize.py wrn_mobi/logs --batchstats        # MobileNet tested like the published code
+    python tools/summarize.py wrn_mobi/logs --batchstats        # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
 Arguments are log files, folders (searched for log.txt) or globs. Runs are grouped by every
@@ -16,12 +16,20 @@ other --links as dcm-same, dcm-cross, dcm-final) with net 1's and net 2's error.
 Each cell is the error (100 - test accuracy of the network's final classifier) after the last
 epoch (the paper's protocol; --best takes each run's best epoch), mean +/- sample std (n-1),
 with n, the number of runs. --ensemble adds a column per method: the error of the two
-networks' final classifiers with their softmax averaged (test_acc_ensemble). A run is finished
-when its last logged epoch is its --epochs; unfinished runs are flagged and left out unless
---include_unfinished. Where the paper reports the cell (WRN-28-10 with WRN-28-10 or MobileNet,
-CIFAR-100 and the reference recipe, its distillation settings included), its value and our
-difference are printed below our row. Notes (unfinished runs, repeated seeds, missing
-keys) go to stderr, the table to stdout.
+networks' final classifiers with their softmax averaged (test_acc_ensemble), which the paper
+does not report. A run is finished when its last logged epoch is its --epochs;
+unfinished runs are flagged and left out unless --include_unfinished. Notes (unfinished runs,
+repeated seeds, missing keys) go to stderr, the table to stdout.
+
+The paper's value and our difference are printed below a row only where they compare like with
+like. The row's recipe must be the paper's in every logged option that can change the numbers:
+PAPER_RECIPE lists each one's reference value (BN over the whole batch: one process, or torchrun
+with --sync_bn); a row that differs, or that logged an option this tool does not know, gets a
+"paper" line saying why instead. And the number must be measured as the paper's was: the paper's
+MobileNet cells come from the published wrn_mobi, which tested with test-batch BN statistics, so
+a MobileNet row shows two lines, the error with BN in eval mode (the proper one) and the error
+under the published protocol (test_acc_net2_batchstats), and the paper's MobileNet value is set
+beside, and differenced against, the second. --batchstats puts the published-protocol line first.
 
 Which folder a log came from is not logged: net 2 is wrn/'s WRN-d-k when its parameter count
 (n_parameters_net2) equals net 1's, and wrn_mobi/'s MobileNet otherwise. --save names are free
@@ -62,12 +70,20 @@ PAPER = {
     ("wrn-28-10", "mobilenet"): {"ind": ((18.72, 0.24), (26.30, 0.35)), "dml": ((17.24, 0.13), (23.91, 0.22)),
                                  "dcm": ((16.83, 0.07), (21.43, 0.20))},
 }
-# The paper's numbers are comparable only with runs of its training recipe.
+# The paper's numbers are comparable only with runs of its recipe: the reference value of every
+# option main.py logs that can change the numbers (the networks are the row's names, the method its
+# column, and NOT_CELL_DEFINING lists the rest). A logged option missing here keeps a row away
+# from the paper's values until its reference value is added; one missing from a log is taken at
+# its reference value (main.py's default, logged by every run since the option exists).
 PAPER_RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
-                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2,
-                "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
-# Options main.py logs since they were added: a log without one was trained at the paper's value.
-ADDED_OPTIONS = ("temperature", "kd_weight", "kd_warmup", "kl_eps")
+                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "world_size": 1,
+                "sync_bn": False, "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
+# BN's statistics in the paper are those of the whole batch of 128 on one GPU: one process
+# (world_size 1), or any number with --sync_bn, which computes them over the global batch.
+BN_BATCH_OPTIONS = ("world_size", "sync_bn")
+# What the paper measured its MobileNet cells with (the published wrn_mobi never switched it to
+# eval mode), and our two lines for it.
+PROTOCOL_NAMES = {"eval": "BN in eval mode", "batchstats": "test-batch BN (published protocol)"}
 LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
 
@@ -111,12 +127,25 @@ class Run:
     @property
     def row_options(self):
         """The options that define the run's row: all of the cell's but the method and links."""
-        options = {key: value for key, value in self.last.items()
+        options = {key: option_value(value) for key, value in self.last.items()
                    if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
         options["lr"] = base_lr(self.last)
-        options.update({key: PAPER_RECIPE[key] for key in ADDED_OPTIONS if key not in options})
+        # An option added to main.py after a run was logged was trained at its default, the paper's
+        # value: that run shares a row with the runs that log it.
+        options = {**PAPER_RECIPE, **options}
         options["net2"] = self.net_names[1]
         return options
+
+
+def option_value(value):
+    """An option's value as it is compared: a list given as JSON text ('[60, 120, 160]',
+    '[60,120,160]') as the list, anything else as logged (JSON numbers are compared as numbers)."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
 
 
 def is_measurement(key):
@@ -128,7 +157,7 @@ def is_measurement(key):
 def base_lr(record):
     """The --lr option. main.py logs the epoch's lr under the same key, so the option is that
     lr undone by the drops of --epoch_step so far (rounded: the drops were float products)."""
-    drops = sum(1 for drop_epoch in json.loads(record["epoch_step"]) if drop_epoch <= record["epoch"])
+    drops = sum(1 for drop_epoch in option_value(record["epoch_step"]) if drop_epoch <= record["epoch"])
     return float(f"{record['lr'] / record['lr_decay_ratio'] ** drops:.10g}")
 
 
@@ -193,7 +222,8 @@ class Cell:
     seeds: list
     unfinished: int  # unfinished runs in the cell
     unfinished_counted: bool  # whether they are among `errors` (--include_unfinished)
-    paper: tuple = None  # (mean, std) reported in the paper, where it has this cell
+    protocol: str = "eval"  # how the errors were measured: a key of PROTOCOL_NAMES
+    paper: tuple = None  # (mean, std) reported in the paper, where it measured this cell the same way
 
     @property
     def mean(self):
@@ -212,16 +242,28 @@ class Cell:
 class Row:
     net_names: tuple
     options: dict  # the row's options (net2 included)
-    cells: dict  # (method, net index 1 or 2) -> Cell
+    cells: dict  # (method, net index 1 or 2) -> Cell, the "ours" line
+    other_cells: dict  # (method, 2) -> the MobileNet's Cell under the other protocol (MobileNet rows only)
+    paper_note: str = ""  # why the row has no paper values although the paper has the networks
+
+    def paper_cell(self, key):
+        """The cell of ours that the paper's value of `key` is set beside, or None."""
+        for cell in (self.cells.get(key), self.other_cells.get(key)):
+            if cell is not None and cell.paper:
+                return cell
+        return None
 
 
 def accuracy_key(run, net, batchstats):
-    """The logged accuracy of network `net` (1, 2 or ENSEMBLE) of `run` that the table uses."""
+    """The logged accuracy of network `net` (1 or 2) of `run` that the "ours" line (and plot.py) uses."""
+    return protocol_key(net, "batchstats" if net == 2 and batchstats and run.net_names[1] == "mobilenet" else "eval")
+
+
+def protocol_key(net, protocol):
+    """The logged accuracy of network `net` (1, 2 or ENSEMBLE) measured by `protocol`."""
     if net == ENSEMBLE:
         return ENSEMBLE_KEY
-    if net == 2 and batchstats and run.net_names[1] == "mobilenet":
-        return BATCHSTATS_KEY
-    return f"test_acc_net{net}"
+    return BATCHSTATS_KEY if protocol == "batchstats" else f"test_acc_net{net}"
 
 
 def run_error(run, key, best):
@@ -233,9 +275,20 @@ def run_error(run, key, best):
 
 
 def recipe_differences(row_options):
-    """The options of PAPER_RECIPE in which a row differs from the paper's training recipe."""
-    return [key for key, paper in PAPER_RECIPE.items()
-            if (json.loads(row_options[key]) if key == "epoch_step" else row_options[key]) != paper]
+    """Why a row's recipe is not the paper's, as phrases ([] when it is): the options whose value
+    differs from PAPER_RECIPE's, and the logged options PAPER_RECIPE does not know."""
+    options = {key: value for key, value in row_options.items() if key not in ("depth", "width", "net2")}
+    reasons = [f"{key} {json.dumps(options[key])} (the paper's: {json.dumps(reference)})"
+               for key, reference in PAPER_RECIPE.items()
+               if key in options and key not in BN_BATCH_OPTIONS and options[key] != reference]
+    world_size, sync_bn = options.get("world_size", 1), options.get("sync_bn", False)
+    if world_size != 1 and sync_bn is not True:
+        reasons.append(f"world_size {world_size} without sync_bn (BN statistics of each process's slice, the "
+                       f"paper's: of the whole batch)")
+    unknown = sorted(set(options) - set(PAPER_RECIPE))
+    if unknown:
+        reasons.append(f"{', '.join(unknown)} logged, which this tool cannot compare with the paper's recipe")
+    return reasons
 
 
 def paper_value(row_options, net_names, method, net):
@@ -243,6 +296,12 @@ def paper_value(row_options, net_names, method, net):
     if method not in PAPER.get(net_names, {}) or net == ENSEMBLE or recipe_differences(row_options):
         return None
     return PAPER[net_names][method][net - 1]
+
+
+def paper_protocol(net_name):
+    """How the paper measured a network's error: the published wrn_mobi tested its MobileNet with
+    test-batch BN statistics, every WRN in eval mode."""
+    return "batchstats" if net_name == "mobilenet" else "eval"
 
 
 def group_rows(runs):
@@ -269,19 +328,29 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
     for row_key, methods in group_rows(runs).items():
         options = json.loads(row_key)
         net_names = next(iter(methods.values()))[0].net_names
-        cells = {}
+        cells, other_cells = {}, {}
         for method in sorted(methods, key=method_order):
             method_runs = sorted(methods[method], key=lambda run: (run.seed, run.path))
             notes += repeated_seed_notes(method_runs)
             for net in (1, 2, ENSEMBLE) if ensemble else (1, 2):
-                cell, missing = measure_cell(method_runs, net, best, include_unfinished, batchstats)
-                cell.paper = paper_value(options, net_names, method, net)
-                cells[method, net] = cell
-                notes += [f"{path} lacks {key}: left out of {method} net {net}" for path, key in missing]
-        rows.append(Row(net_names, options, cells))
-        if net_names in PAPER and recipe_differences(options):
-            notes.append(f"{' + '.join(map(display_name, net_names))}: no paper values beside a row whose "
-                         f"{', '.join(recipe_differences(options))} differ from the paper's recipe")
+                # A MobileNet is measured both ways; --batchstats makes the published protocol its "ours" line.
+                protocols = ["eval"] + (["batchstats"] if net != ENSEMBLE and net_names[net - 1] == "mobilenet" else [])
+                if batchstats:
+                    protocols.reverse()
+                for index, protocol in enumerate(protocols):
+                    cell, missing = measure_cell(method_runs, net, best, include_unfinished, protocol)
+                    compared = net != ENSEMBLE and protocol == paper_protocol(net_names[net - 1])
+                    paper = paper_value(options, net_names, method, net) if compared else None
+                    cell.paper = paper if cell.errors else None
+                    (other_cells if index else cells)[method, net] = cell
+                    if index == 0 or paper:  # the "ours" line, or the one the paper is compared with
+                        notes += [f"{path} lacks {key}: left out of {method} net {net}" for path, key in missing]
+        reasons = recipe_differences(options) if net_names in PAPER else []
+        paper_note = f"not comparable: {'; '.join(reasons)}" if reasons else ""
+        rows.append(Row(net_names, options, cells, other_cells, paper_note))
+        if reasons:
+            notes.append(f"{' + '.join(map(display_name, net_names))}: no paper values beside a row whose recipe "
+                         f"is not the paper's: {'; '.join(reasons)}")
     for run in runs:
         if not run.finished:
             counted = "counted (--include_unfinished)" if include_unfinished else "left out"
@@ -289,14 +358,14 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
     return rows, notes
 
 
-def measure_cell(method_runs, net, best, include_unfinished, batchstats):
-    """The Cell of network `net` (1, 2 or ENSEMBLE) over the runs of one method, and (log, key) of the runs whose log
-    lacks the accuracy the cell needs."""
+def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
+    """The Cell of network `net` measured by `protocol` over the runs of one method, and (log,
+    key) of the runs whose log lacks the accuracy the cell needs."""
     errors, seeds, missing = [], [], []
     for run in method_runs:
         if not (run.finished or include_unfinished):
             continue
-        key = accuracy_key(run, net, batchstats)
+        key = protocol_key(net, protocol)
         error = run_error(run, key, best)
         if error is None:
             missing.append((run.path, key))
@@ -304,7 +373,7 @@ def measure_cell(method_runs, net, best, include_unfinished, batchstats):
         errors.append(error)
         seeds.append(run.seed)
     unfinished = sum(not run.finished for run in method_runs)
-    return Cell(errors, seeds, unfinished, include_unfinished), missing
+    return Cell(errors, seeds, unfinished, include_unfinished, protocol), missing
 
 
 def repeated_seed_notes(method_runs):
@@ -353,40 +422,51 @@ def cell_text(cell):
 
 
 def table_lines(rows):
-    """The table as lists of cell texts (header first; per row ours, then the paper's and the
-    difference where the paper has the row), and how many leading columns are labels."""
+    """The table as lists of cell texts (header first; per row ours, for a MobileNet ours under the
+    other protocol, then the paper's and the difference where the paper measured the cell as we
+    did, or why the paper's values are left out), and how many leading columns are labels."""
     methods = sorted({method for row in rows for method, _ in row.cells}, key=method_order)
     varying, _ = split_options([row.options for row in rows])
-    with_paper = any(cell.paper for row in rows for cell in row.cells.values())
     nets = (1, 2, ENSEMBLE) if any(net == ENSEMBLE for row in rows for _, net in row.cells) else (1, 2)
     keys = [(method, net) for method in methods for net in nets]
-    header = ["Net 1", "Net 2", *varying, *([""] if with_paper else [])]
+    labelled = any(row.other_cells or row.paper_note or any(map(row.paper_cell, keys)) for row in rows)
+    header = ["Net 1", "Net 2", *varying, *([""] if labelled else [])]
     label_columns = len(header)
     lines = [header + [f"{method_header(method)} {net}" for method, net in keys]]
     for row in rows:
         label = [display_name(row.net_names[0]), display_name(row.net_names[1]),
                  *(str(row.options.get(key, "")) for key in varying)]
-        cells = [row.cells.get(key) for key in keys]
-        lines.append(label + (["ours"] if with_paper else []) + [cell_text(cell) for cell in cells])
-        if any(cell and cell.paper for cell in cells):
-            blank = [""] * len(label)
-            lines.append(blank + ["paper"] + [f"{cell.paper[0]:.2f} ± {cell.paper[1]:.2f}" if cell and cell.paper
-                                              else "" for cell in cells])
-            lines.append(blank + ["ours - paper"] + [f"{cell.difference:+.2f}" if cell and cell.difference is not None
-                                                     else "" for cell in cells])
+        blank = [""] * len(label)
+        lines.append(label + (["ours"] if labelled else []) + [cell_text(row.cells.get(key)) for key in keys])
+        if row.other_cells:
+            protocol = next(iter(row.other_cells.values())).protocol
+            lines.append(blank + [f"ours, {PROTOCOL_NAMES[protocol]}"] + [cell_text(row.other_cells.get(key))
+                                                                          for key in keys])
+        compared = [row.paper_cell(key) for key in keys]
+        if any(compared):
+            lines.append(blank + ["paper"] + [f"{cell.paper[0]:.2f} ± {cell.paper[1]:.2f}" if cell else ""
+                                              for cell in compared])
+            lines.append(blank + ["ours - paper"] + [f"{cell.difference:+.2f}" if cell else "" for cell in compared])
+        elif row.paper_note:
+            lines.append(blank + ["paper"] + [row.paper_note] + [""] * (len(keys) - 1))
     return lines, label_columns
 
 
 def title(rows, best, batchstats):
     _, shared = split_options([row.options for row in rows])
-    ensemble = any(net == ENSEMBLE for row in rows for _, net in row.cells)
     epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
     lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
              f"n = runs."]
-    if batchstats:
-        lines.append(f"MobileNet (net 2): {BATCHSTATS_KEY}, BN with the test batch's statistics "
-                     f"(the published wrn_mobi's protocol).")
-    if ensemble:
+    if any(row.other_cells for row in rows):
+        first, second = ("batchstats", "eval") if batchstats else ("eval", "batchstats")
+        measured = {"eval": "BN in eval mode (the proper measurement, test_acc_net2)",
+                    "batchstats": f"BN normalising each test batch by its own statistics ({BATCHSTATS_KEY}), as "
+                                  f"the published wrn_mobi tested it"}
+        compared = "'ours'" if batchstats else f"'ours, {PROTOCOL_NAMES['batchstats']}'"
+        lines.append(f"MobileNet (net 2): 'ours' is its error with {measured[first]}; 'ours, "
+                     f"{PROTOCOL_NAMES[second]}' with {measured[second]}. The paper's MobileNet values come from "
+                     f"the published wrn_mobi: they are set beside, and differenced against, the {compared} line.")
+    if any(net == ENSEMBLE for row in rows for _, net in row.cells):
         lines.append(f"{ENSEMBLE}: the two networks' final classifiers with their softmax averaged ({ENSEMBLE_KEY}).")
     lines.append("Settings of every row: " + ", ".join(f"{key} {value}" for key, value in shared.items()) + ".")
     return lines
@@ -421,17 +501,18 @@ def latex(rows, best, batchstats):
 def csv_text(rows):
     """One line per cell with plain numbers, for scripts and spreadsheets."""
     option_names = sorted({key for row in rows for key in row.options} - {"net2"})
-    columns = ["net1", "net2", *option_names, "method", "net", "network", "runs", "unfinished", "mean", "std",
-               "paper_mean", "paper_std", "difference", "seeds"]
+    columns = ["net1", "net2", *option_names, "method", "net", "network", "protocol", "runs", "unfinished", "mean",
+               "std", "paper_mean", "paper_std", "difference", "paper_note", "seeds"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        for (method, net), cell in row.cells.items():
+        for (method, net), cell in [*row.cells.items(), *row.other_cells.items()]:
             writer.writerow({"net1": row.net_names[0], "net2": row.net_names[1],
                              **{key: row.options.get(key, "") for key in option_names},
                              "method": method, "net": net,
                              "network": "+".join(row.net_names) if net == ENSEMBLE else row.net_names[net - 1],
+                             "protocol": cell.protocol, "paper_note": row.paper_note,
                              "runs": len(cell.errors), "unfinished": cell.unfinished,
                              "mean": none_as_empty(cell.mean), "std": none_as_empty(cell.std),
                              "paper_mean": cell.paper[0] if cell.paper else "",
@@ -456,8 +537,8 @@ def parse_options(argv=None):
     parser.add_argument("--include_unfinished", action="store_true",
                         help="count unfinished runs (at their last logged epoch) in the means")
     parser.add_argument("--batchstats", action="store_true",
-                        help=f"MobileNet's error from {BATCHSTATS_KEY} (BN with test-batch statistics, "
-                             f"the published code's protocol)")
+                        help=f"the MobileNet's 'ours' line from {BATCHSTATS_KEY} (BN with test-batch statistics, "
+                             f"the published code's protocol), the eval-mode one second")
     parser.add_argument("--ensemble", action="store_true",
                         help=f"a column per method: the pair as an ensemble (final softmax averaged, {ENSEMBLE_KEY})")
     output = parser.add_mutually_exclusive_group()

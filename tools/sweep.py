@@ -11,10 +11,11 @@
 
 Options the sweep does not know are passed to every `main.py` (--depth, --epochs, --dataroot,
 --amp, ...). Run folders are LOGDIR/<net1>_<net2>_<method>_seed<seed>, main.py's default name,
-followed by the passed options that change what is trained (all but --dataroot, --nthread and
---note, and --temperature, --kd_weight, --kd_warmup, --kl_eps at their defaults), e.g.
-logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30 or logs/wrn-16-1_wrn-16-1_dcm_seed1_temperature-4. Paths are relative to where the sweep
-is started, and so are the runs'.
+followed by NAME-VALUE for each passed option that changes what is trained and whose value differs
+from main.py's default, e.g. logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30. Values are read as main.py
+reads them and written in one spelling: --lr 0.1, --lr 1e-1 and --lr=0.10 name no option (0.1 is
+the default), --epoch_step '[60, 120]' names epoch_step-60-120. Paths are relative to where the
+sweep is started, and so are the runs'.
 
 A run whose log reached its last epoch and that exported net1.pt and net2.pt is skipped; a run
 with a checkpoint.pt is resumed (--resume); any other starts afresh. Each run's output goes to
@@ -25,6 +26,8 @@ exit code is 0 when every run finished, 1 otherwise. Ctrl-C stops the runs (each
 finished epoch); the same command resumes them. `python tools/summarize.py LOGDIR` makes the table.
 """
 import argparse
+import functools
+import importlib.util
 import os
 import re
 import shlex
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import slurm
-from summarize import ToolError, read_log
+from summarize import NOT_CELL_DEFINING, ToolError, option_value, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("wrn", "wrn_mobi")
@@ -44,11 +47,9 @@ METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # d
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
                   "--seed": "--seeds", "--gpu_id": "--gpus", "--resume": "nothing (runs resume by themselves)",
                   "--benchmark": "main.py directly"}
-# Passed flags that do not change what is trained, so they are not part of a run's folder name.
-NAMELESS_FLAGS = ("--dataroot", "--nthread", "--note", "--checkpoint_every", "--deterministic", "--eval_batch_size",
-                  "--channels_last", "--compile")
-# Passed flags that name a run only at values other than main.py's default (the published DCM's).
-NAMELESS_AT_DEFAULT = {"--temperature": 1.0, "--kd_weight": 1.0, "--kd_warmup": 0.0, "--kl_eps": 1e-8}
+# main.py's options that are not written after a run folder's name: those that do not change what
+# is trained (summarize.py's list), and those the name shows already.
+NAMELESS_OPTIONS = set(NOT_CELL_DEFINING) | {"depth", "width", "method", "links"}
 OUTPUT_NAME = "stdout.txt"
 POLL_SECONDS = 0.5
 
@@ -103,6 +104,7 @@ def check_options(opt, main_args):
     for flag, _ in flag_values(main_args):
         if flag in RESERVED_FLAGS:
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
+    main_option_values(main_args)  # refuses what main.py's parser refuses, before any run starts
     slurm.check_options(opt)
 
 
@@ -127,28 +129,55 @@ def slots(opt):
 
 # --- the runs ------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def main_option_parser():
+    """(wrn/main.py's option parser, its UsageError); wrn_mobi/main.py is the same file. Its
+    modules are imported by their plain names while it loads, and taken out of sys.modules after."""
+    spec = importlib.util.spec_from_file_location("dcm_main", ROOT / "wrn" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    own_modules = {path.stem for path in (ROOT / "wrn").glob("*.py")}
+    loaded_before = {name: sys.modules[name] for name in own_modules if name in sys.modules}
+    sys.path.insert(0, str(ROOT / "wrn"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "wrn"))
+        for name in own_modules:
+            sys.modules.pop(name, None)
+        sys.modules.update(loaded_before)
+    return module.option_parser(), module.UsageError
+
+
+def main_option_values(main_args):
+    """({option: value}, {option: main.py's default}) of the flags passed to main.py, read by
+    main.py's own parser: the values main.py will run with, whatever their spelling."""
+    parser, usage_error = main_option_parser()
+    try:
+        return vars(parser.parse_args(main_args)), vars(parser.parse_args([]))
+    except usage_error as error:
+        raise ToolError(f"main.py would refuse the flags passed to it: {error}") from None
+
+
+def value_text(value):
+    """One spelling of an option's value for a folder name: floats by repr, lists as 60-120-160,
+    nothing but letters, digits, dots and dashes."""
+    value = option_value(value)
+    text = "-".join(map(value_text, value)) if isinstance(value, list) else repr(value) if isinstance(value, float) \
+        else str(value)
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
 def run_name(folder, method, seed, main_args):
-    """main.py's default_save_dir name, then the passed options that change what is trained."""
-    options = dict(flag_values(main_args))
-    depth, width = (options.get(flag, [default])[-1] for flag, default in (("--depth", "28"), ("--width", "10")))
-    net1 = f"wrn-{depth}-{width}"
+    """main.py's default_save_dir name, then NAME-VALUE (NAME for a flag without value) for every
+    passed option that changes what is trained and whose value is not main.py's default."""
+    values, defaults = main_option_values(main_args)
+    net1 = f"wrn-{values['depth']}-{values['width']}"
     net2 = net1 if folder == "wrn" else "mobilenet"  # models.pair_names of each folder
     name = f"{net1}_{net2}_{method}_seed{seed}"
-    for flag in sorted(set(options) - set(NAMELESS_FLAGS) - {"--depth", "--width"}):
-        if is_default(flag, options[flag]):
-            continue
-        # Folder names without brackets, commas or spaces: '--epoch_step [60,120]' -> 'epoch_step-60-120'.
-        name += "_" + "-".join([flag[2:], *(re.sub(r"[^A-Za-z0-9.]+", "-", value).strip("-")
-                                            for value in options[flag])])
+    for option in sorted(set(values) - NAMELESS_OPTIONS):
+        if option_value(values[option]) != option_value(defaults[option]):
+            name += "_" + (option if values[option] is True else f"{option}-{value_text(values[option])}")
     return name
-
-
-def is_default(flag, values):
-    """Whether a NAMELESS_AT_DEFAULT flag is passed at main.py's default value ('--kd_weight 1.0')."""
-    try:
-        return flag in NAMELESS_AT_DEFAULT and len(values) == 1 and float(values[0]) == NAMELESS_AT_DEFAULT[flag]
-    except ValueError:  # not a number: main.py refuses it, by the name the sweep gives it
-        return False
 
 
 def plan(opt, main_args):

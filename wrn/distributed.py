@@ -105,6 +105,17 @@ class Group:
             return net
         return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
+    def broadcast_buffers(self, nets):
+        """Rank 0's buffers (BN running statistics) copied into every rank's `nets` (collective).
+        Without --sync_bn each rank's last training step updated its own BN statistics with its own
+        slice, and DDP broadcasts rank 0's only before the next training forward pass: evaluating
+        without this would test each shard with another network than the one checkpointed and
+        exported (rank 0's)."""
+        if self.size > 1:
+            for net in nets:
+                for buffer in net.buffers():
+                    dist.broadcast(buffer, src=0)
+
     def sum(self, tensor):
         """`tensor`, summed over the ranks in place (collective)."""
         if self.size > 1:

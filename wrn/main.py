@@ -51,7 +51,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --- options -------------------------------------------------------------------------------------
 
-def parse_options(argv=None):
+def option_parser():
+    """main.py's options; tools/sweep.py parses the flags it passes with it, to compare them by value."""
     parser = ArgumentParser(description="DCM: two networks trained together on CIFAR.")
     parser.add_argument("--save", default="", type=str,
                         help="folder for log.txt, checkpoint.pt, net1.pt and net2.pt "
@@ -105,8 +106,14 @@ def parse_options(argv=None):
     speed.add_argument("--benchmark", default=None, type=int, metavar="N",
                        help="time N training steps on random in-memory data, print one line and exit "
                             "(one process: not under torchrun)")
-    opt = parser.parse_args(argv)
+    return parser
+
+
+def parse_options(argv=None):
+    opt = option_parser().parse_args(argv)
     check_options(opt)
+    # One spelling of each value: '[60, 120, 160]' is logged and checkpointed as '[60,120,160]'.
+    opt.epoch_step = json.dumps(lr_drop_epochs(opt), separators=(",", ":"))
     if not opt.save:
         opt.save = default_save_dir(opt)
     return opt
@@ -237,7 +244,7 @@ def main(argv=None):
     position = {"epoch": 0, "step": 0, "meter": None, "train_time": 0.0}
     if checkpoint:
         try:
-            position = load_checkpoint(opt, checkpoint, step, optimizer, device)
+            position = load_checkpoint(opt, checkpoint, step, optimizer, device, vars(option_parser().parse_args([])))
         except CheckpointError as error:
             raise UsageError(str(error)) from None
         if group.is_main and os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(opt.save):

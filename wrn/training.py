@@ -267,7 +267,9 @@ def batch_statistics_accuracies(step, index, batches):
 def evaluate(step, batches):
     """The meter of `batches` (each rank's shard of the test set), summed over the ranks."""
     # BN uses its running statistics (eval mode) for both networks, so the numbers do not depend
-    # on how the test set is cut into batches or shards.
+    # on how the test set is cut into batches or shards; every rank tests with rank 0's statistics,
+    # those of the network that is checkpointed and exported.
+    step.group.broadcast_buffers(step.nets)
     step.set_mode(training=False)
     meter = EpochMeter()
     for images, targets in batches:

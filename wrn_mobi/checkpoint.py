@@ -13,6 +13,7 @@ over the old one (and the folder fsynced): a crash at any point leaves the previ
 Checkpoints are plain dicts of tensors and Python values, read back with weights_only=True, so
 loading one never runs code. This file is identical in wrn/ and wrn_mobi/.
 """
+import json
 import os
 import random
 import warnings
@@ -20,16 +21,16 @@ import warnings
 import numpy as np
 import torch
 
-import distillation
 import training
 
 CHECKPOINT = "checkpoint.pt"
 AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
-# Options that define the networks, the objective, the batches and the schedule: a checkpoint only
-# resumes a run that agrees. --epochs may grow, and the speed options (--amp, --channels_last,
-# --compile, ...) may change on resume.
-RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed", "batch_size", "lr", "weight_decay",
-                        "epoch_step", "lr_decay_ratio", "temperature", "kd_weight", "kd_warmup", "kl_eps")
+# The options that may differ between a checkpoint and the run resuming it: --epochs (to extend the
+# run), the speed options, where the files are, and bookkeeping. Every other option, one added later
+# included, defines what is trained (networks, objective, batches, schedule): a checkpoint resumes
+# only a run that gives it the checkpoint's value.
+RESUMABLE_OPTIONS = ("epochs", "save", "resume", "dataroot", "nthread", "gpu_id", "note", "checkpoint_every",
+                     "deterministic", "eval_batch_size", "amp", "channels_last", "compile", "benchmark", "sync_bn")
 
 
 class CheckpointError(Exception):
@@ -108,10 +109,29 @@ def save_checkpoint(opt, position, step, optimizer, log_bytes):
     atomic_save(state, os.path.join(opt.save, CHECKPOINT))
 
 
-def load_checkpoint(opt, path, step, optimizer, device):
+def option_value(value):
+    """An option's value as it is compared: a list given as JSON text ('[60, 120]') as the list."""
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
+def mismatched_options(opt, saved_options, defaults):
+    """'--NAME SAVED (not GIVEN)' for every option outside RESUMABLE_OPTIONS whose value differs
+    from the checkpoint's; an option the checkpoint predates had its default value in `defaults`."""
+    return [f"--{name} {saved_options.get(name, defaults.get(name))} (not {value})" for name, value in vars(opt).items()
+            if name not in RESUMABLE_OPTIONS
+            and option_value(saved_options.get(name, defaults.get(name))) != option_value(value)]
+
+
+def load_checkpoint(opt, path, step, optimizer, device, defaults):
     """Restore the checkpoint at `path` into the networks, the optimizer, the loss scaler and the
     RNGs; return where it stands: epochs completed, steps into the next epoch, that epoch's
-    partial meter and training time, and the size log.txt had when it was written."""
+    partial meter and training time, and the size log.txt had when it was written. `defaults`:
+    {option: main.py's default}, the value of an option the checkpoint predates."""
     try:
         with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
@@ -121,10 +141,7 @@ def load_checkpoint(opt, path, step, optimizer, device):
         raise CheckpointError(f"--resume {path} is not a checkpoint this script can load safely "
                               f"({type(error).__name__}): it is truncated, corrupt, or holds objects that only "
                               f"arbitrary unpickling would load, which is refused; give another file") from None
-    # The distillation options came after the first checkpoints: one without them used the published values.
-    saved_options = {**distillation.PUBLISHED, **saved_options}
-    mismatched = [f"--{name} {saved_options.get(name)} (not {getattr(opt, name)})" for name in RUN_DEFINING_OPTIONS
-                  if saved_options.get(name) != getattr(opt, name)]
+    mismatched = mismatched_options(opt, saved_options, defaults)
     if mismatched:
         raise CheckpointError(f"--resume {path} belongs to another run: it was trained with {', '.join(mismatched)}; "
                               f"rerun with the run's own flags")
