@@ -241,7 +241,7 @@ def test_summarize_gives_the_options_their_own_rows_and_paper_values_only_at_the
     assert set(cells) == {("1.0", "1"), ("1.0", "2"), ("4.0", "1"), ("4.0", "2")}
     assert cells["1.0", "1"]["runs"] == "4" and cells["1.0", "1"]["paper_mean"] == "16.61"  # one row, paper beside
     assert cells["4.0", "1"]["runs"] == "2" and cells["4.0", "1"]["paper_mean"] == ""
-    assert "temperature differ from the paper's recipe" in err
+    assert "temperature 4.0 (the paper's: 1.0)" in err
 
 
 def test_summarize_ensemble_adds_a_column_per_method(tmp_path):
