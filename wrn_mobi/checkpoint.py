@@ -28,7 +28,7 @@ AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classif
 # resumes a run that agrees. --epochs may grow, and the speed options (--amp, --channels_last,
 # --compile, ...) may change on resume.
 RUN_DEFINING_OPTIONS = ("method", "links", "depth", "width", "dataset", "seed", "batch_size", "lr", "weight_decay",
-                        "epoch_step", "lr_decay_ratio")
+                        "epoch_step", "lr_decay_ratio", "subset")
 
 
 class CheckpointError(Exception):
