@@ -99,7 +99,7 @@ def finished_already(opt, position):
         where = (f"is at step {position['step']} of epoch {epochs_begun}" if position["step"]
                  else f"has finished epoch {position['epoch']}")
         raise CheckpointError(f"--resume: the checkpoint {where}, past --epochs {opt.epochs}; pass --epochs "
-                              f"{max(epochs_begun, position['epoch'] + 1)} or more to go on")
+                              f"{epochs_begun} or more to go on")
     exported = all(os.path.isfile(os.path.join(opt.save, f"net{k}.pt")) for k in (1, 2))
     if position["epoch"] < opt.epochs or not exported:
         return False
