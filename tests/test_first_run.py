@@ -72,9 +72,9 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(default_run):
 
 def test_the_subset_is_part_of_the_run_on_resume(default_run):
     assert SHORT[-2:] == ["--subset", "32"]
-    result = subprocess.run([sys.executable, str(ROOT / "wrn" / "main.py"), *SHORT[:-2], "--epochs", "2", "--nthread", "1",
-                             "--save", str(default_run.save), "--resume"], env=CPU_ONLY, capture_output=True,
-                            text=True, timeout=240)
+    result = subprocess.run([sys.executable, str(ROOT / "wrn" / "main.py"), *SHORT[:-2], "--epochs", "2",
+                             "--nthread", "1", "--save", str(default_run.save), "--resume"], env=CPU_ONLY,
+                            capture_output=True, text=True, timeout=240)
     assert result.returncode == 2 and "--subset 32" in result.stderr, result.stderr
 
 

@@ -49,7 +49,8 @@ def parse_options(argv=None):
     parser.add_argument("--width", default=10, type=int)
     parser.add_argument("--batch_size", default=128, type=int)
     parser.add_argument("--method", default="dcm", choices=["ind", "dml", "ds", "dcm"])
-    parser.add_argument("--gpu_id", default=None, type=str, help="'' for the CPU (default: main.py's: GPU 0, or the CPU)")
+    parser.add_argument("--gpu_id", default=None, type=str,
+                        help="'' for the CPU (default: main.py's, GPU 0 or the CPU)")
     parser.add_argument("--nthread", default=None, type=int, help="default: main.py's, the cores a process may use")
     parser.add_argument("--timeout", default=300, type=int, help="seconds allowed to one row")
     opt = parser.parse_args(argv)

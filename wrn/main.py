@@ -47,7 +47,7 @@ class UsageError(Exception):
 
 class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):  # every default worth showing, unless the help text already says it
-        shown = action.default not in (None, "", False) and "default" not in (action.help or "")
+        shown = action.default not in (None, "", False, argparse.SUPPRESS) and "default" not in (action.help or "")
         return (action.help or "") + (" (default: %(default)s)" if shown else "")
 
 
@@ -65,21 +65,21 @@ def parse_options(argv=None):
                              "(default: ./logs/<net1>_<net2>_<method>_seed<seed>)")
     parser.add_argument("--depth", default=28, type=int, help="WRN depth (6n+4) of net 1 (and net 2 in wrn/)")
     parser.add_argument("--width", default=10, type=int, help="WRN width of net 1 (and net 2 in wrn/)")
-    parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS)
+    parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS, help="what to train and test on")
     parser.add_argument("--dataroot", default="./data", type=str,
                         help="folder holding the dataset; downloaded there when missing")
     parser.add_argument("--batch_size", default=128, type=int, help="the global batch, split over torchrun's processes")
-    parser.add_argument("--lr", default=0.1, type=float)
-    parser.add_argument("--epochs", default=200, type=int)
+    parser.add_argument("--lr", default=0.1, type=float, help="SGD learning rate (momentum 0.9)")
+    parser.add_argument("--epochs", default=200, type=int, help="epochs to train")
     parser.add_argument("--subset", default=None, type=int, metavar="N",
                         help="train on N images only, the same in every epoch: a class-balanced subset of the "
                              "training set chosen by --seed, for short runs on real data (smoke tests, debugging a "
                              "recipe; not the paper's recipe). The test set stays whole. Default: all images")
-    parser.add_argument("--weight_decay", default=0.0005, type=float)
+    parser.add_argument("--weight_decay", default=0.0005, type=float, help="on every parameter")
     parser.add_argument("--epoch_step", default="[60,120,160]", type=str,
                         help="JSON list of 1-based epochs at whose start the lr is multiplied by --lr_decay_ratio")
-    parser.add_argument("--lr_decay_ratio", default=0.2, type=float)
-    parser.add_argument("--seed", default=1, type=int)
+    parser.add_argument("--lr_decay_ratio", default=0.2, type=float, help="the lr's factor at each --epoch_step")
+    parser.add_argument("--seed", default=1, type=int, help="initialisation, shuffling, augmentation and --subset")
     parser.add_argument("--nthread", default=None, type=int,
                         help="CPU threads for torch (default: the cores this process may use; batches are made on "
                              "the training device, no loader workers)")
