@@ -214,6 +214,8 @@ def test_benchmark_prints_one_line_with_every_figure_and_writes_nothing(tmp_path
         assert float(figures[key]) > 0, key
     assert float(figures["images"]) * float(figures["ms"]) / 1e3 == pytest.approx(4, rel=0.01)
     assert list(tmp_path.iterdir()) == [], "--benchmark must not write files"
+    phases = [line for line in result.stderr.splitlines() if line.startswith("benchmark: ")]
+    assert len(phases) == 5 and "warm-up" in phases[1], result.stderr  # each phase says it has started
 
 
 def test_benchmark_tool_prints_the_table_with_the_plain_baseline(tmp_path):

@@ -59,7 +59,7 @@ def select_device(opt):
     if opt.gpu_id is not None and (single_process or opt.gpu_id == ""):
         # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
-    torch.set_num_threads(opt.nthread or available_cores())
+    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1) if opt.nthread else available_cores())
     opt.nthread = torch.get_num_threads()
     if opt.deterministic:
         # cuBLAS needs this workspace setting for reproducible results; ops without a deterministic

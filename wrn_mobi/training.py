@@ -250,7 +250,8 @@ def evaluate(step, batches):
     # on how the test set is cut into batches or shards.
     step.set_mode(training=False)
     meter = EpochMeter()
-    for images, targets in batches:
+    for images, targets in tqdm(batches, desc="testing", leave=False, dynamic_ncols=True,
+                                disable=not sys.stdout.isatty()):
         outputs_net1, outputs_net2, terms = step.evaluate(images, targets)
         meter.update(terms, outputs_net1, outputs_net2, targets)
     return meter.summed_over(step.group)
