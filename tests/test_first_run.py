@@ -132,7 +132,7 @@ def test_main_help_shows_the_defaults(capsys):
     assert exit_code.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("--batch_size BATCH_SIZE the global batch, split over torchrun's processes (default: 128)",
-                  "--lr LR (default: 0.1)", "--epochs EPOCHS (default: 200)", "--subset N train on N images only",
+                  "--lr LR SGD learning rate (momentum 0.9) (default: 0.1)", "--epochs EPOCHS epochs to train (default: 200)", "--subset N train on N images only",
                   "(default: the cores this process may use", "Default: GPU 0 of the visible ones, or the CPU"):
         assert shown in text, shown
 
