@@ -71,7 +71,7 @@ def select_device(opt):
             raise DeviceError(f"--gpu_id {opt.gpu_id}: this machine shows no such GPU (torch.cuda.is_available() "
                               f"is False); drop --gpu_id to train on the CPU, or check CUDA_VISIBLE_DEVICES")
         if opt.gpu_id is None:  # on stderr: --benchmark's stdout is its one result line
-            distributed.print_on_rank0(f"no GPU found: training on the CPU ({opt.nthread} threads)")
+            distributed.print_on_rank0(f"no GPU found: training on the CPU ({threads(opt.nthread)})")
         opt.gpu_id = ""
         return torch.device("cpu")
     torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
@@ -87,7 +87,11 @@ def select_device(opt):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
+    return f"CPU, {threads(torch.get_num_threads())}"
+
+
+def threads(count):
+    return f"{count} thread" + ("s" if count != 1 else "")
 
 
 def synchronize(device):
