@@ -2,6 +2,7 @@
 import gzip
 import os
 import pickle
+import re
 import shutil
 import struct
 
@@ -324,6 +325,7 @@ def test_missing_dataset_with_failed_download_names_the_expected_folder(folder, 
     message = str(error.value)
     assert os.path.join(str(tmp_path), *expected_folder) in message
     assert "network is unreachable" in message
+    assert re.search(r"download .*https?://", message) and "\n" not in message  # from where, on one line
 
 
 def test_a_local_cifar_archive_failing_the_checksum_is_named(folder, tmp_path, monkeypatch):

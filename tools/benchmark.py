@@ -49,8 +49,9 @@ def parse_options(argv=None):
     parser.add_argument("--width", default=10, type=int)
     parser.add_argument("--batch_size", default=128, type=int)
     parser.add_argument("--method", default="dcm", choices=["ind", "dml", "ds", "dcm"])
-    parser.add_argument("--gpu_id", default="0", type=str, help="'' for the CPU")
-    parser.add_argument("--nthread", default=4, type=int)
+    parser.add_argument("--gpu_id", default=None, type=str,
+                        help="'' for the CPU (default: main.py's, GPU 0 or the CPU)")
+    parser.add_argument("--nthread", default=None, type=int, help="default: main.py's, the cores a process may use")
     parser.add_argument("--timeout", default=300, type=int, help="seconds allowed to one row")
     opt = parser.parse_args(argv)
     if opt.steps <= 0 or opt.timeout <= 0:
@@ -61,8 +62,9 @@ def parse_options(argv=None):
 
 
 def row_command(opt, folder, setting):
-    common = ["--depth", opt.depth, "--width", opt.width, "--batch_size", opt.batch_size,
-              "--gpu_id", opt.gpu_id, "--nthread", opt.nthread]
+    common = ["--depth", opt.depth, "--width", opt.width, "--batch_size", opt.batch_size]
+    common += ["--gpu_id", opt.gpu_id] if opt.gpu_id is not None else []
+    common += ["--nthread", opt.nthread] if opt.nthread is not None else []
     if SETTINGS[setting] is None:
         command = [ROOT / "tools" / "plain_step.py", "--folder", folder, "--steps", opt.steps, *common]
     else:

@@ -26,19 +26,22 @@ def parse_options(argv=None):
     parser.add_argument("--num_classes", default=100, type=int)
     parser.add_argument("--batch_size", default=128, type=int)
     parser.add_argument("--steps", default=20, type=int)
-    parser.add_argument("--nthread", default=4, type=int)
-    parser.add_argument("--gpu_id", default="0", type=str, help="'' for the CPU")
+    parser.add_argument("--nthread", default=None, type=int, help="default: the cores this process may use")
+    parser.add_argument("--gpu_id", default=None, type=str, help="'' for the CPU (default: GPU 0, or the CPU)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     opt = parse_options(argv)
-    os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
-    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if opt.gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
     sys.path.insert(0, str(ROOT / opt.folder))
+    import hardware
     import models
     from dcm_loss import dcm_loss
+
+    torch.set_num_threads(opt.nthread or hardware.available_cores())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     torch.manual_seed(1)
     net1, net2 = (net.to(device) for net in models.build_pair(opt.depth, opt.width, opt.num_classes, True))

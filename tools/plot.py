@@ -1,15 +1,15 @@
 """The paper's Figure 2: test error vs epoch of each method, mean over seeds with a min-max band.
 
     python tools/plot.py logs --out figure2.png
-    python tools/plot.py 'wrn_mobi/logs/*' --out mobilenet.pdf
-    python tools/plot.py wrn_mobi/logs --batchstats --out figure2_batchstats.png
+    python tools/plot.py 'logs/*mobilenet*' --out mobilenet.pdf
+    python tools/plot.py 'logs/*mobilenet*' --batchstats --out figure2_batchstats.png
 
 Reads logs as tools/summarize.py does (files, folders searched for log.txt, globs) and groups
 them into the same rows: one row of panels per pair of networks and settings, net 1 on the left,
 net 2 on the right, one curve per method. At each epoch the line is the mean error of the runs
 that reached it and the band spans their min and max. Unfinished runs are left out unless
 --include_unfinished. The format follows --out: .png, .pdf or .svg. Needs matplotlib
-(`pip install matplotlib`), the project's only optional package.
+(`pip install -r requirements-tools.txt`).
 """
 import argparse
 import json
@@ -30,7 +30,8 @@ def import_pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ToolError("plot.py needs matplotlib, which is not installed: pip install matplotlib") from None
+        raise ToolError("plot.py needs matplotlib, which is not installed: pip install -r requirements-tools.txt "
+                        "(or pip install matplotlib)") from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as pyplot
     return pyplot

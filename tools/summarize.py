@@ -1,15 +1,15 @@
 """The paper's table from a set of runs: test error of each network as mean +/- std over seeds.
 
     python tools/summarize.py logs                              # every log.txt under logs/
-    python tools/summarize.py 'wrn/logs/*_seed*' 'wrn_mobi/logs/*_seed*'
+    python tools/summarize.py 'logs/*_seed1' 'logs/*_seed2'    # globs
     python tools/summarize.py logs --best                       # best epoch instead of the last
     python tools/summarize.py logs --latex > table.tex          # or --csv: one line per cell
-    python tools/summarize.py wrn_mobi/logs --batchstats        # the MobileNet's published-protocol line first
+    python tools/summarize.py 'logs/*mobilenet*' --batchstats   # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
 Arguments are log files, folders (searched for log.txt) or globs. Runs are grouped by every
-option main.py logged except those that do not change what is trained (seed, save, note,
-gpu_id, resume, dataroot, nthread, benchmark); the seed is what varies inside a cell. A row is
+option main.py logged except those that do not change what is trained (NOT_CELL_DEFINING, listed
+at the end of --help); the seed is what varies inside a cell. A row is
 a pair of networks with its settings, a column pair is a method (ind, dml, ds, dcm, and dcm with
 other --links as dcm-same, dcm-cross, dcm-final) with net 1's and net 2's error.
 
@@ -42,6 +42,7 @@ import io
 import json
 import os
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -77,7 +78,8 @@ PAPER = {
 # its reference value (main.py's default, logged by every run since the option exists).
 PAPER_RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
                 "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "world_size": 1,
-                "sync_bn": False, "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
+                "sync_bn": False, "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8,
+                "subset": None}
 # BN's statistics in the paper are those of the whole batch of 128 on one GPU: one process
 # (world_size 1), or any number with --sync_bn, which computes them over the global batch.
 BN_BATCH_OPTIONS = ("world_size", "sync_bn")
@@ -165,7 +167,7 @@ def base_lr(record):
 
 def find_logs(paths):
     """The log files named by `paths`: files as given, folders searched for log.txt, globs expanded."""
-    logs = []
+    logs, in_progress = [], []
     for path in paths:
         matches = sorted(glob.glob(path, recursive=True)) or ([path] if os.path.exists(path) else [])
         if not matches:
@@ -174,11 +176,17 @@ def find_logs(paths):
             if os.path.isdir(match):
                 logs += sorted(os.path.join(folder, LOG_NAME) for folder, _, files in os.walk(match)
                                if LOG_NAME in files)
+                # A run writes log.txt when its first epoch ends; before that its folder holds only these.
+                in_progress += [folder for folder, _, files in os.walk(match)
+                                if LOG_NAME not in files and {"stdout.txt", "checkpoint.pt"} & set(files)]
             else:
                 logs.append(match)
     unique = list(dict.fromkeys(os.path.normpath(log) for log in logs))
+    if not unique and in_progress:
+        raise ToolError(f"{', '.join(in_progress)}: in progress, no epoch finished yet (a run writes {LOG_NAME} "
+                        f"at the end of each epoch)")
     if not unique:
-        raise ToolError(f"no {LOG_NAME} under {' '.join(paths)}")
+        raise ToolError(f"no {LOG_NAME} under {' '.join(paths)}: no run there has finished an epoch")
     return unique
 
 
@@ -529,9 +537,11 @@ def none_as_empty(value):
 # --- command line ------------------------------------------------------------------------------------
 
 def parse_options(argv=None):
+    ignored = textwrap.fill("Options that do not define a cell (runs differing only in them share it): "
+                            + ", ".join(NOT_CELL_DEFINING) + ".", width=95)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 1)[1])
+                                     epilog=__doc__.split("\n", 1)[1] + "\n" + ignored)
     parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
     parser.add_argument("--best", action="store_true", help="each run's best epoch instead of its last")
     parser.add_argument("--include_unfinished", action="store_true",

@@ -81,8 +81,9 @@ def parse_options(argv=None):
                         help="default: ind dml dcm (the paper's table); dcm-LINKS is dcm with --links LINKS")
     parser.add_argument("--seeds", nargs="+", default=[1, 2, 3, 4, 5], type=int)
     parser.add_argument("--logdir", default="logs", help="where the run folders go (default: ./logs)")
-    parser.add_argument("--gpus", default="0", type=str,
-                        help="comma-separated GPU ids that take runs in parallel; '' for the CPU (default: 0)")
+    parser.add_argument("--gpus", default=None, type=str,
+                        help="comma-separated GPU ids that take runs in parallel; '' for the CPU (default: 0 where "
+                             "PyTorch finds a GPU, else the CPU)")
     parser.add_argument("--jobs_per_gpu", default=1, type=int, help="runs at a time on each GPU (small models)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and what is skipped; run nothing")
     slurm.add_options(parser)
@@ -92,6 +93,8 @@ def parse_options(argv=None):
 
 
 def check_options(opt, main_args):
+    if opt.gpus is None:
+        opt.gpus = "0" if gpu_found() else ""
     gpus = opt.gpus.split(",")
     if opt.gpus and not all(gpu.strip().isdigit() for gpu in gpus):
         raise ToolError(f"--gpus takes GPU ids like 0,1,2 (or '' for the CPU), got {opt.gpus!r}")
@@ -106,6 +109,12 @@ def check_options(opt, main_args):
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
     main_option_values(main_args)  # refuses what main.py's parser refuses, before any run starts
     slurm.check_options(opt)
+
+
+def gpu_found():
+    import torch  # slow to import: only when --gpus is not given
+
+    return torch.cuda.is_available()
 
 
 def flag_values(args):
@@ -261,7 +270,7 @@ def start_on_free_slots(pending, running, main_args, gpu_slots, total):
         if slot not in running and pending:
             job = pending.pop(0)
             running[slot] = job, launch(job, main_args, gpu), time.time()
-            print(f"[{total - len(pending)}/{total}] {job.action} {job.save} on {f'GPU {gpu}' if gpu else 'CPU'}",
+            print(f"[{total - len(pending)}/{total}] {job.action} {job.save} on {f'GPU {gpu}' if gpu else 'the CPU'}",
                   flush=True)
 
 
@@ -283,10 +292,10 @@ def collect_finished(running):
 
 def print_plan(jobs, main_args, gpu_slots):
     counts = {action: sum(job.action == action for job in jobs) for action in ("start", "resume", "skip", "blocked")}
-    devices = ", ".join(sorted({f"GPU {gpu}" if gpu else "CPU" for gpu in gpu_slots}))
+    devices = ", ".join(sorted({f"GPU {gpu}" if gpu else "the CPU" for gpu in gpu_slots}))
     print(f"# {len(jobs)} runs: {counts['start']} to start, {counts['resume']} to resume, {counts['skip']} finished "
-          f"(skipped), {counts['blocked']} blocked; {len(gpu_slots)} at a time on {devices} (each with its "
-          f"--gpu_id), output in SAVE/{OUTPUT_NAME}")
+          f"(skipped), {counts['blocked']} blocked; {len(gpu_slots)} at a time on {devices}, output in "
+          f"SAVE/{OUTPUT_NAME}")
     for job in jobs:
         if job.action in ("start", "resume"):
             print(shlex.join(command(job, main_args)))

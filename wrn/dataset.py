@@ -10,7 +10,7 @@ import os
 import pickle
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -33,7 +33,6 @@ CIFAR_LAYOUT = {  # folder inside --dataroot, training files, test files, label 
     "CIFAR10": ("cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)], ["test_batch"], b"labels",
                 "batches.meta", b"label_names"),
 }
-CIFAR_ARCHIVES = {"CIFAR100": "cifar-100-python.tar.gz", "CIFAR10": "cifar-10-python.tar.gz"}
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -130,16 +129,27 @@ def download_with_torchvision(name, root, expected):
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     os.remove(path)
-        archive = CIFAR_ARCHIVES.get(name, "the four *-ubyte.gz files of FashionMNIST")
         if corrupt_archive(name, root):
             raise DatasetError(
-                f"{os.path.join(root, archive)} fails torchvision's md5 checksum: it is a partial or corrupted "
+                f"{os.path.join(root, CIFAR_ARCHIVES[name])} fails torchvision's md5 checksum: it is a partial or corrupted "
                 f"download, or another file of that name. Delete it (a run then downloads it again) or replace "
                 f"it by the original archive, then run again with --dataroot {root}") from None
-        raise DatasetError(
-            f"{name} is not in {root} and its download failed ({type(error).__name__}: {error}). "
-            f"Put it there by hand: fetch {archive} and unpack it so that {expected} exists, "
-            f"then run again with --dataroot {root}") from None
+        raise DatasetError(f"{name} is not in {root} and its download failed ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())}). {by_hand(name, root, expected)}") from None
+
+
+def by_hand(name, root, expected):
+    """How to put dataset `name` into `root` without torchvision's download: from where, and where to."""
+    # torchvision knows the addresses; its dataset modules hold the classes that download.
+    from torchvision.datasets import cifar, mnist
+
+    source = getattr(cifar if name in CIFAR_LAYOUT else mnist, name)
+    if name in CIFAR_LAYOUT:
+        return (f"Put it there by hand: download {source.url} and unpack it in {root}, so that {expected} exists; "
+                f"then run again with --dataroot {root}")
+    files = ", ".join(filename for filename, _ in source.resources)
+    return (f"Put it there by hand: download {files} from {source.mirrors[0]} into {root} or {expected} (the .gz "
+            f"files as they are); then run again with --dataroot {root}")
 
 
 def corrupt_archive(name, root):
@@ -216,6 +226,30 @@ def random_image_data(num_train, num_classes, device, seed=0):
     labels = torch.randint(0, num_classes, (num_train,), generator=generator, device=device)
     mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (CIFAR_MEAN, CIFAR_STD))
     return ImageData(images, labels, images[:0], labels[:0], num_classes, mean, std)
+
+
+# --- a short run: a fixed class-balanced subset of the training set ------------------------------
+
+def training_subset(data, size, seed):
+    """`data` with `size` training images only: the same for every epoch of a run, chosen by
+    `seed`, with every class as evenly represented as the training set allows (counts differ by
+    at most one while every class has images left). The test set stays whole. Raises
+    DatasetError when the training set holds fewer than `size` images."""
+    labels = data.train_labels.cpu()
+    if size > len(labels):
+        raise DatasetError(f"--subset {size}: the training set holds only {len(labels)} images; "
+                           f"give at most {len(labels)}, or drop --subset to train on all of them")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    # Rank of each image among those of its class, in the shuffled order; then take round by round
+    # (every class's first image, then every class's second, ...) until `size` are taken.
+    shuffled = labels[order]
+    rank = torch.zeros_like(order)
+    for label in shuffled.unique():
+        in_class = shuffled == label
+        rank[in_class] = torch.arange(int(in_class.sum()))
+    taken = order[torch.argsort(rank * len(labels) + torch.arange(len(labels)))[:size]].sort().values
+    taken = taken.to(data.train_images.device)
+    return replace(data, train_images=data.train_images[taken], train_labels=data.train_labels[taken])
 
 
 # --- batches -------------------------------------------------------------------------------------

@@ -35,34 +35,63 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_EVERYTHING))
 
 
+class DeviceError(Exception):
+    """--gpu_id names a GPU this machine does not show: the message says what to do instead."""
+
+
+def available_cores():
+    """The CPU cores this process may run on (its affinity mask, which a cluster's job limits),
+    shared by the processes torchrun started on this node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity mask
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def select_device(opt):
-    """The training device; sets the visible GPU and the CPU thread count first. Under torchrun
-    each process trains on GPU LOCAL_RANK of those its launcher left visible, or on the CPU
-    with --gpu_id ''."""
+    """The training device; sets the visible GPU and the CPU thread count first, and writes the
+    device and threads actually used back into opt.gpu_id and opt.nthread (log.txt records them).
+    Under torchrun each process trains on GPU LOCAL_RANK of those its launcher left visible, or
+    on the CPU with --gpu_id ''. Without --gpu_id: GPU 0 of the visible ones, or the CPU when
+    there is none (said in one line); a --gpu_id naming a GPU that is not there raises DeviceError."""
     single_process = distributed.launched_ranks() == 1
-    if single_process or opt.gpu_id == "":
+    if opt.gpu_id is not None and (single_process or opt.gpu_id == ""):
         # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
-    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
+    torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1) if opt.nthread else available_cores())
+    opt.nthread = torch.get_num_threads()
     if opt.deterministic:
         # cuBLAS needs this workspace setting for reproducible results; ops without a deterministic
         # CUDA kernel (adaptive average pooling's backward) warn instead of stopping the run.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
-        if single_process:
-            return torch.device("cuda")
-        device = torch.device("cuda", distributed.local_rank())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if opt.gpu_id:
+            raise DeviceError(f"--gpu_id {opt.gpu_id}: this machine shows no such GPU (torch.cuda.is_available() "
+                              f"is False); drop --gpu_id to train on the CPU, or check CUDA_VISIBLE_DEVICES")
+        if opt.gpu_id is None:  # on stderr: --benchmark's stdout is its one result line
+            distributed.print_on_rank0(f"no GPU found: training on the CPU ({threads(opt.nthread)})")
+        opt.gpu_id = ""
+        return torch.device("cpu")
+    torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
+    if single_process:
+        opt.gpu_id = opt.gpu_id or "0"
+        return torch.device("cuda")
+    device = torch.device("cuda", distributed.local_rank())
+    torch.cuda.set_device(device)
+    opt.gpu_id = str(device.index)
+    return device
 
 
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
+    return f"CPU, {threads(torch.get_num_threads())}"
+
+
+def threads(count):
+    return f"{count} thread" + ("s" if count != 1 else "")
 
 
 def synchronize(device):

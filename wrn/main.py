@@ -6,7 +6,9 @@ one of the methods the paper compares it to, from the same script:
     ds   auxiliary classifiers (deep supervision), cross-entropy on all, no KL
     dcm  auxiliary classifiers, cross-entropy on all + KL along --links (default: dense)
 
-    python main.py --save ./logs/wrn-28-10 --depth 28 --width 10 --dataroot DATA
+    python wrn/main.py --depth 28 --width 10 --dataroot DATA   # or wrn_mobi/main.py, from the top folder
+
+Without --save a run goes to ./logs/<net1>_<net2>_<method>_seed<seed> under the folder it is started in.
 
 SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
 state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
@@ -44,6 +46,12 @@ class UsageError(Exception):
     """A mistake in the command line or in the files it names: one message, exit code 2."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    def _get_help_string(self, action):  # every default worth showing, unless the help text already says it
+        shown = action.default not in (None, "", False, argparse.SUPPRESS) and "default" not in (action.help or "")
+        return (action.help or "") + (" (default: %(default)s)" if shown else "")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one `error:` line like every other mistake, not argparse's usage block
         raise UsageError(f"{message} (see --help)")
@@ -53,25 +61,30 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def option_parser():
     """main.py's options; tools/sweep.py parses the flags it passes with it, to compare them by value."""
-    parser = ArgumentParser(description="DCM: two networks trained together on CIFAR.")
+    parser = ArgumentParser(description="DCM: two networks trained together on CIFAR.", formatter_class=HelpFormatter)
     parser.add_argument("--save", default="", type=str,
                         help="folder for log.txt, checkpoint.pt, net1.pt and net2.pt "
                              "(default: ./logs/<net1>_<net2>_<method>_seed<seed>)")
     parser.add_argument("--depth", default=28, type=int, help="WRN depth (6n+4) of net 1 (and net 2 in wrn/)")
     parser.add_argument("--width", default=10, type=int, help="WRN width of net 1 (and net 2 in wrn/)")
-    parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS)
+    parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS, help="what to train and test on")
     parser.add_argument("--dataroot", default="./data", type=str,
                         help="folder holding the dataset; downloaded there when missing")
     parser.add_argument("--batch_size", default=128, type=int, help="the global batch, split over torchrun's processes")
-    parser.add_argument("--lr", default=0.1, type=float)
-    parser.add_argument("--epochs", default=200, type=int)
-    parser.add_argument("--weight_decay", default=0.0005, type=float)
+    parser.add_argument("--lr", default=0.1, type=float, help="SGD learning rate (momentum 0.9)")
+    parser.add_argument("--epochs", default=200, type=int, help="epochs to train")
+    parser.add_argument("--subset", default=None, type=int, metavar="N",
+                        help="train on N images only, the same in every epoch: a class-balanced subset of the "
+                             "training set chosen by --seed, for short runs on real data (smoke tests, debugging a "
+                             "recipe; not the paper's recipe). The test set stays whole. Default: all images")
+    parser.add_argument("--weight_decay", default=0.0005, type=float, help="on every parameter")
     parser.add_argument("--epoch_step", default="[60,120,160]", type=str,
                         help="JSON list of 1-based epochs at whose start the lr is multiplied by --lr_decay_ratio")
-    parser.add_argument("--lr_decay_ratio", default=0.2, type=float)
-    parser.add_argument("--seed", default=1, type=int)
-    parser.add_argument("--nthread", default=4, type=int,
-                        help="CPU threads for torch (batches are made on the training device: no loader workers)")
+    parser.add_argument("--lr_decay_ratio", default=0.2, type=float, help="the lr's factor at each --epoch_step")
+    parser.add_argument("--seed", default=1, type=int, help="initialisation, shuffling, augmentation and --subset")
+    parser.add_argument("--nthread", default=None, type=int,
+                        help="CPU threads for torch (default: the cores this process may use; batches are made on "
+                             "the training device, no loader workers)")
     parser.add_argument("--resume", nargs="?", const=True, default="", metavar="PATH",
                         help="continue the run in --save (no PATH), or from the checkpoint file PATH")
     parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
@@ -79,9 +92,10 @@ def option_parser():
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
     parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
-    parser.add_argument("--gpu_id", default="0", type=str,
-                        help="the GPU to train on (sets CUDA_VISIBLE_DEVICES; '' for the CPU); under torchrun "
-                             "each process takes GPU LOCAL_RANK")
+    parser.add_argument("--gpu_id", default=None, type=str,
+                        help="the GPU to train on (sets CUDA_VISIBLE_DEVICES; '' for the CPU). Default: GPU 0 of "
+                             "the visible ones, or the CPU where there is none; under torchrun each process takes "
+                             "GPU LOCAL_RANK")
     parser.add_argument("--sync_bn", action="store_true",
                         help="under torchrun, BN statistics of the global batch instead of each process's slice")
     parser.add_argument("--method", default="dcm", choices=sorted(METHODS),
@@ -129,7 +143,7 @@ def check_options(opt):
     positive = {"--width": opt.width, "--batch_size": opt.batch_size, "--epochs": opt.epochs,
                 "--lr": opt.lr, "--lr_decay_ratio": opt.lr_decay_ratio, "--nthread": opt.nthread,
                 "--eval_batch_size": opt.eval_batch_size, "--benchmark": opt.benchmark,
-                "--checkpoint_every": opt.checkpoint_every}
+                "--checkpoint_every": opt.checkpoint_every, "--subset": opt.subset}
     for flag, value in positive.items():
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"{flag} must be a positive number, got {value}")
@@ -141,14 +155,14 @@ def check_options(opt):
     if opt.method != "dcm" and opt.links != "dense":
         raise UsageError(f"--links chooses DCM's distillation pairs; --method {opt.method} has fixed links "
                          f"(drop --links, or use --method dcm)")
-    if "," in opt.gpu_id:
+    if "," in (opt.gpu_id or ""):
         raise UsageError(f"--gpu_id takes one GPU, got {opt.gpu_id!r}; start one run per GPU "
                          f"(for instance one seed on each), or one run over several with torchrun")
     ranks = distributed.launched_ranks()
     if opt.batch_size % ranks:
         raise UsageError(f"--batch_size {opt.batch_size} is the global batch: {ranks} processes cannot share it "
                          f"evenly; use a multiple of {ranks}")
-    if ranks > 1 and (opt.gpu_id not in ("0", "") or opt.benchmark):
+    if ranks > 1 and (opt.gpu_id not in (None, "0", "") or opt.benchmark):
         raise UsageError(f"under torchrun each process trains on GPU LOCAL_RANK (choose the GPUs with "
                          f"CUDA_VISIBLE_DEVICES, or --gpu_id '' for the CPU), and --benchmark runs without torchrun")
 
@@ -221,7 +235,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     opt = parse_options(argv)
     hardware.keep_freed_memory()
-    device = hardware.select_device(opt)
+    try:
+        device = hardware.select_device(opt)
+    except hardware.DeviceError as error:
+        raise UsageError(str(error)) from None
     group = distributed.start(device)
     if opt.benchmark:
         num_classes = dataset.NUM_CLASSES[opt.dataset]
@@ -232,7 +249,11 @@ def main(argv=None):
 
     try:
         checkpoint = safety.check_save_dir(opt)
+        if group.is_main:
+            print(f"loading {opt.dataset} from {opt.dataroot} ...", flush=True)
         data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
+        if opt.subset:
+            data = dataset.training_subset(data, opt.subset, opt.seed)
         group.check_split(len(data.train_labels), len(data.test_labels), opt.batch_size)
     except (CheckpointError, dataset.DatasetError) as error:
         raise UsageError(str(error)) from None
@@ -245,6 +266,8 @@ def main(argv=None):
     if checkpoint:
         try:
             position = load_checkpoint(opt, checkpoint, step, optimizer, device, vars(option_parser().parse_args([])))
+            if safety.finished_already(opt, position):  # says so; nothing is written
+                return 0
         except CheckpointError as error:
             raise UsageError(str(error)) from None
         if group.is_main and os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(opt.save):
@@ -255,9 +278,10 @@ def main(argv=None):
     stop.install()
     guard = safety.RunGuard(opt, step, stop)
     run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
-    print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset}, {group}, {hardware.device_name(device)}, "
+    print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset} ({len(data.train_labels)} training, "
+          f"{len(data.test_labels)} test images), {group}, {hardware.device_name(device)}, "
           f"{step.settings()}, from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
-          f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained")
+          f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
 
     for epoch in range(position["epoch"] + 1, opt.epochs + 1):
         if position["step"] == 0:  # mid-epoch, the optimizer of this epoch comes from the checkpoint

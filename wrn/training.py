@@ -15,6 +15,7 @@ This file is identical in wrn/ and wrn_mobi/.
 import contextlib
 import functools
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from dcm_loss import SMOOTHING, loss_terms
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}
+BAR_SECONDS = 2.0  # how often the progress bar's loss and accuracies are refreshed
 
 
 class TrainingStep:
@@ -214,13 +216,18 @@ def train_epoch(step, optimizer, batches, total_batches, description, meter=None
     meter = meter or EpochMeter()
     progress = tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
                     dynamic_ncols=True, disable=not sys.stdout.isatty())
+    if step.compiled and not progress.disable:
+        progress.set_postfix_str("compiling the step")
+    shown = None  # when the bar's numbers were last read
     for images, targets in progress:
         images, targets, loss_weight = step.group.shard(images, targets)
         kd_weight = kd_weights(meter.steps) if kd_weights else None
         outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, loss_weight, kd_weight)
         meter.update(terms, outputs_net1, outputs_net2, targets)
-        # Reading the meter waits for the device; the bar (rank 0's) shows rank 0's slices.
-        if not progress.disable and meter.steps % 20 == 1:
+        # Reading the meter waits for the device: done every BAR_SECONDS, not every step. The bar
+        # (rank 0's) shows rank 0's slices.
+        if not progress.disable and (shown is None or time.monotonic() - shown >= BAR_SECONDS):
+            shown = time.monotonic()
             accuracies = meter.accuracies()
             progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
                                  acc_net2=f"{accuracies[len(outputs_net1) + len(outputs_net2) - 1]:.1f}")
@@ -272,7 +279,8 @@ def evaluate(step, batches):
     step.group.broadcast_buffers(step.nets)
     step.set_mode(training=False)
     meter = EpochMeter()
-    for images, targets in batches:
+    for images, targets in tqdm(batches, desc="testing", leave=False, dynamic_ncols=True,
+                                disable=not sys.stdout.isatty()):
         outputs_net1, outputs_net2, terms = step.evaluate(images, targets)
         meter.update(terms, outputs_net1, outputs_net2, targets)
     return meter.summed_over(step.group)

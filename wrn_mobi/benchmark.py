@@ -12,10 +12,12 @@ This file is identical in wrn/ and wrn_mobi/.
 """
 import itertools
 import math
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 import dataset
 import hardware
@@ -30,14 +32,19 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
     """Time the bare step and the real epoch code for opt.benchmark steps each; print the line."""
     data = dataset.random_image_data(opt.benchmark * opt.batch_size, num_classes, device, seed=opt.seed)
     images, targets = next(dataset.train_batches(data, opt.batch_size, opt.seed, epoch=1))
+    announce("counting the FLOPs of one step")
     flops_per_step = training_step_flops(step, images, targets)
 
-    for _ in range(WARMUP_STEPS):
+    announce(f"warm-up, {WARMUP_STEPS} steps" + (" (compiling the step)" if step.compiled else ""))
+    for _ in steps(WARMUP_STEPS, "warm-up"):
         step.train(images, targets, optimizer)
     hardware.synchronize(device)
     hardware.reset_peak_memory(device)
-    bare_seconds = timed(device, lambda: [step.train(images, targets, optimizer) for _ in range(opt.benchmark)])
+    announce(f"timing {opt.benchmark} bare steps")
+    bare_seconds = timed(device, lambda: [step.train(images, targets, optimizer)
+                                          for _ in steps(opt.benchmark, "bare step")])
 
+    announce(f"timing {WARMUP_STEPS} + {opt.benchmark} steps of the epoch code")
     warmup_batches = itertools.islice(dataset.train_batches(data, opt.batch_size, opt.seed, epoch=0), WARMUP_STEPS)
     training.train_epoch(step, optimizer, warmup_batches, WARMUP_STEPS, "warm-up")
     epoch_seconds = timed(device, lambda: training.train_epoch(
@@ -45,6 +52,7 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
         "benchmark").loss())
     memory, memory_kind = hardware.peak_memory(device)
 
+    announce(f"timing the matmul peak ({MATMUL_SECONDS} s)")
     peak_name, peak_flops = matmul_peak(device, step.amp_dtype)
     seconds_per_step = bare_seconds / opt.benchmark
     achieved = flops_per_step / seconds_per_step
@@ -63,6 +71,17 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
         f"pipeline efficiency {bare_seconds / epoch_seconds:.3f}",
     ]
     print(" | ".join(fields), flush=True)
+
+
+def announce(phase):
+    """One line on stderr as each phase starts (a slow machine or a compile takes minutes); stdout
+    holds the result line only."""
+    print(f"benchmark: {phase} ...", file=sys.stderr, flush=True)
+
+
+def steps(count, description):
+    """range(count), with a progress bar on a terminal: it reads nothing from the device."""
+    return tqdm(range(count), desc=description, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
 def timed(device, work):

@@ -94,7 +94,9 @@ def drop_lines_after(opt, size):
 
 def print_summary(stats):
     line = (f"epoch {stats['epoch']}/{stats['epochs']}  lr {stats['lr']:.4g}  "
-            f"train loss {stats['train_loss']:.3f} acc {stats['train_acc_net1']:.2f}/{stats['train_acc_net2']:.2f}  "
-            f"test loss {stats['test_loss']:.3f} acc {stats['test_acc_net1']:.2f}/{stats['test_acc_net2']:.2f}  "
-            f"({stats['train_time']:.0f}s + {stats['test_time']:.0f}s)")
+            f"train: loss {stats['train_loss']:.3f}, acc net 1 {stats['train_acc_net1']:.2f}%, "
+            f"net 2 {stats['train_acc_net2']:.2f}%  "
+            f"test: loss {stats['test_loss']:.3f}, acc net 1 {stats['test_acc_net1']:.2f}%, "
+            f"net 2 {stats['test_acc_net2']:.2f}%  "
+            f"({stats['train_time']:.0f} s training, {stats['test_time']:.0f} s testing)")
     print(line, flush=True)

@@ -89,6 +89,26 @@ def check_save_dir(opt):
     return checkpoint
 
 
+def finished_already(opt, position):
+    """Whether the resumed checkpoint (`position`: epochs completed, steps into the next) ends the
+    run: --epochs epochs trained and net1.pt, net2.pt exported in --save. Then it says so, and
+    main.py returns without writing anything. Raises CheckpointError for a checkpoint that has
+    gone past --epochs. A finished run that was not exported yet goes on: main.py exports it."""
+    epochs_begun = position["epoch"] + (position["step"] > 0)
+    if epochs_begun > opt.epochs:
+        where = (f"is at step {position['step']} of epoch {epochs_begun}" if position["step"]
+                 else f"has finished epoch {position['epoch']}")
+        raise CheckpointError(f"--resume: the checkpoint {where}, past --epochs {opt.epochs}; pass --epochs "
+                              f"{epochs_begun} or more to go on")
+    exported = all(os.path.isfile(os.path.join(opt.save, f"net{k}.pt")) for k in (1, 2))
+    if position["epoch"] < opt.epochs or not exported:
+        return False
+    if distributed.launched_rank() == 0:
+        print(f"{opt.save}: already finished (epoch {position['epoch']} of {opt.epochs}); nothing changed. Pass a "
+              f"larger --epochs to extend it", flush=True)
+    return True
+
+
 def resume_command(argv):
     """The command line that continues this run: its own arguments, --resume instead of any --resume."""
     kept, skip_next = [], False
