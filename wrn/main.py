@@ -203,6 +203,7 @@ def main(argv=None):
     opt = parse_options(argv)
     hardware.keep_freed_memory()
     device = hardware.select_device(opt)
+    hardware.warn_slow_cpu_bf16(opt, device)
     group = distributed.start(device)
     if opt.benchmark:
         num_classes = dataset.NUM_CLASSES[opt.dataset]
