@@ -77,7 +77,8 @@ PLANS = {
                           limits=dict(environment=60, numerics=90, compiled=240, speed_row=60, projection=240,
                                       torchrun=120, resume=120)),
     ("cuda", True): dict(depth=28, width=10, batch_size=128, numerics_batch=128, eager=EAGER,
-                         compiled=["bf16+cl+compile"], speed=["fp32", "bf16+cl", "bf16+cl+compile"], steps=5,
+                         compiled=["bf16+cl+compile"], steps=5,
+                         speed=dict.fromkeys(FOLDERS, ["fp32", "bf16+cl", "bf16+cl+compile"]),
                          images=10_000, test_images=10_000, projection_batch=128,
                          small=dict(depth=16, width=4, batch_size=128, train_images=1024, test_images=512),
                          limits=dict(environment=60, numerics=90, compiled=150, speed_row=60, projection=150,
@@ -87,12 +88,13 @@ PLANS = {
                          small=dict(depth=16, width=1, batch_size=32, train_images=256, test_images=64),
                          limits=dict(environment=60, numerics=300, compiled=1200, speed_row=300, projection=900,
                                      torchrun=300, resume=300)),
-    ("cpu", True): dict(depth=16, width=1, batch_size=16, numerics_batch=8, eager=EAGER, compiled=[],
-                        speed=["fp32", "fp32+cl", "bf16", "bf16+cl"], steps=2, images=128, test_images=64,
-                        projection_batch=32,
+    ("cpu", True): dict(depth=16, width=1, batch_size=8, numerics_batch=4, eager=["fp32", "fp32+cl", "bf16", "bf16+cl"],
+                        compiled=[], speed={"wrn": ["fp32", "fp32+cl", "bf16+cl"], "wrn_mobi": ["fp32", "bf16+cl"]},
+                        steps=2, images=32, test_images=32, projection_batch=16,
                         small=dict(depth=16, width=1, batch_size=16, train_images=64, test_images=32),
-                        limits=dict(environment=60, numerics=120, compiled=0, speed_row=90, projection=180,
-                                    torchrun=120, resume=120)),
+                        # On a CPU the limits only catch a hang: a CPU shared with other work is slow.
+                        limits=dict(environment=300, numerics=600, compiled=0, speed_row=300, projection=600,
+                                    torchrun=600, resume=600)),
 }
 
 
@@ -154,7 +156,7 @@ def skipped(check, why):
 
 def speed_rows(opt, plan, folder, gpu_id, passed):
     """tools/benchmark.py's rows for the settings whose numerics passed; each row a process of its own."""
-    settings = plan["speed"] or benchmark.DEFAULT_SETTINGS[folder]
+    settings = (plan["speed"] or benchmark.DEFAULT_SETTINGS)[folder]
     rows, limit = [], plan["limits"]["speed_row"]
     bench_opt = benchmark.parse_options(["--gpu_id", gpu_id, "--nthread", str(opt.nthread), "--depth", str(plan["depth"]),
                                          "--width", str(plan["width"]), "--batch_size", str(plan["batch_size"]),
@@ -239,6 +241,11 @@ def main(argv=None):
     plan = dict(PLANS[device, opt.quick])
     plan["depth"], plan["width"] = opt.depth or plan["depth"], opt.width or plan["width"]
     limits = plan["limits"]
+    if gpus and not next(row["data"]["bf16"] for row in rows if row["check"] == "environment: GPUs"):
+        # Volta, Turing: no bf16 tensor cores, fp16 with loss scaling is their fast setting.
+        plan["compiled"] = sorted(set(plan["compiled"]) | {"fp16+cl+compile"})
+        plan["speed"] = {folder: [*(plan["speed"] or benchmark.DEFAULT_SETTINGS)[folder], "fp16+cl+compile"]
+                         for folder in FOLDERS}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpu_ids = ([gpu.strip() for gpu in visible.split(",") if gpu.strip()] if visible else
                [str(index) for index in range(len(gpus))])[:len(gpus)]
@@ -256,6 +263,9 @@ def main(argv=None):
                                                    "batch_size": plan["numerics_batch"]}, limit, environment)
         if not plan["compiled"]:
             numerics.append(skipped(f"numerics {folder}/ +compile", "--quick on a CPU (compiling takes minutes there)"))
+        if "fp16" not in plan["eager"]:
+            numerics.append(skipped(f"numerics {folder}/ fp16", "--quick on a CPU (no fp16 arithmetic there: "
+                                                               "emulated, minutes for the MobileNet)"))
         rows += numerics
         passed = {row["data"]["setting"] for row in numerics if row["verdict"] == "pass" and "setting" in row["data"]}
         speed = speed_rows(opt, plan, folder, gpu_id, passed)

@@ -194,10 +194,11 @@ def projection(config):
         optimizer = main.create_optimizer(opt, step.parameters(), main.lr_at_epoch(opt, 1))
         # Warm-up on every batch shape the epoch meets (full, last partial, evaluation): cuDNN's
         # algorithm search and compilation happen once per run, not once per epoch.
-        warmup = [*itertools.islice(dataset.train_batches(data, batch, opt.seed, epoch=0), 2),
-                  *dataset.train_batches(data, batch, opt.seed, epoch=0, first_batch=total - 1)]
+        warmup = list(itertools.islice(dataset.train_batches(data, batch, opt.seed, epoch=0), 1))
+        if config["images"] % batch:
+            warmup += dataset.train_batches(data, batch, opt.seed, epoch=0, first_batch=total - 1)
         training.train_epoch(step, optimizer, warmup, len(warmup), "warm-up")
-        training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size, 0, min(2 * opt.eval_batch_size,
+        training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size, 0, min(opt.eval_batch_size,
                                                                                        config["test_images"])))
         hardware.synchronize(device)
         hardware.reset_peak_memory(device)

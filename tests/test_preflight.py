@@ -1,0 +1,95 @@
+"""tools/preflight.py: `--quick` on this CPU end to end (every check runs or says why not, the
+table's verdicts, the exit code, nothing written), a check that hangs or breaks fails its row,
+and main.py's one-line warning about --amp bf16 on a CPU without bf16 support. No test is timed.
+"""
+import importlib.util
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import ROOT, load_folder
+
+
+def load_preflight():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location("preflight", ROOT / "tools" / "preflight.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return module
+
+
+def table_rows(stdout):
+    """{check: (figure, verdict)} of the preflight's Markdown table."""
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| check |"):
+            check, figure, verdict = (cell.strip() for cell in line.strip("|").split(" | "))
+            rows[check] = (figure, verdict)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def quick_cpu_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("preflight")
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "preflight.py"), "--quick", "--cpu", "--nthread", "2"],
+                            cwd=folder, capture_output=True, text=True, timeout=900)
+    return folder, result
+
+
+def test_quick_preflight_on_a_cpu_passes_every_check_that_runs_there(quick_cpu_run):
+    folder, result = quick_cpu_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = table_rows(result.stdout)
+    verdicts = {check: verdict.split(":")[0] for check, (_, verdict) in rows.items()}
+    assert "FAIL" not in verdicts.values(), result.stdout
+    expected_passes = ["environment: software", "environment: CPU", "projection: default sweep", "torchrun",
+                       "interrupt and resume"]
+    for folder_name in ("wrn", "wrn_mobi"):
+        expected_passes += [f"numerics {folder_name}/ {setting}" for setting in
+                            ("fp32", "fp32+cl", "bf16", "bf16+cl", "fp16", "fp16+cl")]
+        expected_passes += [f"speed {folder_name}/ {setting}" for setting in ("fp32", "fp32+cl", "bf16", "bf16+cl")]
+        expected_passes += [f"projection {folder_name}/ {method}" for method in ("ind", "dml", "dcm")]
+    assert {check: verdicts.get(check) for check in expected_passes} == {check: "pass" for check in expected_passes}
+    # What a CPU cannot check says why.
+    assert rows["environment: GPUs"][1] == "skipped: no CUDA GPU visible"
+    assert rows["memory"][1].startswith("skipped: no CUDA GPU")
+    assert rows["numerics wrn/ +compile"][1].startswith("skipped: --quick on a CPU")
+    # The figures a user plans with.
+    assert "torch " in rows["environment: software"][0] and "bf16" in rows["environment: CPU"][0]
+    assert "min per 200-epoch run" in rows["projection wrn/ dcm"][0] and "WRN-16-1" in rows["projection wrn/ dcm"][0]
+    assert "30 runs" in rows["projection: default sweep"][0] and " h on this CPU" in rows["projection: default sweep"][0]
+    assert "gloo" in rows["torchrun"][0] and "bit-exact" in rows["interrupt and resume"][0]
+    assert "Every check passed." in result.stdout
+    assert "python tools/sweep.py --gpus ''" in result.stdout
+    assert list(folder.iterdir()) == [], "the preflight must not write where it is started"
+
+
+def test_a_check_past_its_time_limit_or_broken_fails_its_row():
+    preflight = load_preflight()
+    row, = preflight.run_check("environment", {"nthread": 1, "device": "cpu"}, 0.01, {"CUDA_VISIBLE_DEVICES": ""})
+    assert row["verdict"] == "fail" and "no result within its time limit" in row["why"]
+    row, = preflight.run_check("numerics", {"nthread": 1}, 60, {"CUDA_VISIBLE_DEVICES": ""})  # a config without a folder
+    assert row["verdict"] == "fail" and row["why"].startswith("exit code 1: KeyError")
+
+
+@pytest.mark.parametrize("support, amp, warned", [("none", "bf16", True), ("avx512", "bf16", False),
+                                                  ("native", "bf16", False), ("none", "none", False)])
+def test_main_warns_in_one_line_about_bf16_on_a_cpu_without_bf16_support(monkeypatch, capsys, support, amp, warned):
+    hardware = load_folder("wrn").hardware
+    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: (support, "AVX2, no bf16 instructions"))
+    hardware.warn_slow_cpu_bf16(SimpleNamespace(amp=amp), torch.device("cpu"))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == (["warning: --amp bf16 on this CPU (AVX2, no bf16 instructions) runs about 10x slower than fp32; "
+                      "drop --amp on it"] if warned else [])
+
+
+def test_cpu_bf16_support_names_the_capability():
+    kind, words = load_folder("wrn").hardware.cpu_bf16_support()
+    assert kind in ("native", "avx512", "none")
+    assert words.startswith(torch.backends.cpu.get_cpu_capability())
