@@ -37,7 +37,7 @@ def table_rows(stdout):
 @pytest.fixture(scope="module")
 def quick_cpu_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("preflight")
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "preflight.py"), "--quick", "--cpu", "--nthread", "2"],
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "preflight.py"), "--quick", "--cpu", "--nthread", "1"],
                             cwd=folder, capture_output=True, text=True, timeout=900)
     return folder, result
 

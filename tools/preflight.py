@@ -139,7 +139,7 @@ def run_check(name, config, limit, environment):
 
 def check_title(name, config):
     folder = f" {config['folder']}/" if "folder" in config else ""
-    return f"{name}{folder}" + (" (compiled)" if name == "numerics" and any("compile" in s for s in config["settings"])
+    return f"{name}{folder}" + (" (compiled)" if name == "numerics" and any("compile" in s for s in config.get("settings", []))
                                 else "")
 
 
