@@ -93,3 +93,26 @@ def test_cpu_bf16_support_names_the_capability():
     kind, words = load_folder("wrn").hardware.cpu_bf16_support()
     assert kind in ("native", "avx512", "none")
     assert words.startswith(torch.backends.cpu.get_cpu_capability())
+
+
+def test_gpu_rows_project_the_sweep_per_gpu_and_say_whether_two_runs_fit():
+    # The arithmetic of the GPU-only rows, on measurements as a GPU's projection check reports them.
+    preflight = load_preflight()
+    gib = 2 ** 30
+    projection = [{"check": f"projection {folder}/ {method}", "verdict": "pass", "figure": "", "why": "",
+                   "data": {"folder": folder, "method": method, "minutes": 60.0, "memory": 10 * gib,
+                            "reserved": (12 if folder == "wrn" else 40) * gib}}
+                  for folder in ("wrn", "wrn_mobi") for method in ("ind", "dml", "dcm")]
+    summary = preflight.projection_summary(projection, 2, "2 x NVIDIA H100 80GB HBM3")
+    assert summary["verdict"] == "pass"
+    assert summary["figure"].startswith("30 runs, 30.0 run-hours: about 15.0 h on 2 x NVIDIA H100 80GB HBM3")
+    rows = {row["check"]: row["figure"] for row in preflight.memory_rows(projection, 80 * gib)}
+    assert rows["memory wrn/ dcm"].endswith("2 runs fit on one GPU (tools/sweep.py --jobs_per_gpu 2)")
+    assert rows["memory wrn_mobi/ dcm"].endswith("2 runs do not fit on one GPU")  # 2 x (40 + 1) GiB > 80 GiB
+    assert preflight.projection_summary(projection[:-1], 2, "2 GPUs")["verdict"] == "skipped"
+    assert preflight.recommended_command({"wrn": "bf16+cl+compile", "wrn_mobi": "bf16+cl+compile"}, "cuda",
+                                         ["0", "1"]) == [
+        "python tools/sweep.py --gpus 0,1 --dataroot DATA --amp bf16 --channels_last --compile"]
+    assert preflight.recommended_command({"wrn": "bf16+cl+compile", "wrn_mobi": "fp32"}, "cuda", ["3"]) == [
+        "python tools/sweep.py --folders wrn --gpus 3 --dataroot DATA --amp bf16 --channels_last --compile",
+        "python tools/sweep.py --folders wrn_mobi --gpus 3 --dataroot DATA"]

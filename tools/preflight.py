@@ -32,7 +32,7 @@ It ends with one table (check, figure, verdict: pass / FAIL / skipped and why) a
 command for this machine; the exit code is 1 if any check failed. Nothing is written to the
 repository: the checks work in temporary folders and remove them.
 
-Sizes and time limits (seconds) per mode:
+Sizes and time limits (seconds; upper bounds that catch a hang, not the expected times) per mode:
   GPU           WRN-28-10 pairs, batch 128; numerics 6 eager + 6 compiled settings (limits 90 + 240
                 per folder); speed: tools/benchmark.py's default rows, 10 steps (60 per row);
                 projection: 50,000-image epochs (240 per folder); torchrun and resume on WRN-16-4

@@ -149,9 +149,13 @@ def numerics(config):
                                   "--batch_size", str(config["batch_size"]), *setting_flags(setting)])
         step = main.build_training_step(opt, NUM_CLASSES, device, distributed.Group())
         optimizer = main.create_optimizer(opt, step.parameters(), main.lr_at_epoch(opt, 1))
+        initial_scale = step.scaler.get_scale() if step.scaler.is_enabled() else None
         first_seconds, terms = device_seconds(device, lambda: step.train(*batches[0], optimizer)[2])
         loss = float(sum(value.detach().float() for value in terms.values()))
         grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in step.parameters() if p.grad is not None)
+        # fp16's loss scaler starts high on purpose: a first step whose gradients overflow is
+        # skipped and the scale halved, as designed; the later steps must then be finite.
+        scaler_skipped = initial_scale is not None and step.scaler.get_scale() < initial_scale
         later = [float(sum(v.detach().float() for v in step.train(images, targets, optimizer)[2].values()))
                  for images, targets in batches[1:1 + EXTRA_STEPS]]
         if setting == "fp32":  # the reference, computed first in every process
@@ -162,10 +166,12 @@ def numerics(config):
         difference = abs(loss - reference) / abs(reference)
         problems = ([f"loss {loss:.5g} is {difference:.1e} from fp32's {reference:.5g} (tolerance "
                      f"{LOSS_TOLERANCE[dtype]:g})"] if not difference <= LOSS_TOLERANCE[dtype] else [])
-        problems += [] if grads_finite else ["a gradient of the first step is not finite"]
+        problems += [] if grads_finite or scaler_skipped else ["a gradient of the first step is not finite"]
         problems += [] if all(np.isfinite(later)) else [f"a loss of steps 2-{1 + EXTRA_STEPS} is not finite: {later}"]
         figure = (f"first-step loss {loss:.5f} (fp32 {reference:.5f}, rel. diff {difference:.1e} <= "
-                  f"{LOSS_TOLERANCE[dtype]:g}), gradients finite, {EXTRA_STEPS} more steps finite"
+                  f"{LOSS_TOLERANCE[dtype]:g}), gradients "
+                  + (f"overflowed at loss scale {initial_scale:g}: step skipped by the scaler, as designed"
+                     if scaler_skipped else "finite") + f", {EXTRA_STEPS} more steps finite"
                   + (f"; first step {first_seconds:.0f} s (compiling)" if "compile" in setting else ""))
         emit(f"numerics {config['folder']}/ {setting}", figure if not problems else "; ".join(problems),
              "fail" if problems else "pass", setting=setting, folder=config["folder"])
@@ -289,7 +295,8 @@ def torchrun(config):
                      "no answer within the time limit (a hung NCCL?)" if code is None else last_line(output))
                 return
             started = time.time()
-            code, output = run_command([*launcher, *main_args(config, work / "one", dataroot)], config["timeout"])
+            code, output = run_command([*launcher, *main_args(config, work / "one", dataroot, "--gpu_id",
+                                                              config["gpu_ids"][0])], config["timeout"])
             emit("torchrun", f"NCCL process group started (1 process, all_reduce checked); one epoch under torchrun "
                  f"in {time.time() - started:.0f} s", "pass" if code == 0 else "fail",
                  "" if code == 0 else "no result within the time limit" if code is None else last_line(output))
