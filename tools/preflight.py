@@ -1,4 +1,4 @@
-"""Before the table's 30 runs: check that this machine runs every path of the code right, and say how long the table will take on it.
+"""Before the table's 30 runs: check that this machine runs every path of the code right, and project their hours.
 
     python tools/preflight.py            # on a GPU machine: the real WRN-28-10 pairs, about 8 minutes on one H100
     python tools/preflight.py --quick    # fewer settings and steps (below); on a CPU, tiny models, about 2 minutes
@@ -99,8 +99,8 @@ PLANS = {
 
 
 def parse_options(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 1)[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer settings, steps and images (see below)")
     parser.add_argument("--cpu", action="store_true", help="check the CPU even where GPUs are visible")
     parser.add_argument("--depth", type=int, help="WRN depth of numerics, speed and projection (default: the mode's)")
@@ -139,8 +139,8 @@ def run_check(name, config, limit, environment):
 
 def check_title(name, config):
     folder = f" {config['folder']}/" if "folder" in config else ""
-    return f"{name}{folder}" + (" (compiled)" if name == "numerics" and any("compile" in s for s in config.get("settings", []))
-                                else "")
+    compiled = name == "numerics" and any("compile" in setting for setting in config.get("settings", []))
+    return f"{name}{folder}" + (" (compiled)" if compiled else "")
 
 
 def last_line(text):
@@ -158,9 +158,9 @@ def speed_rows(opt, plan, folder, gpu_id, passed):
     """tools/benchmark.py's rows for the settings whose numerics passed; each row a process of its own."""
     settings = (plan["speed"] or benchmark.DEFAULT_SETTINGS)[folder]
     rows, limit = [], plan["limits"]["speed_row"]
-    bench_opt = benchmark.parse_options(["--gpu_id", gpu_id, "--nthread", str(opt.nthread), "--depth", str(plan["depth"]),
-                                         "--width", str(plan["width"]), "--batch_size", str(plan["batch_size"]),
-                                         "--steps", str(plan["steps"]), "--timeout", str(limit)])
+    bench_opt = benchmark.parse_options(["--gpu_id", gpu_id, "--nthread", str(opt.nthread), "--depth",
+                                         str(plan["depth"]), "--width", str(plan["width"]), "--batch_size",
+                                         str(plan["batch_size"]), "--steps", str(plan["steps"]), "--timeout", str(limit)])
     for setting in settings:
         title = f"speed {folder}/ {setting}"
         if setting not in passed:

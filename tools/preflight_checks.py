@@ -399,8 +399,9 @@ def resume(config):
         if config["device"] == "cpu":
             exact = all((work / "reference" / name).read_bytes() == (save / name).read_bytes()
                         for name in ("net1.pt", "net2.pt"))
-            emit("interrupt and resume", f"{where}: final weights {'bit-exact' if exact else f'differ by {difference:.1e}'}"
-                 f" (--deterministic)", "pass" if exact else "fail", "" if exact else "not bit-exact on the CPU")
+            outcome = "bit-exact" if exact else f"differ by {difference:.1e}"
+            emit("interrupt and resume", f"{where}: final weights {outcome} (--deterministic)",
+                 "pass" if exact else "fail", "" if exact else "not bit-exact on the CPU")
             return
         noise = max_difference(reference, network_weights(work / "reference2"))
         tolerance = max(10 * noise, 1e-6)
