@@ -176,6 +176,7 @@ def numerics(config):
         emit(f"numerics {config['folder']}/ {setting}", figure if not problems else "; ".join(problems),
              "fail" if problems else "pass", setting=setting, folder=config["folder"])
         del step, optimizer
+        torch._dynamo.reset()  # every setting compiles afresh, as its own run would, within dynamo's cache limit
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -224,6 +225,7 @@ def projection(config):
              images_per_second=images_per_second, minutes=minutes, memory=memory, reserved=reserved,
              memory_kind=memory_kind)
         del step, optimizer
+        torch._dynamo.reset()  # each method's graphs as in its own run, within dynamo's cache limit
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
