@@ -69,7 +69,7 @@ def test_quick_preflight_on_a_cpu_passes_every_check_that_runs_there(quick_cpu_r
     assert "30 runs" in rows["projection: default sweep"][0] and " h on this CPU" in rows["projection: default sweep"][0]
     assert "gloo" in rows["torchrun"][0] and "bit-exact" in rows["interrupt and resume"][0]
     assert "Every check passed." in result.stdout
-    assert "python tools/sweep.py --gpus ''" in result.stdout
+    assert "python tools/sweep.py --gpus '' --dataroot DATA --depth 16 --width 1" in result.stdout
     assert list(folder.iterdir()) == [], "the preflight must not write where it is started"
 
 

@@ -215,8 +215,11 @@ def memory_rows(projection, gpu_memory):
     return rows
 
 
-def recommended_command(chosen, device, gpu_ids):
+def recommended_command(chosen, device, gpu_ids, depth=28, width=10):
+    """The tools/sweep.py command(s) of the default sweep with each folder's chosen setting (and the
+    measured WRN where it is not the table's WRN-28-10)."""
     gpus = ",".join(gpu_ids) if device == "cuda" else "''"
+    model = f" --depth {depth} --width {width}" if (depth, width) != (28, 10) else ""
     commands = []
     if len(set(chosen.values())) == 1:
         groups = [(None, next(iter(chosen.values())))]
@@ -225,7 +228,7 @@ def recommended_command(chosen, device, gpu_ids):
     for folder, setting in groups:
         folders = f" --folders {folder}" if folder else ""
         flags = " ".join(benchmark.SETTINGS.get(setting) or [])
-        commands.append(f"python tools/sweep.py{folders} --gpus {gpus} --dataroot DATA {flags}".rstrip())
+        commands.append(f"python tools/sweep.py{folders} --gpus {gpus} --dataroot DATA{model} {flags}".rstrip())
     return commands
 
 
@@ -303,7 +306,7 @@ def main(argv=None):
         rows.append(skipped("memory", "no CUDA GPU (a CPU run's peak RSS is in the speed rows)"))
 
     failed = [row for row in rows if row["verdict"] == "fail"]
-    print_report(rows, plan, device, opt, time.time() - started, recommended_command(chosen, device, gpu_ids))
+    print_report(rows, plan, device, opt, time.time() - started, recommended_command(chosen, device, gpu_ids, plan["depth"], plan["width"]))
     return 1 if failed else 0
 
 
