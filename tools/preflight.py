@@ -130,6 +130,9 @@ def run_check(name, config, limit, environment):
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         problem = f"no result within its time limit of {limit} s"
+    except KeyboardInterrupt:  # the check runs in its own session, out of reach of the terminal's Ctrl-C
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     rows = [json.loads(line[len("PREFLIGHT "):]) for line in stdout.splitlines() if line.startswith("PREFLIGHT ")]
     if problem:
         rows.append({"check": check_title(name, config), "figure": "", "verdict": "fail", "why": problem, "data": {}})
@@ -329,4 +332,8 @@ def print_report(rows, plan, device, opt, seconds, commands):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\npreflight: interrupted; the check that was running is stopped", file=sys.stderr)
+        sys.exit(130)

@@ -258,6 +258,9 @@ def run_command(command, timeout, cwd=ROOT / "wrn", env=None):
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         return None, output
+    finally:  # also when this check is stopped: nothing it started outlives it
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def last_line(output):
