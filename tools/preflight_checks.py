@@ -85,7 +85,10 @@ def environment(config):
     dataset, distributed, hardware, main, training = import_folder("wrn")
     versions = [f"torch {torch.__version__}", f"CUDA {torch.version.cuda or '-'}",
                 f"cuDNN {torch.backends.cudnn.version() or '-'}"]
-    nccl = torch.cuda.nccl.version() if torch.cuda.is_available() else None
+    try:
+        nccl = torch.cuda.nccl.version() if torch.cuda.is_available() else None
+    except (AttributeError, RuntimeError):  # a build without NCCL
+        nccl = None
     versions.append(f"NCCL {'.'.join(map(str, nccl)) if isinstance(nccl, tuple) else nccl or '-'}")
     try:
         import triton
