@@ -1,7 +1,7 @@
 """Before the table's 30 runs: check that this machine runs every path of the code right, and project their hours.
 
     python tools/preflight.py            # on a GPU machine: the real WRN-28-10 pairs, about 8 minutes on one H100
-    python tools/preflight.py --quick    # fewer settings and steps (below); on a CPU, tiny models, about 2 minutes
+    python tools/preflight.py --quick    # fewer settings and steps (below); on a CPU, tiny models, a few minutes
     python tools/preflight.py --cpu      # ignore the GPUs: check the CPU paths (gloo, CPU bf16, ...)
 
 Each check runs in a process of its own with a time limit (a hung NCCL or compile cannot hang the
@@ -42,9 +42,11 @@ Sizes and time limits (seconds; upper bounds that catch a hang, not the expected
   CPU           WRN-16-1 pairs, batch 32; every numerics setting (compile takes minutes on a CPU);
                 projection on 1,024-image epochs
   CPU --quick   WRN-16-1 pairs; drops --compile everywhere (it takes minutes to compile on a CPU;
-                tests/test_speed.py covers it), and the memory check (no GPU); numerics at batch 8,
-                speed rows fp32, fp32+cl, bf16, bf16+cl at batch 16 with 2 steps, projection on
-                128-image epochs at batch 32, torchrun and resume on 64 images
+                tests/test_speed.py covers it), fp16 (no fp16 arithmetic on a CPU: emulated, minutes
+                for the MobileNet) and the memory check (no GPU); numerics at batch 4, speed rows
+                fp32, fp32+cl, bf16+cl (wrn/) and fp32, bf16+cl (wrn_mobi/) at batch 8 with 2 steps,
+                projection on 32-image epochs at batch 16, torchrun and resume on 64 images; about
+                2.5 minutes on 2 cores, one thread each (--nthread 1)
 `--depth` and `--width` change the WRN of numerics, speed and projection. On a CPU the projection
 is that of the model it measured, not of WRN-28-10: the table says which.
 """
