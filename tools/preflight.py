@@ -33,12 +33,13 @@ command for this machine; the exit code is 1 if any check failed. Nothing is wri
 repository: the checks work in temporary folders and remove them.
 
 Sizes and time limits (seconds; upper bounds that catch a hang, not the expected times) per mode:
-  GPU           WRN-28-10 pairs, batch 128; numerics 6 eager + 6 compiled settings (limits 90 + 240
-                per folder); speed: tools/benchmark.py's default rows, 10 steps (60 per row);
-                projection: 50,000-image epochs (240 per folder); torchrun and resume on WRN-16-4
-                pairs in wrn/ (120 each)
+  GPU           WRN-28-10 pairs, batch 128; numerics 6 eager + 6 compiled settings (limits 180 + 900
+                per folder); speed: tools/benchmark.py's default rows, 10 steps (300 per row);
+                projection: 50,000-image epochs (600 per folder); torchrun and resume on WRN-16-4
+                pairs in wrn/ (300 each)
   GPU --quick   drops the compiled numerics except bf16+cl+compile (fp16+cl+compile on GPUs without
                 bf16), times only fp32, bf16+cl and bf16+cl+compile, 5 steps, 10,000-image epochs
+                (limits: compiled numerics 300, projection 300 per folder)
   CPU           WRN-16-1 pairs, batch 32; every numerics setting (compile takes minutes on a CPU);
                 projection on 1,024-image epochs
   CPU --quick   WRN-16-1 pairs; drops --compile everywhere (it takes minutes to compile on a CPU;
@@ -76,15 +77,15 @@ PLANS = {
     ("cuda", False): dict(depth=28, width=10, batch_size=128, numerics_batch=128, eager=EAGER, compiled=COMPILED,
                           speed=None, steps=10, images=50_000, test_images=10_000, projection_batch=128,
                           small=dict(depth=16, width=4, batch_size=128, train_images=1024, test_images=512),
-                          limits=dict(environment=60, numerics=90, compiled=240, speed_row=60, projection=240,
-                                      torchrun=120, resume=120)),
+                          limits=dict(environment=60, numerics=180, compiled=900, speed_row=300, projection=600,
+                                      torchrun=300, resume=300)),
     ("cuda", True): dict(depth=28, width=10, batch_size=128, numerics_batch=128, eager=EAGER,
                          compiled=["bf16+cl+compile"], steps=5,
                          speed=dict.fromkeys(FOLDERS, ["fp32", "bf16+cl", "bf16+cl+compile"]),
                          images=10_000, test_images=10_000, projection_batch=128,
                          small=dict(depth=16, width=4, batch_size=128, train_images=1024, test_images=512),
-                         limits=dict(environment=60, numerics=90, compiled=150, speed_row=60, projection=150,
-                                     torchrun=120, resume=120)),
+                         limits=dict(environment=60, numerics=180, compiled=300, speed_row=300, projection=300,
+                                     torchrun=300, resume=300)),
     ("cpu", False): dict(depth=16, width=1, batch_size=32, numerics_batch=32, eager=EAGER, compiled=COMPILED,
                          speed=None, steps=5, images=1024, test_images=256, projection_batch=128,
                          small=dict(depth=16, width=1, batch_size=32, train_images=256, test_images=64),
