@@ -54,9 +54,11 @@ is that of the model it measured, not of WRN-28-10: the table says which.
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,9 +125,11 @@ def run_check(name, config, limit, environment):
     """The rows a check reported, in its own process stopped (with anything it started) at `limit`
     seconds; a row saying what went wrong when it ended without its results."""
     started = time.time()
+    # The check's temporary files go to a folder of its own, removed whatever happens to the check.
+    scratch = tempfile.mkdtemp(prefix="preflight_")
     process = subprocess.Popen([sys.executable, str(CHECKS), name, json.dumps(config)], cwd=ROOT,
-                               env={**os.environ, **environment, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               env={**os.environ, **environment, "PYTHONUNBUFFERED": "1", "TMPDIR": scratch},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=limit)
         problem = None if process.returncode == 0 else f"exit code {process.returncode}: {last_line(stderr)}"
@@ -136,6 +140,8 @@ def run_check(name, config, limit, environment):
     except KeyboardInterrupt:  # the check runs in its own session, out of reach of the terminal's Ctrl-C
         os.killpg(process.pid, signal.SIGKILL)
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     rows = [json.loads(line[len("PREFLIGHT "):]) for line in stdout.splitlines() if line.startswith("PREFLIGHT ")]
     if problem:
         rows.append({"check": check_title(name, config), "figure": "", "verdict": "fail", "why": problem, "data": {}})
