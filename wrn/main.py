@@ -239,6 +239,7 @@ def main(argv=None):
         device = hardware.select_device(opt)
     except hardware.DeviceError as error:
         raise UsageError(str(error)) from None
+    hardware.warn_slow_cpu_bf16(opt, device)
     group = distributed.start(device)
     if opt.benchmark:
         num_classes = dataset.NUM_CLASSES[opt.dataset]
