@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("wrn", "wrn_mobi")
 MODULES = ("models", "dcm_loss", "dataset", "distributed", "hardware", "training", "checkpoint", "epoch_log", "safety",
-           "distillation", "benchmark", "main")
+           "distillation", "benchmark", "options", "main")
 _loaded = {}
 
 # Unit-test tensors are tiny: one thread avoids threads spin-waiting for a busy core.

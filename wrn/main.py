@@ -14,12 +14,11 @@ SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the
 state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
 network without its auxiliary classifiers. `--amp`, `--channels_last` and `--compile` make it
 faster (training.py), `--benchmark N` measures how fast (benchmark.py). Under
-`torchrun --nproc_per_node=G main.py ...` G processes share each batch (distributed.py). This file
+`torchrun --nproc_per_node=G main.py ...` G processes share each batch (distributed.py). The
+checks of the options are in options.py. This file
 is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
-import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -37,25 +36,7 @@ import safety
 import training
 from checkpoint import CheckpointError, export_networks, load_checkpoint
 from dcm_loss import LINKS
-
-# method -> (auxiliary classifiers?, distillation links); dcm takes its links from --links.
-METHODS = {"ind": (False, "none"), "dml": (False, "final"), "ds": (True, "none"), "dcm": (True, None)}
-
-
-class UsageError(Exception):
-    """A mistake in the command line or in the files it names: one message, exit code 2."""
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    def _get_help_string(self, action):  # every default worth showing, unless the help text already says it
-        shown = action.default not in (None, "", False, argparse.SUPPRESS) and "default" not in (action.help or "")
-        return (action.help or "") + (" (default: %(default)s)" if shown else "")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one `error:` line like every other mistake, not argparse's usage block
-        raise UsageError(f"{message} (see --help)")
-
+from options import METHODS, ArgumentParser, HelpFormatter, UsageError, check_options, default_save_dir, lr_drop_epochs
 
 # --- options -------------------------------------------------------------------------------------
 
@@ -131,58 +112,6 @@ def parse_options(argv=None):
     if not opt.save:
         opt.save = default_save_dir(opt)
     return opt
-
-
-def check_options(opt):
-    uses_aux = METHODS[opt.method][0]
-    if opt.depth < 10 or (opt.depth - 4) % 6 != 0:
-        raise UsageError(f"--depth {opt.depth} is not a WRN depth: use 6n+4 (10, 16, 22, 28, 40, ...)")
-    if uses_aux and opt.depth < 16:
-        raise UsageError(f"--depth {opt.depth} is too shallow for the auxiliary classifiers of --method "
-                         f"{opt.method}: use --depth 16 or more, or --method ind / dml")
-    positive = {"--width": opt.width, "--batch_size": opt.batch_size, "--epochs": opt.epochs,
-                "--lr": opt.lr, "--lr_decay_ratio": opt.lr_decay_ratio, "--nthread": opt.nthread,
-                "--eval_batch_size": opt.eval_batch_size, "--benchmark": opt.benchmark,
-                "--checkpoint_every": opt.checkpoint_every, "--subset": opt.subset}
-    for flag, value in positive.items():
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"{flag} must be a positive number, got {value}")
-    if not (opt.weight_decay >= 0 and math.isfinite(opt.weight_decay)):
-        raise UsageError(f"--weight_decay must be >= 0, got {opt.weight_decay}")
-    if problem := distillation.option_error(opt, has_kl=METHODS[opt.method][1] != "none"):
-        raise UsageError(problem)
-    lr_drop_epochs(opt)  # raises UsageError on a malformed --epoch_step
-    if opt.method != "dcm" and opt.links != "dense":
-        raise UsageError(f"--links chooses DCM's distillation pairs; --method {opt.method} has fixed links "
-                         f"(drop --links, or use --method dcm)")
-    if "," in (opt.gpu_id or ""):
-        raise UsageError(f"--gpu_id takes one GPU, got {opt.gpu_id!r}; start one run per GPU "
-                         f"(for instance one seed on each), or one run over several with torchrun")
-    ranks = distributed.launched_ranks()
-    if opt.batch_size % ranks:
-        raise UsageError(f"--batch_size {opt.batch_size} is the global batch: {ranks} processes cannot share it "
-                         f"evenly; use a multiple of {ranks}")
-    if ranks > 1 and (opt.gpu_id not in (None, "0", "") or opt.benchmark):
-        raise UsageError(f"under torchrun each process trains on GPU LOCAL_RANK (choose the GPUs with "
-                         f"CUDA_VISIBLE_DEVICES, or --gpu_id '' for the CPU), and --benchmark runs without torchrun")
-
-
-def lr_drop_epochs(opt):
-    """The 1-based epochs of --epoch_step, e.g. [60, 120, 160]."""
-    try:
-        epochs = json.loads(opt.epoch_step)
-    except json.JSONDecodeError:
-        epochs = None
-    if (not isinstance(epochs, list) or not all(type(e) is int and e > 0 for e in epochs)
-            or epochs != sorted(set(epochs))):
-        raise UsageError(f"--epoch_step must be a JSON list of increasing positive epochs like '[60,120,160]', "
-                         f"got {opt.epoch_step!r}")
-    return epochs
-
-
-def default_save_dir(opt):
-    method = opt.method if opt.links == "dense" else f"{opt.method}-{opt.links}"
-    return os.path.join("logs", f"{'_'.join(models.pair_names(opt.depth, opt.width))}_{method}_seed{opt.seed}")
 
 
 # --- setup ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ CIFAR_LAYOUT = {  # folder inside --dataroot, training files, test files, label 
     "CIFAR10": ("cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)], ["test_batch"], b"labels",
                 "batches.meta", b"label_names"),
 }
+CIFAR_ARCHIVES = {"CIFAR100": "cifar-100-python.tar.gz", "CIFAR10": "cifar-10-python.tar.gz"}
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
