@@ -270,4 +270,4 @@ def test_sweep_names_the_distillation_options_only_away_from_their_defaults():
     defaults = ["--temperature", "1", "--kd_weight=1.0", "--kd_warmup", "0", "--kl_eps", "1e-8"]
     assert sweep.run_name("wrn", "dcm", 1, defaults) == "wrn-28-10_wrn-28-10_dcm_seed1"
     assert (sweep.run_name("wrn", "dcm", 1, ["--temperature", "4", "--kd_warmup", "5", "--kl_eps=0"])
-            == "wrn-28-10_wrn-28-10_dcm_seed1_kd_warmup-5_kl_eps-0_temperature-4")
+            == "wrn-28-10_wrn-28-10_dcm_seed1_kd_warmup-5.0_kl_eps-0.0_temperature-4.0")
