@@ -7,6 +7,7 @@ squeue, scancel and scontrol executables that record what they were asked and an
 the test chooses.
 """
 import contextlib
+import gc
 import importlib
 import io
 import json
@@ -65,6 +66,10 @@ def local_cluster():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(slurm, "CLUSTER", "local")
         yield
+    # submitit's LocalJob cleans up in __del__, which fails once the interpreter is shutting down:
+    # let the jobs of this module go while it still runs.
+    slurm._submitted.clear()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
