@@ -266,4 +266,7 @@ if __name__ == "__main__":
                                    f"holds checkpoint.pt, continue with\n  {safety.resume_command(sys.argv[1:])}")
         sys.exit(130)
     finally:
-        distributed.finish()
+        try:
+            distributed.finish()
+        except KeyboardInterrupt:  # a second Ctrl-C landing while the stopped run exits: it stays stopped
+            sys.exit(130)
