@@ -114,12 +114,22 @@ def test_cross_entropy_terms_name_every_classifier_of_both_nets(folder):
             assert terms[f"ce_{net}_{name}"].item() == pytest.approx(F.cross_entropy(logits, targets).item())
 
 
+def assert_only_the_student_gets_a_gradient(term, logits, student_key, term_name):
+    """The KL term `term` reaches the student's logits and no other classifier's (its teacher is detached)."""
+    keys = list(logits)
+    grads = torch.autograd.grad(term, [logits[key] for key in keys], retain_graph=True, allow_unused=True)
+    for key, grad in zip(keys, grads):
+        if key == student_key:
+            assert grad is not None and grad.abs().sum() > 0, term_name
+        else:
+            assert grad is None or torch.count_nonzero(grad) == 0, (term_name, key)
+
+
 def test_every_kl_term_trains_only_its_student_from_its_detached_teacher(folder):
     dcm = load_folder(folder).dcm_loss
     generator = torch.Generator().manual_seed(5)
     logits = {(net, name): torch.randn(4, 5, generator=generator, requires_grad=True)
               for net in ("net1", "net2") for name in NAMES}
-    keys = list(logits)
     terms = dcm.loss_terms([logits["net1", name] for name in NAMES], [logits["net2", name] for name in NAMES],
                            torch.tensor([0, 1, 2, 3]))
     names = kl_term_names(terms)
@@ -129,13 +139,7 @@ def test_every_kl_term_trains_only_its_student_from_its_detached_teacher(folder)
         assert student_net != teacher_net, term_name
         expected = dcm.kl_divergence(logits[teacher_net, teacher].detach(), logits[student_net, student].detach())
         assert terms[term_name].item() == pytest.approx(expected.item(), rel=1e-6), term_name
-        grads = torch.autograd.grad(terms[term_name], [logits[key] for key in keys], retain_graph=True,
-                                    allow_unused=True)
-        for key, grad in zip(keys, grads):
-            if key == (student_net, student):
-                assert grad is not None and grad.abs().sum() > 0, term_name
-            else:
-                assert grad is None or torch.count_nonzero(grad) == 0, (term_name, key)
+        assert_only_the_student_gets_a_gradient(terms[term_name], logits, (student_net, student), term_name)
 
 
 def test_each_cross_entropy_term_trains_only_its_classifier(folder):
@@ -377,18 +381,11 @@ def test_with_temperature_weight_and_eps_0_every_kl_term_still_trains_only_its_s
     generator = torch.Generator().manual_seed(24)
     logits = {(net, name): torch.randn(4, 5, generator=generator, requires_grad=True)
               for net in ("net1", "net2") for name in NAMES}
-    keys = list(logits)
     terms = dcm.loss_terms([logits["net1", name] for name in NAMES], [logits["net2", name] for name in NAMES],
                            torch.tensor([0, 1, 2, 3]), temperature=3.0, kd_weight=0.5, eps=0)
     for term_name in sorted(kl_term_names(terms)):
         student_net, student, _, _ = KL_NAME.fullmatch(term_name).groups()
-        grads = torch.autograd.grad(terms[term_name], [logits[key] for key in keys], retain_graph=True,
-                                    allow_unused=True)
-        for key, grad in zip(keys, grads):
-            if key == (student_net, student):
-                assert grad is not None and grad.abs().sum() > 0, term_name
-            else:
-                assert grad is None or torch.count_nonzero(grad) == 0, (term_name, key)
+        assert_only_the_student_gets_a_gradient(terms[term_name], logits, (student_net, student), term_name)
 
 
 def test_published_defaults_of_the_public_functions(folder):

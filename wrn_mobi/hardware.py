@@ -131,6 +131,9 @@ def cpu_bf16_support():
 def warn_slow_cpu_bf16(opt, device):
     """One line on stderr when --amp bf16 is asked of a CPU without bf16 support: it trains, but
     about 10x slower than fp32."""
-    if opt.amp == "bf16" and device.type == "cpu" and cpu_bf16_support()[0] == "none":
-        distributed.print_on_rank0(f"warning: --amp bf16 on this CPU ({cpu_bf16_support()[1]}) runs about 10x slower "
-                                   f"than fp32; drop --amp on it")
+    if opt.amp != "bf16" or device.type != "cpu":
+        return
+    support, words = cpu_bf16_support()
+    if support == "none":
+        distributed.print_on_rank0(f"warning: --amp bf16 on this CPU ({words}) runs about 10x slower than fp32; "
+                                   f"drop --amp on it")

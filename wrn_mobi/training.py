@@ -41,6 +41,7 @@ class TrainingStep:
         self.group = group or distributed.Group()
         self.links = links
         self.temperature, self.kd_weight, self.kl_eps = temperature, kd_weight, kl_eps
+        self._kd_weight = None  # (value, its 0-dim tensor on the device) of the last training step
         self.device = device
         self.device_type = device.type
         self.amp_dtype = AMP_DTYPES[amp]
@@ -75,16 +76,22 @@ class TrainingStep:
     def train(self, images, targets, optimizer, loss_weight=1.0, kd_weight=None):
         """One SGD step on the batch; `loss_weight` scales its gradient (distributed.Group.shard),
         `kd_weight` is this step's KL weight (default: --kd_weight; the warm-up passes its own)."""
-        # A 0-dim tensor made on the device (no host-to-device copy to wait for), so that a compiled
-        # step takes every weight of the warm-up without recompiling.
-        kd_weight = torch.full((), self.kd_weight if kd_weight is None else kd_weight, device=self.device)
         outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(
-            images.contiguous(memory_format=self.memory_format), targets, True, kd_weight)
+            images.contiguous(memory_format=self.memory_format), targets, True,
+            self.kd_weight_tensor(self.kd_weight if kd_weight is None else kd_weight))
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * loss_weight).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
         return outputs_net1, outputs_net2, terms
+
+    def kd_weight_tensor(self, value):
+        """`value` as a 0-dim tensor on the device, so that a compiled step takes every weight of the
+        warm-up without recompiling; made on the device (no host-to-device copy to wait for), and
+        only when the weight changes (every step of a warm-up, once otherwise)."""
+        if self._kd_weight is None or self._kd_weight[0] != value:
+            self._kd_weight = value, torch.full((), value, device=self.device)
+        return self._kd_weight[1]
 
     @torch.no_grad()
     def evaluate(self, images, targets):
