@@ -200,8 +200,10 @@ def parse_options(argv=None):
                              "else none (fp32)")
     parser.add_argument("--dataroot", default="./data", help="folder holding the dataset (as main.py's)")
     parser.add_argument("--batch_size", default=500, type=int, help="test batch size (BN in eval mode), as main.py's")
-    parser.add_argument("--gpu_id", default="0", type=str, help="the GPU to use; '' for the CPU")
-    parser.add_argument("--nthread", default=4, type=int, help="CPU threads for torch")
+    parser.add_argument("--gpu_id", default=None, type=str,
+                        help="the GPU to use; '' for the CPU (default: GPU 0, or the CPU where there is none)")
+    parser.add_argument("--nthread", default=load_module("wrn", "hardware").available_cores(), type=int,
+                        help="CPU threads for torch (default: the cores this process may use)")
     opt = parser.parse_args(argv)
     if opt.batch_size <= 0 or opt.nthread <= 0:
         parser.error("--batch_size and --nthread must be positive")
@@ -210,9 +212,10 @@ def parse_options(argv=None):
 
 def select_device(opt):
     # Before CUDA is initialised, as main.py does; '' hides every GPU.
-    os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
+    if opt.gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
     torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1))
-    return torch.device("cuda" if opt.gpu_id and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if opt.gpu_id != "" and torch.cuda.is_available() else "cpu")
 
 
 def main(argv=None):
