@@ -1,348 +1,588 @@
 """Before the table's 30 runs: check that this machine runs every path of the code right, and project their hours.
 
-    python tools/preflight.py            # on a GPU machine: the real WRN-28-10 pairs, about 8 minutes on one H100
-    python tools/preflight.py --quick    # fewer settings and steps (below); on a CPU, tiny models, a few minutes
-    python tools/preflight.py --cpu      # ignore the GPUs: check the CPU paths (gloo, CPU bf16, ...)
+    python tools/preflight.py               # on a GPU: the table's WRN-28-10 pairs, planned for 8 minutes
+    python tools/preflight.py --budget 16   # more time: every check below, nothing dropped
+    python tools/preflight.py --quick       # smaller models and fewer steps (below)
+    python tools/preflight.py --cpu         # ignore the GPUs: check the CPU paths (gloo, CPU bf16, ...)
 
-Each check runs in a process of its own with a time limit (a hung NCCL or compile cannot hang the
-preflight; a check stopped at its limit fails with the rows it finished), in this order:
+The checks run in the order of what a user loses without them; each is given a share of the
+--budget and is stopped at it (a hang or a compile slower than planned fails its rows, the next
+check still runs). Checks whose planned cost does not fit the budget are listed at the start as
+not run, with the budget that runs them:
 
-  1. environment   torch / CUDA / cuDNN / NCCL / Triton versions; the GPUs (name, memory, driver);
-                   the CPU, its capability (AVX2 / AVX512 / ...) and whether it has bf16 instructions
-  2. numerics      per folder, one SGD step of the pair on one batch from one initialisation in
-                   fp32, bf16 and fp16, each with and without --channels_last and --compile: the
-                   loss within 1e-3 (fp32 layouts, compile) or 1e-2 (bf16, fp16) of fp32's relative
-                   to it, every gradient finite, then 3 more steps with a finite loss
-  3. speed         tools/benchmark.py's table (fewer steps), for the settings that passed 2; the
-                   fastest real-epoch speed is the setting chosen for each folder
-  4. projection    with that setting, one real training epoch of each method (ind, dml, dcm:
-                   dataset.py's batches of an in-memory CIFAR-shaped set, training.train_epoch) and
-                   one test pass: img/s, minutes per 200-epoch run, hours for the default sweep
-                   (2 folders x 3 methods x 5 seeds) on this machine's GPUs, one run per GPU
-  5. torchrun      NCCL on GPUs, gloo on a CPU: 2 processes with --sync_bn train what 1 process
-                   trains (where 2 GPUs exist, and always on a CPU); with 1 GPU, an NCCL process
-                   group with 1 process and one epoch under torchrun
-  6. resume        SIGTERM in the middle of an epoch, then --resume: the final weights equal the
+  1. environment   torch / CUDA / cuDNN / NCCL / Triton versions; the GPUs (name, memory, driver,
+                   bf16 and TF32 tensor cores); the CPU and its bf16 support (60 s at most)
+  2. numerics      per folder, one SGD step of the pair on one batch from one initialisation: the
+                   default setting (IEEE fp32, TF32 off) and each candidate for the recommended one
+                   (GPU: tf32+cl, bf16+cl, bf16+cl+compile; fp16 instead of bf16 and no TF32 before
+                   Ampere): the loss within 1e-3 (fp32) or 1e-2 (tf32, bf16, fp16) of fp32's
+                   relative to it, every gradient finite, 3 more steps finite
+  3. resume        SIGTERM in the middle of an epoch, then --resume: the final weights equal the
                    uninterrupted run's, bit for bit on a CPU (--deterministic); on CUDA within what
-                   two uninterrupted runs differ by (kernels without a deterministic backward)
-  7. memory        (GPUs) peak GPU memory per folder and method at batch 128, measured during the
-                   projection's epochs, and whether 2 runs fit on one GPU (tools/sweep.py --jobs_per_gpu 2)
+                   two uninterrupted runs differ by, and whether those two are byte-identical
+                   (--deterministic exact on this GPU)
+  4. speed         per folder, img/s of the real epoch code for each setting that passed 2, on the
+                   steps 2 built and compiled; the fastest is the setting chosen for the folder
+  5. projection    with that setting, steady-state steps of dcm (its graphs from 2): img/s, minutes
+                   of a 200-epoch run, hours of the default sweep (2 folders x 3 methods x 5 seeds)
+                   on this machine's GPUs, one run per GPU; the peak memory of a run
+  6. sharing       both folders' runs timed at once on one device: two runs per GPU
+                   (tools/sweep.py --jobs_per_gpu 2) are recommended only if that measured
+                   throughput beats one run at a time and both fit in memory
+  7. torchrun      NCCL on GPUs, gloo on a CPU: 2 processes with --sync_bn train what 1 process
+                   trains; with 1 GPU, main.py's code builds the NCCL group, SyncBatchNorm and DDP
+                   on one rank (2 NCCL ranks cannot share a GPU: the row says what was not covered)
+  8. the rest of a run   per folder, the graphs a compiled run adds (the last partial batch, the
+                   evaluation), compiled and counted once, and the evaluation's speed
+  9. ind and dml   their projections (new graphs to compile: without auxiliary classifiers)
+  10. other settings   numerics of the settings that are no candidates (fp32+cl, tf32, bf16, fp16, ...)
 
-It ends with one table (check, figure, verdict: pass / FAIL / skipped and why) and the recommended
-command for this machine; the exit code is 1 if any check failed. Nothing is written to the
-repository: the checks work in temporary folders and remove them.
+One compile cache serves every check and is kept for your runs: --out/compile (Inductor's and
+Triton's caches); a worker process per folder keeps its compiled steps between checks 2, 4, 5, 6
+and 8, so that a graph is compiled once. Each check's line says how many graphs it compiled.
+Every row is printed, and appended to --out/preflight-DATE.md, as soon as it is known: a run
+stopped from outside keeps every finished row, and its plan at the top says what did not run.
+The exit code is 1 if a check failed.
 
-Sizes and time limits (seconds; upper bounds that catch a hang, not the expected times) per mode:
-  GPU           WRN-28-10 pairs, batch 128; numerics 6 eager + 6 compiled settings (limits 180 + 900
-                per folder); speed: tools/benchmark.py's default rows, 10 steps (300 per row);
-                projection: 50,000-image epochs (600 per folder); torchrun and resume on WRN-16-4
-                pairs in wrn/ (300 each)
-  GPU --quick   drops the compiled numerics except bf16+cl+compile (fp16+cl+compile on GPUs without
-                bf16), times only fp32, bf16+cl and bf16+cl+compile, 5 steps, 10,000-image epochs
-                (limits: compiled numerics 300, projection 300 per folder)
-  CPU           WRN-16-1 pairs, batch 32; every numerics setting (compile takes minutes on a CPU);
-                projection on 1,024-image epochs
-  CPU --quick   WRN-16-1 pairs; drops --compile everywhere (it takes minutes to compile on a CPU;
-                tests/test_speed.py covers it), fp16 (no fp16 arithmetic on a CPU: emulated, minutes
-                for the MobileNet) and the memory check (no GPU); numerics at batch 4, speed rows
-                fp32, fp32+cl, bf16+cl (wrn/) and fp32, bf16+cl (wrn_mobi/) at batch 8 with 2 steps,
-                projection on 32-image epochs at batch 16, torchrun and resume on 64 images; about
-                2.5 minutes on 2 cores, one thread each (--nthread 1)
-`--depth` and `--width` change the WRN of numerics, speed and projection. On a CPU the projection
-is that of the model it measured, not of WRN-28-10: the table says which.
+Plans (shares are planned, not measured: no GPU has run this yet; the first GPU run will confirm
+them and its file shows each check's time against its share):
+  GPU           WRN-28-10 pairs, batch 128, default --budget 8: checks 1-7 and 10, planned at
+                455 s (two cold compiles of the pair's training step take most of it); 8 and 9
+                need --budget 16 (four more cold compiles per folder)
+  GPU --quick   WRN-16-4 pairs, batch 128, default --budget 4: checks 1-6 and 8
+  CPU           WRN-16-1 pairs, batch 32, with --compile's Inductor (minutes per graph on a
+                CPU), default --budget 20
+  CPU --quick   WRN-16-1 pairs, batch 8, no --compile (tests/test_speed.py covers it), no fp16
+                (emulated on a CPU, minutes for the MobileNet), default --budget 3: every check;
+                about a minute on an idle 2-core CPU with --nthread 1 (README's Preflight section)
+Under --quick the measured model is not the table's: the projection says which model it timed,
+and the recommended command is for the table's WRN-28-10 all the same.
 """
 import argparse
+import collections
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import benchmark
-
-ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ROOT / "tools" / "preflight_checks.py"
+TOOLS = Path(__file__).resolve().parent
+CHECKS = TOOLS / "preflight_checks.py"
 FOLDERS = ("wrn", "wrn_mobi")
 METHODS = ("ind", "dml", "dcm")
-SEEDS, EPOCHS = 5, 200  # the default sweep: 2 folders x 3 methods x 5 seeds of 200 epochs
-EAGER = ["fp32", "fp32+cl", "bf16", "bf16+cl", "fp16", "fp16+cl"]
-COMPILED = [setting + "+compile" for setting in EAGER]
+SEEDS = 5  # the default sweep: 2 folders x 3 methods x 5 seeds
 GIB = 2 ** 30
 CUDA_CONTEXT = 1 * GIB  # what a process holds on a GPU besides its tensors' caching allocator, about
+SHARING_GAIN = 1.1  # two runs on one GPU must do 10% more work per hour than one to be worth it
+ENVIRONMENT_LIMIT = 60
 
-# What each mode runs: model sizes, settings, steps, set sizes, and each check's time limit (s).
+
+def setting_flags(setting):
+    """main.py's flags of a setting name such as 'bf16+cl+compile' ('fp32' is IEEE fp32, 'tf32' fp32 on TF32 cores)."""
+    dtype, *extras = setting.split("+")
+    return ((["--amp", dtype] if dtype in ("bf16", "fp16") else []) + (["--tf32"] if dtype == "tf32" else [])
+            + (["--channels_last"] if "cl" in extras else []) + (["--compile"] if "compile" in extras else []))
+
+
+# What each mode measures: the model and sizes of the worker's steps, the steps timed, and what each
+# check is planned to take on a machine that has never compiled this code (seconds; GPU figures are
+# a plan until a GPU run confirms them).
 PLANS = {
-    ("cuda", False): dict(depth=28, width=10, batch_size=128, numerics_batch=128, eager=EAGER, compiled=COMPILED,
-                          speed=None, steps=10, images=50_000, test_images=10_000, projection_batch=128,
+    ("cuda", False): dict(depth=28, width=10, batch_size=128, budget=8, speed=(10, 4.0), projection=(20, 8.0),
+                          share_seconds=10.0, test_images=2000,
                           small=dict(depth=16, width=4, batch_size=128, train_images=1024, test_images=512),
-                          limits=dict(environment=60, numerics=180, compiled=900, speed_row=300, projection=600,
-                                      torchrun=300, resume=300)),
-    ("cuda", True): dict(depth=28, width=10, batch_size=128, numerics_batch=128, eager=EAGER,
-                         compiled=["bf16+cl+compile"], steps=5,
-                         speed=dict.fromkeys(FOLDERS, ["fp32", "bf16+cl", "bf16+cl+compile"]),
-                         images=10_000, test_images=10_000, projection_batch=128,
+                          planned=dict(numerics=115, resume=40, speed=20, projection=15, sharing=20, torchrun=35,
+                                       rest=120, methods=130, other=20)),
+    ("cuda", True): dict(depth=16, width=4, batch_size=128, budget=4, speed=(5, 2.0), projection=(10, 3.0),
+                         share_seconds=5.0, test_images=2000,
                          small=dict(depth=16, width=4, batch_size=128, train_images=1024, test_images=512),
-                         limits=dict(environment=60, numerics=180, compiled=300, speed_row=300, projection=300,
-                                     torchrun=300, resume=300)),
-    ("cpu", False): dict(depth=16, width=1, batch_size=32, numerics_batch=32, eager=EAGER, compiled=COMPILED,
-                         speed=None, steps=5, images=1024, test_images=256, projection_batch=128,
+                         planned=dict(numerics=45, resume=40, speed=10, projection=8, sharing=12, torchrun=35,
+                                      rest=30, methods=60, other=15)),
+    ("cpu", False): dict(depth=16, width=1, batch_size=32, budget=20, speed=(5, 10.0), projection=(5, 10.0),
+                         share_seconds=5.0, test_images=500,
                          small=dict(depth=16, width=1, batch_size=32, train_images=256, test_images=64),
-                         limits=dict(environment=60, numerics=300, compiled=1200, speed_row=300, projection=900,
-                                     torchrun=300, resume=300)),
-    ("cpu", True): dict(depth=16, width=1, batch_size=8, numerics_batch=4, eager=["fp32", "fp32+cl", "bf16", "bf16+cl"],
-                        compiled=[], speed={"wrn": ["fp32", "fp32+cl", "bf16+cl"], "wrn_mobi": ["fp32", "bf16+cl"]},
-                        steps=2, images=32, test_images=32, projection_batch=16,
+                         planned=dict(numerics=330, resume=60, speed=30, projection=20, sharing=15, torchrun=60,
+                                      rest=300, methods=400, other=40)),
+    ("cpu", True): dict(depth=16, width=1, batch_size=4, budget=3, speed=(1, 5.0), projection=(1, 5.0),
+                        share_seconds=1.0, test_images=16,
                         small=dict(depth=16, width=1, batch_size=16, train_images=64, test_images=32),
-                        # On a CPU the limits only catch a hang: a CPU shared with other work is slow.
-                        limits=dict(environment=300, numerics=600, compiled=0, speed_row=300, projection=600,
-                                    torchrun=600, resume=600)),
+                        planned=dict(numerics=20, resume=30, speed=5, projection=5, sharing=5, torchrun=30,
+                                     rest=2, methods=10, other=10)),
 }
+
+
+def candidate_settings(device, quick, bf16, tf32):
+    """(candidates for the recommended setting, the other settings) of a device: the fastest
+    candidate whose numerics pass is recommended; the others are checked last, for completeness."""
+    if device == "cuda":
+        amp = "bf16" if bf16 else "fp16"
+        candidates = (["tf32+cl"] if tf32 else []) + [f"{amp}+cl", f"{amp}+cl+compile"]
+        others = ["fp32+cl"] + (["tf32"] if tf32 else []) + [amp] + (["fp16", "fp16+cl"] if bf16 else [])
+        return candidates, others
+    if quick:  # no compile (minutes on a CPU), no fp16 (emulated: minutes for the MobileNet)
+        return ["fp32+cl", "bf16+cl"], ["bf16"]
+    return ["fp32+cl", "bf16+cl", "fp32+cl+compile", "bf16+cl+compile"], ["bf16", "fp16", "fp16+cl"]
 
 
 def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer settings, steps and images (see below)")
+    parser.add_argument("--quick", action="store_true", help="smaller models and fewer steps (see below)")
     parser.add_argument("--cpu", action="store_true", help="check the CPU even where GPUs are visible")
-    parser.add_argument("--depth", type=int, help="WRN depth of numerics, speed and projection (default: the mode's)")
-    parser.add_argument("--width", type=int, help="WRN width of numerics, speed and projection (default: the mode's)")
+    parser.add_argument("--budget", type=float, metavar="MIN",
+                        help="minutes for the whole preflight (default: the mode's, below); checks that do not "
+                             "fit are not run and said so")
+    parser.add_argument("--out", default=str(Path.home() / ".cache" / "dcm-preflight"), metavar="DIR",
+                        help="where the results file and the compile cache (DIR/compile, kept for later runs) go "
+                             "(default: %(default)s)")
+    parser.add_argument("--depth", type=int, help="WRN depth of the timed pairs (default: the mode's)")
+    parser.add_argument("--width", type=int, help="WRN width of the timed pairs (default: the mode's)")
     parser.add_argument("--nthread", default=4, type=int, help="CPU threads of each check (capped at the cores)")
     opt = parser.parse_args(argv)
     if opt.depth is not None and (opt.depth < 16 or (opt.depth - 4) % 6):
         parser.error(f"--depth {opt.depth}: DCM's auxiliary classifiers need a WRN depth 6n+4 of at least 16")
     if (opt.width is not None and opt.width <= 0) or opt.nthread <= 0:
         parser.error("--width and --nthread must be positive")
+    if opt.budget is not None and not opt.budget > 0:
+        parser.error(f"--budget must be a positive number of minutes, got {opt.budget}")
     return opt
 
 
-# --- running one check --------------------------------------------------------------------------
+# --- the plan: checks in order, each with its share of the budget ------------------------------------
 
-def run_check(name, config, limit, environment):
-    """The rows a check reported, in its own process stopped (with anything it started) at `limit`
-    seconds; a row saying what went wrong when it ended without its results."""
-    started = time.time()
-    # The check's temporary files go to a folder of its own, removed whatever happens to the check.
-    scratch = tempfile.mkdtemp(prefix="preflight_")
-    process = subprocess.Popen([sys.executable, str(CHECKS), name, json.dumps(config)], cwd=ROOT,
-                               env={**os.environ, **environment, "PYTHONUNBUFFERED": "1", "TMPDIR": scratch},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=limit)
-        problem = None if process.returncode == 0 else f"exit code {process.returncode}: {last_line(stderr)}"
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        problem = f"no result within its time limit of {limit} s"
-    except KeyboardInterrupt:  # the check runs in its own session, out of reach of the terminal's Ctrl-C
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    rows = [json.loads(line[len("PREFLIGHT "):]) for line in stdout.splitlines() if line.startswith("PREFLIGHT ")]
-    if problem:
-        rows.append({"check": check_title(name, config), "figure": "", "verdict": "fail", "why": problem, "data": {}})
-    print(f"  {check_title(name, config)}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    return rows
+class Item:
+    """One planned check: its title, the seconds it is planned to take, the checks it needs, and
+    (once the budget is split) its share, or why it does not run."""
+
+    def __init__(self, key, title, planned, needs=()):
+        self.key, self.title, self.planned, self.needs = key, title, planned, needs
+        self.share, self.not_run = None, None
 
 
-def check_title(name, config):
-    folder = f" {config['folder']}/" if "folder" in config else ""
-    compiled = name == "numerics" and any("compile" in setting for setting in config.get("settings", []))
-    return f"{name}{folder}" + (" (compiled)" if compiled else "")
+def plan_items(planned):
+    """Every check after the environment, in the order of what a user loses without it."""
+    items = [Item(f"numerics {folder}", f"numerics {folder}/ (default and candidate settings)", planned["numerics"])
+             for folder in FOLDERS]
+    items.append(Item("resume", "interrupt and resume; --deterministic", planned["resume"]))
+    items += [Item(f"speed {folder}", f"speed {folder}/", planned["speed"], needs=[f"numerics {folder}"])
+              for folder in FOLDERS]
+    items += [Item(f"projection {folder}", f"projection and memory {folder}/ (dcm)", planned["projection"],
+                   needs=[f"speed {folder}"]) for folder in FOLDERS]
+    items.append(Item("sharing", "two runs on one device", planned["sharing"],
+                      needs=[f"projection {folder}" for folder in FOLDERS]))
+    items.append(Item("torchrun", "torchrun", planned["torchrun"]))
+    items += [Item(f"rest {folder}", f"the rest of a run {folder}/ (compiles, testing)", planned["rest"],
+                   needs=[f"speed {folder}"]) for folder in FOLDERS]
+    items += [Item(f"methods {folder}", f"projection {folder}/ ind and dml", planned["methods"],
+                   needs=[f"speed {folder}"]) for folder in FOLDERS]
+    items += [Item(f"other {folder}", f"numerics {folder}/ (other settings)", planned["other"]) for folder in FOLDERS]
+    return items
 
 
-def last_line(text):
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
+def split_budget(items, seconds):
+    """Give each check, in order, its planned seconds while they fit in `seconds` (a check whose
+    prerequisite does not run does not run either); the time left over is shared out in proportion,
+    so that the shares add up to the budget."""
+    used, running = 0.0, set()
+    for item in items:
+        missing = [need for need in item.needs if need not in running]
+        if missing:
+            item.not_run = f"needs {missing[0]}, which does not run"
+        elif used + item.planned > seconds:
+            item.not_run = f"planned {item.planned} s, over the budget"
+        else:
+            used += item.planned
+            running.add(item.key)
+    for item in items:
+        if not item.not_run:
+            item.share = item.planned * seconds / used
+    return sum(item.planned for item in items) / 60
 
 
-def skipped(check, why):
-    return {"check": check, "figure": "", "verdict": "skipped", "why": why, "data": {}}
+# --- the check processes ---------------------------------------------------------------------------
+
+class Stopped(Exception):
+    """The preflight got SIGTERM or SIGINT from its caller."""
 
 
-# --- the checks in order ------------------------------------------------------------------------------
+class CheckProcess:
+    """A process of preflight_checks.py (its own session, so that stopping it stops what it
+    started), its stdout read line by line as it comes."""
 
-def speed_rows(opt, plan, folder, gpu_id, passed):
-    """tools/benchmark.py's rows for the settings whose numerics passed; each row a process of its own."""
-    settings = (plan["speed"] or benchmark.DEFAULT_SETTINGS)[folder]
-    rows, limit = [], plan["limits"]["speed_row"]
-    bench_opt = benchmark.parse_options(["--gpu_id", gpu_id, "--nthread", str(opt.nthread), "--depth",
-                                         str(plan["depth"]), "--width", str(plan["width"]), "--batch_size",
-                                         str(plan["batch_size"]), "--steps", str(plan["steps"]), "--timeout", str(limit)])
-    for setting in settings:
-        title = f"speed {folder}/ {setting}"
-        if setting not in passed:
-            rows.append(skipped(title, "its numerics check did not pass"))
-            continue
-        started = time.time()
-        cells, error = benchmark.run_row(bench_opt, folder, setting)
-        print(f"  {title}: {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-        if error:
-            rows.append({"check": title, "figure": "", "verdict": "fail", "why": error, "data": {}})
-            continue
-        epoch_speed = float(cells["img/s"]) * float(cells["pipeline efficiency"])
-        figure = (f"{cells['img/s']} img/s bare step, {epoch_speed:.1f} img/s epoch code; {cells['TFLOP/s']} TFLOP/s "
-                  f"({cells['% of matmul peak']}); peak {cells['peak memory']}")
-        rows.append({"check": title, "figure": figure, "verdict": "pass", "why": "",
-                     "data": {"setting": setting, "epoch_speed": epoch_speed}})
-    return rows
+    def __init__(self, arguments, environment):
+        self.process = subprocess.Popen([sys.executable, str(CHECKS), *arguments], cwd=TOOLS.parent,
+                                        env={**os.environ, **environment, "PYTHONUNBUFFERED": "1"},
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, start_new_session=True)
+        self.lines = queue.Queue()
+        self.unfinished = 0  # commands sent whose PREFLIGHT-DONE has not come
+        self.errors = collections.deque(maxlen=5)
+        threading.Thread(target=self._read, args=(self.process.stdout, self.lines.put), daemon=True).start()
+        self.error_reader = threading.Thread(target=self._read, args=(self.process.stderr, self._error), daemon=True)
+        self.error_reader.start()
+
+    @staticmethod
+    def _read(stream, put):
+        for line in stream:
+            put(line.rstrip("\n"))
+        put(None)
+
+    def _error(self, line):
+        if line and line.strip():
+            self.errors.append(line.strip())
+
+    def send(self, command):
+        self.unfinished += 1
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def next_line(self, deadline):
+        """The next line of stdout, None at its end; raises TimeoutError at `deadline`."""
+        try:
+            return self.lines.get(timeout=max(deadline - time.time(), 0))
+        except queue.Empty:
+            raise TimeoutError from None
+
+    def problem(self):
+        """Why the process ended without finishing its check."""
+        code = self.process.wait()
+        self.error_reader.join(timeout=10)
+        return f"exit code {code}: {self.errors[-1] if self.errors else 'no output'}"
+
+    def stop(self):
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
 
 
-def chosen_setting(rows):
-    """The passing speed row with the fastest real-epoch speed, or None."""
-    timed = [row["data"] for row in rows if row["verdict"] == "pass"]
-    return max(timed, key=lambda data: data["epoch_speed"])["setting"] if timed else None
+class Preflight:
+    """The run: its report (stdout and the results file, row by row), its workers, its rows."""
+
+    def __init__(self, opt, results_file, environment):
+        self.opt, self.results_file, self.environment = opt, results_file, environment
+        self.rows, self.workers, self.running = [], {}, []
+        self.in_table = False  # whether the last line said was a table's
+        self.chosen = {}  # folder -> the setting its speed check chose
+        self.setup = None  # the workers' device, model and batch, once the environment is known
+        self.pending = []  # the checks planned that have not finished
+
+    def say(self, text=""):
+        """A line on stdout and in the results file, at once."""
+        print(text, flush=True)
+        with open(self.results_file, "a") as results:
+            results.write(text + "\n")
+        self.in_table = text.startswith("| ")
+
+    def add_row(self, row):
+        if not self.in_table:
+            self.say("\n| check | figure | verdict |")
+            self.say("|---|---|---|")
+        self.rows.append(row)
+        verdict = {"pass": "pass", "fail": "FAIL", "skipped": "skipped"}[row["verdict"]]
+        verdict += f": {row['why']}" if row["why"] else ""
+        self.say(f"| {row['check']} | {row['figure'].replace('|', '/')} | {verdict.replace('|', '/')} |")
+
+    def fail(self, title, why):
+        self.add_row({"check": title, "figure": "", "verdict": "fail", "why": why, "data": {}})
+
+    def worker(self, folder):
+        """The folder's worker, started (or started again after it was stopped), set up with
+        self.setup once that is known."""
+        if folder not in self.workers or self.workers[folder].process.poll() is not None:
+            self.workers[folder] = CheckProcess(["worker", json.dumps({"folder": folder})], self.environment)
+            if self.setup:
+                self.workers[folder].send({"check": "setup", **self.setup})
+        return self.workers[folder]
+
+    def run(self, title, jobs, limit):
+        """Send each worker of `jobs` [(worker, command)] its command, all at once; report their rows
+        in order, each as soon as it and those before it are known; stop them all at `limit`
+        seconds. Returns the graphs compiled for the commands, None if they did not finish."""
+        started, deadline = time.time(), time.time() + limit
+        self.running = [process for process, _ in jobs]
+        graphs = 0
+        for process, command in jobs:
+            process.send(command)
+        try:
+            for process, command in jobs:
+                while process.unfinished:
+                    line = process.next_line(deadline)
+                    if line is None:  # the worker ended in the middle of its command
+                        self.fail(title, process.problem())
+                        graphs = None
+                        break
+                    if line.startswith("PREFLIGHT-DONE "):
+                        process.unfinished -= 1
+                        if graphs is not None:
+                            graphs += json.loads(line[len("PREFLIGHT-DONE "):])["graphs"]
+                    elif line.startswith("PREFLIGHT "):
+                        self.add_row(json.loads(line[len("PREFLIGHT "):]))
+        except TimeoutError:
+            for process, _ in jobs:
+                process.stop()
+            self.fail(title, f"no result within its share of {limit:.0f} s (--budget gives more)")
+            graphs = None
+        self.running = []
+        seconds = time.time() - started
+        counted = "" if graphs is None else f", {graphs} graph(s) compiled"
+        self.add_row({"check": f"time: {title}", "verdict": "pass", "why": "", "data": {"graphs": graphs},
+                      "figure": f"{seconds:.0f} s of its {limit:.0f} s share{counted}"})
+        return graphs
+
+    def stop_all(self):
+        for process in [*self.running, *self.workers.values()]:
+            if process.process.poll() is None:
+                process.stop()
+
+    def data(self, prefix):
+        """The data of the passing rows whose check starts with `prefix` (a projection's: those of one method)."""
+        return [row["data"] for row in self.rows if row["check"].startswith(prefix) and row["verdict"] == "pass"
+                and (not prefix.startswith("projection") or "method" in row["data"])]
 
 
-def projection_summary(rows, devices, device_words):
-    """The default sweep's hours on this machine: each run at its measured speed, one per device."""
-    minutes = {(row["data"]["folder"], row["data"]["method"]): row["data"]["minutes"] for row in rows
-               if row["verdict"] == "pass" and "minutes" in row["data"]}
-    if len(minutes) < len(FOLDERS) * len(METHODS):
-        return skipped("projection: default sweep", "a projection above did not finish")
-    hours = SEEDS * sum(minutes.values()) / 60
-    return {"check": "projection: default sweep", "verdict": "pass", "why": "", "data": {},
-            "figure": f"{len(FOLDERS) * len(METHODS) * SEEDS} runs, {hours:.1f} run-hours: about "
-                      f"{hours / devices:.1f} h on {device_words} (one run per {'GPU' if devices > 1 else 'device'}"
-                      f"{' at a time' if devices == 1 else ''})"}
+# --- decisions from the rows ------------------------------------------------------------------------------
+
+def chosen_setting(speed_data):
+    """The setting of the fastest passing speed row, or None."""
+    return max(speed_data, key=lambda data: data["images_per_second"])["setting"] if speed_data else None
+
+
+def projection_summary(projection, rest, devices, device_words, model_words):
+    """The default sweep's hours on this machine, one run per device. `projection`: the data of the
+    projection rows (folder, method, minutes of a run, and whether they include testing); `rest`:
+    folder -> minutes a compiled run adds (testing, compiling), where measured. Each method counts
+    at its measured speed, a method not measured at dcm's (an upper bound: ind and dml have no
+    auxiliary classifiers)."""
+    minutes, complete = {}, True
+    for data in projection:
+        added = 0.0 if data["tested"] else rest.get(data["folder"])
+        complete &= added is not None
+        minutes[data["folder"], data["method"]] = data["minutes"] + (added or 0.0)
+    if not all((folder, "dcm") in minutes for folder in FOLDERS):
+        return {"check": "projection: default sweep", "figure": "", "verdict": "skipped",
+                "why": "a dcm projection did not run", "data": {}}
+    measured = all((folder, method) in minutes for folder in FOLDERS for method in METHODS)
+    hours = SEEDS * sum(minutes.get((folder, method), minutes[folder, "dcm"])
+                        for folder in FOLDERS for method in METHODS) / 60
+    bound = "" if measured and complete else "at least " if measured else "at most "
+    notes = ([] if measured else ["ind and dml counted at dcm's speed (not timed in this budget)"]) + (
+        [] if complete else ["compiled runs: training only (testing and compiling not timed in this budget)"])
+    return {"check": "projection: default sweep", "verdict": "pass", "why": "", "data": {"hours": hours},
+            "figure": f"{len(FOLDERS) * len(METHODS) * SEEDS} runs of {model_words}, {hours:.1f} run-hours: "
+                      f"about {hours / devices:.1f} h on {device_words} (one run per "
+                      f"{'GPU' if devices > 1 else 'device'}{' at a time' if devices == 1 else ''})"
+                      + "".join(f"; {note}" for note in notes)}
 
 
 def memory_rows(projection, gpu_memory):
     rows = []
-    for row in projection:
-        data = row["data"]
-        if row["verdict"] != "pass" or "memory" not in data:
-            continue
+    for data in projection:
         need = data["reserved"] + CUDA_CONTEXT
         fits = 2 * need <= gpu_memory
-        rows.append({"check": f"memory {data['folder']}/ {data['method']}", "verdict": "pass", "why": "", "data": data,
+        rows.append({"check": f"memory {data['folder']}/ {data['method']}", "verdict": "pass", "why": "",
+                     "data": {**data, "two_fit": fits},
                      "figure": f"peak {data['memory'] / GIB:.1f} GiB allocated, {data['reserved'] / GIB:.1f} GiB "
-                               f"reserved at batch 128, of {gpu_memory / GIB:.0f} GiB: 2 runs "
-                               f"{'fit' if fits else 'do not fit'} on one GPU"
-                               + (" (tools/sweep.py --jobs_per_gpu 2)" if fits else "")})
+                               f"reserved, of {gpu_memory / GIB:.0f} GiB: 2 runs {'fit' if fits else 'do not fit'} "
+                               f"on one GPU"})
     return rows
 
 
-def recommended_command(chosen, device, gpu_ids, depth=28, width=10):
-    """The tools/sweep.py command(s) of the default sweep with each folder's chosen setting (and the
-    measured WRN where it is not the table's WRN-28-10)."""
+def sharing_row(shared, alone, memory):
+    """Whether two runs per GPU pay: with run i timed at shared_i img/s beside the other and at
+    alone_i by itself, the two did in each second the work of sum(shared_i / alone_i) seconds of
+    one run at a time. Recommended only above SHARING_GAIN and where 2 runs fit in memory."""
+    gain = sum(shared[folder] / alone[folder] for folder in shared)
+    fits = all(row["data"]["two_fit"] for row in memory) and bool(memory)
+    recommend = gain >= SHARING_GAIN and fits
+    reason = ("" if gain >= SHARING_GAIN else f"below the {SHARING_GAIN:g} that pays for sharing") if fits else (
+        "2 runs do not fit in memory" if memory else "no GPU memory measured")
+    words = ", ".join(f"{folder}/ {shared[folder]:.0f} img/s (alone {alone[folder]:.0f})" for folder in shared)
+    return {"check": "sharing: two runs per GPU", "verdict": "pass", "why": "", "data": {"recommend": recommend},
+            "figure": f"both at once: {words}: {gain:.2f}x the work of one run at a time; "
+                      + ("recommended: tools/sweep.py --jobs_per_gpu 2" if recommend else f"one run per GPU ({reason})")}
+
+
+def recommended_command(chosen, device, gpu_ids, jobs_per_gpu=1):
+    """The tools/sweep.py command(s) of the table's default sweep (WRN-28-10, the paper's model)
+    with each folder's chosen setting."""
     gpus = ",".join(gpu_ids) if device == "cuda" else "''"
-    model = f" --depth {depth} --width {width}" if (depth, width) != (28, 10) else ""
+    jobs = " --jobs_per_gpu 2" if jobs_per_gpu == 2 else ""
+    groups = [(None, next(iter(chosen.values())))] if len(set(chosen.values())) == 1 else list(chosen.items())
     commands = []
-    if len(set(chosen.values())) == 1:
-        groups = [(None, next(iter(chosen.values())))]
-    else:
-        groups = list(chosen.items())
     for folder, setting in groups:
         folders = f" --folders {folder}" if folder else ""
-        flags = " ".join(benchmark.SETTINGS.get(setting) or [])
-        commands.append(f"python tools/sweep.py{folders} --gpus {gpus} --dataroot DATA{model} {flags}".rstrip())
+        flags = " ".join(setting_flags(setting))
+        commands.append(f"python tools/sweep.py{folders} --gpus {gpus}{jobs} --dataroot DATA {flags}".rstrip())
     return commands
 
+
+# --- the run -------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     opt = parse_options(argv)
     started = time.time()
-    hide_gpus = {"CUDA_VISIBLE_DEVICES": ""} if opt.cpu else {}
-    base = {"nthread": opt.nthread}
-    print("preflight: every check in its own process, with a time limit", file=sys.stderr, flush=True)
-    rows = run_check("environment", {**base, "device": "cpu"}, PLANS["cpu", True]["limits"]["environment"], hide_gpus)
-    gpus = next((row["data"].get("gpus", []) for row in rows if row["check"] == "environment: GPUs"), [])
+    out = Path(opt.out).expanduser().resolve()
+    cache = out / "compile"
+    (cache / "inductor").mkdir(parents=True, exist_ok=True)
+    (cache / "triton").mkdir(parents=True, exist_ok=True)
+    results_file = out / f"preflight-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    scratch = tempfile.mkdtemp(prefix="preflight_")  # every check's temporary files, removed at the end
+    environment = {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
+                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TMPDIR": scratch,
+                   **({"CUDA_VISIBLE_DEVICES": ""} if opt.cpu else {})}
+    run = Preflight(opt, results_file, environment)
+    previous = {number: signal.signal(number, stop_on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return preflight(run, opt, started, cache)
+    except Stopped as stop:
+        run.stop_all()
+        run.say(f"\npreflight: stopped by {stop.args[0]}; the rows above are every check that finished; "
+                f"did not finish: {', '.join(run.pending) or 'none'}")
+        return 130 if stop.args[0] == "SIGINT" else 143
+    finally:
+        run.stop_all()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def stop_on_signal(number, frame):
+    raise Stopped(signal.Signals(number).name)
+
+
+def preflight(run, opt, started, cache):
+    run.pending = ["environment"]
+    run.say(f"preflight: results in {run.results_file}; one compile cache for every check, kept for your runs: "
+            f"{cache}")
+    for folder in FOLDERS:  # both import torch and their folder while the environment is checked
+        run.worker(folder)
+    run.run("environment", [(run.worker("wrn"), {"check": "environment", "nthread": opt.nthread, "device": "cpu"})],
+            ENVIRONMENT_LIMIT)
+    gpu_row = next((row["data"] for row in run.rows if row["check"] == "environment: GPUs"), {})
+    gpus = gpu_row.get("gpus", [])
     device = "cuda" if gpus else "cpu"
-    plan = dict(PLANS[device, opt.quick])
-    plan["depth"], plan["width"] = opt.depth or plan["depth"], opt.width or plan["width"]
-    limits = plan["limits"]
-    if gpus and not next(row["data"]["bf16"] for row in rows if row["check"] == "environment: GPUs"):
-        # Volta, Turing: no bf16 tensor cores, fp16 with loss scaling is their fast setting.
-        plan["compiled"] = sorted(set(plan["compiled"]) | {"fp16+cl+compile"})
-        plan["speed"] = {folder: [*(plan["speed"] or benchmark.DEFAULT_SETTINGS)[folder], "fp16+cl+compile"]
-                         for folder in FOLDERS}
+    plan = PLANS[device, opt.quick]
+    depth, width = opt.depth or plan["depth"], opt.width or plan["width"]
+    budget = opt.budget or plan["budget"]
+    candidates, others = candidate_settings(device, opt.quick, gpu_row.get("bf16", False), gpu_row.get("tf32", False))
+    items = plan_items(plan["planned"])
+    everything = split_budget(items, budget * 60 - (time.time() - started))
+    model_words = f"WRN-{depth}-{width} pairs"
+    run.say(f"plan: {'GPU' if gpus else 'CPU'}{' --quick' if opt.quick else ''}, {model_words} at batch "
+            f"{plan['batch_size']}, a {budget:g}-minute budget (every check: about {everything:.0f} min, as "
+            f"planned); each check is stopped at its share:")
+    for item in items:
+        run.say(f"  {item.title}: " + (f"{item.share:.0f} s" if item.share else
+                                        f"not run ({item.not_run}; --budget {everything + 1:.0f} runs it)"))
+    run.pending = [item.title for item in items if item.share]
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpu_ids = ([gpu.strip() for gpu in visible.split(",") if gpu.strip()] if visible else
                [str(index) for index in range(len(gpus))])[:len(gpus)]
-    # main.py's --gpu_id sets CUDA_VISIBLE_DEVICES; the checks' own processes see the first GPU.
-    gpu_id = gpu_ids[0] if gpus else ""
-    environment = {**hide_gpus, **({"CUDA_VISIBLE_DEVICES": gpu_id} if gpus else {})}
-    base.update(device=device, depth=plan["depth"], width=plan["width"])
-
-    chosen = {}
+    # The workers train on the first visible GPU; resume and torchrun pick theirs with --gpu_id or
+    # CUDA_VISIBLE_DEVICES.
+    base = {"nthread": opt.nthread, "device": device, "depth": depth, "width": width, "batch_size": plan["batch_size"]}
+    run.setup = base
     for folder in FOLDERS:
-        numerics = []
-        for settings, limit in ((plan["eager"], limits["numerics"]), (plan["compiled"], limits["compiled"])):
-            if settings:
-                numerics += run_check("numerics", {**base, "folder": folder, "settings": settings,
-                                                   "batch_size": plan["numerics_batch"]}, limit, environment)
-        if not plan["compiled"]:
-            numerics.append(skipped(f"numerics {folder}/ +compile", "--quick on a CPU (compiling takes minutes there)"))
-        if "fp16" not in plan["eager"]:
-            numerics.append(skipped(f"numerics {folder}/ fp16", "--quick on a CPU (no fp16 arithmetic there: "
-                                                               "emulated, minutes for the MobileNet)"))
-        rows += numerics
-        passed = {row["data"]["setting"] for row in numerics if row["verdict"] == "pass" and "setting" in row["data"]}
-        speed = speed_rows(opt, plan, folder, gpu_id, passed)
-        rows += speed
-        chosen[folder] = chosen_setting(speed) or "fp32"
-        if not chosen_setting(speed):
-            rows.append(skipped(f"speed {folder}/: chosen setting", "no speed row passed: fp32 assumed"))
-
-    projection = []
-    for folder in FOLDERS:
-        projection += run_check("projection", {**base, "folder": folder, "setting": chosen[folder],
-                                               "methods": list(METHODS), "images": plan["images"],
-                                               "test_images": plan["test_images"],
-                                               "batch_size": plan["projection_batch"]}, limits["projection"],
-                                environment)
-    for row in projection:
-        if row["verdict"] == "pass":
-            model = f"WRN-{plan['depth']}-{plan['width']}"
-            row["figure"] += (f" ({chosen[row['data']['folder']]}, {model} "
-                              f"{'pair' if row['data']['folder'] == 'wrn' else '+ MobileNet'}, batch "
-                              f"{plan['projection_batch']}, measured on {plan['images']:,} images)")
-    rows += projection
-    device_words = (f"{len(gpus)} x {gpus[0]['name']}" if gpus else "this CPU")
-    rows.append(projection_summary(projection, max(len(gpus), 1), device_words))
-
+        run.worker(folder).send({"check": "setup", **base})
     small = {**base, **plan["small"], "gpus": len(gpus), "gpu_ids": gpu_ids}
-    torchrun_environment = {**hide_gpus, **({"CUDA_VISIBLE_DEVICES": ",".join(gpu_ids)} if gpus else {})}
-    rows += run_check("torchrun", {**small, "epochs": 1, "timeout": limits["torchrun"] - 10}, limits["torchrun"],
-                      torchrun_environment)
-    rows += run_check("resume", {**small, "epochs": 2, "timeout": limits["resume"] - 10}, limits["resume"],
-                      torchrun_environment)
-    if gpus:
-        rows += memory_rows(projection, min(gpu["memory"] for gpu in gpus))
-    else:
-        rows.append(skipped("memory", "no CUDA GPU (a CPU run's peak RSS is in the speed rows)"))
+    chosen = run.chosen
 
-    failed = [row for row in rows if row["verdict"] == "fail"]
-    print_report(rows, plan, device, opt, time.time() - started, recommended_command(chosen, device, gpu_ids, plan["depth"], plan["width"]))
+    def command(item, folder, check, **arguments):
+        return run.run(item.title, [(run.worker(folder), {"check": check, **arguments})], item.share)
+
+    for item in items:
+        if not item.share:
+            continue
+        kind, folder = (item.key.split() + [None])[:2]
+        if kind == "numerics":
+            command(item, folder, "numerics", settings=["fp32", *candidates])
+        elif kind == "resume":
+            command(item, "wrn", "resume", **small, epochs=2, timeout=item.share - 5)
+        elif kind == "speed":
+            passed = [data["setting"] for data in run.data(f"numerics {folder}/ ")]
+            command(item, folder, "speed", settings=["fp32", *candidates], passed=passed, steps=plan["speed"][0],
+                    seconds=plan["speed"][1])
+            chosen[folder] = chosen_setting(run.data(f"speed {folder}/")) or "fp32"
+        elif kind == "projection":
+            command(item, folder, "projection", setting=chosen[folder], methods=["dcm"], steps=plan["projection"][0],
+                    seconds=plan["projection"][1], test_images=plan["test_images"])
+            for row in memory_rows(run.data(f"projection {folder}/ dcm"), min(gpu["memory"] for gpu in gpus)) if gpus else []:
+                run.add_row(row)
+            if folder == FOLDERS[-1]:
+                run.add_row(sweep_row(run, gpus, model_words))
+        elif kind == "sharing":
+            jobs = [(run.worker(folder), {"check": "share", "setting": chosen[folder],
+                                                "seconds": plan["share_seconds"]}) for folder in FOLDERS]
+            run.run(item.title, jobs, item.share)
+            shared = {data["folder"]: data["images_per_second"] for data in run.data("sharing ")}
+            alone = {data["folder"]: data["images_per_second"] for data in run.data("projection ")
+                     if data["method"] == "dcm"}
+            if len(shared) == len(alone) == len(FOLDERS):
+                run.add_row(sharing_row(shared, alone, [row for row in run.rows if row["check"].startswith("memory ")]))
+        elif kind == "torchrun":
+            command(item, "wrn", "torchrun", **small, epochs=1, timeout=item.share - 5)
+        elif kind == "rest":
+            command(item, folder, "extra_compiles", setting=chosen[folder], test_images=plan["test_images"])
+            if folder == FOLDERS[-1]:
+                run.add_row({**sweep_row(run, gpus, model_words), "check": "projection: default sweep, whole runs"})
+        elif kind == "methods":
+            command(item, folder, "projection", setting=chosen[folder], methods=["ind", "dml"],
+                    steps=plan["projection"][0], seconds=plan["projection"][1], test_images=plan["test_images"])
+            if folder == FOLDERS[-1]:
+                run.add_row({**sweep_row(run, gpus, model_words), "check": "projection: default sweep, every method"})
+        elif kind == "other":
+            command(item, folder, "numerics", settings=others, keep=False)
+        run.pending.remove(item.title)
+    for item in items:
+        if not item.share:
+            run.add_row({"check": item.title, "figure": "", "verdict": "skipped", "why": f"not run: {item.not_run}",
+                         "data": {}})
+    if not gpus:
+        run.add_row({"check": "memory", "figure": "", "verdict": "skipped",
+                     "why": "no CUDA GPU (the projection rows give the process's peak RSS)", "data": {}})
+
+    share = next((row["data"]["recommend"] for row in run.rows if row["check"] == "sharing: two runs per GPU"), False)
+    failed = sum(row["verdict"] == "fail" for row in run.rows)
+    run.say(f"\nThe compile cache, kept for your runs (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR): {cache}")
+    run.say(f"{time.time() - started:.0f} s in all. " + (f"{failed} check(s) failed." if failed else "Every check passed."))
+    run.say("Recommended command for the table's runs (WRN-28-10, the paper's model) on this machine, with the "
+            "fastest setting that passed (--amp and --tf32 change the numerics, see README's Speed section):")
+    for line in recommended_command({folder: chosen.get(folder, "fp32") for folder in FOLDERS}, device, gpu_ids,
+                                    2 if share and device == "cuda" else 1):
+        run.say(f"  {line}")
+    if (depth, width) != (28, 10):
+        run.say(f"The speeds above were measured on {model_words}, not on the table's WRN-28-10 pairs"
+                + (" (--quick)" if opt.quick else "") + ": its settings may rank otherwise there.")
     return 1 if failed else 0
 
 
-def print_report(rows, plan, device, opt, seconds, commands):
-    mode = f"{'GPU' if device == 'cuda' else 'CPU'}{' --quick' if opt.quick else ''}"
-    print(f"Preflight ({mode}, WRN-{plan['depth']}-{plan['width']} pairs; torchrun and resume on "
-          f"WRN-{plan['small']['depth']}-{plan['small']['width']}) on {time.strftime('%Y-%m-%d')}: "
-          f"{seconds:.0f} s in all.\n")
-    print("| check | figure | verdict |\n|---|---|---|")
-    for row in rows:
-        verdict = {"pass": "pass", "fail": "FAIL", "skipped": "skipped"}[row["verdict"]]
-        verdict += f": {row['why']}" if row["why"] else ""
-        print(f"| {row['check']} | {row['figure'].replace('|', '/')} | {verdict.replace('|', '/')} |")
-    failed = sum(row["verdict"] == "fail" for row in rows)
-    print(f"\n{failed} check(s) failed." if failed else "\nEvery check passed.")
-    print("Recommended command for this machine (the fastest setting that passed; --amp changes the numerics, "
-          "see README's Speed section):")
-    for command in commands:
-        print(f"  {command}")
+def sweep_row(run, gpus, model_words):
+    """projection_summary of the rows so far: what a compiled run adds is the rest-of-a-run row's
+    compiles and testing, plus the full batch's compile timed by the numerics check."""
+    rest = {}
+    for folder in FOLDERS:
+        extra = [row["data"] for row in run.rows if row["check"] == f"projection {folder}/: the rest of a run"
+                 and row["verdict"] == "pass"]
+        setting = next((data["setting"] for data in run.data(f"speed {folder}/")
+                        if data["setting"] == run.chosen.get(folder)), None)
+        first = next((data["first_seconds"] for data in run.data(f"numerics {folder}/ ") if data["setting"] == setting), 0)
+        if extra:
+            rest[folder] = extra[0]["test_minutes"] + (extra[0]["seconds"] + first) / 60
+    return projection_summary(run.data("projection "), rest, max(len(gpus), 1), device_words(gpus), model_words)
+
+
+def device_words(gpus):
+    return f"{len(gpus)} x {gpus[0]['name']}" if gpus else "this CPU"
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\npreflight: interrupted; the check that was running is stopped", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())
