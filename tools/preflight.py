@@ -44,17 +44,18 @@ Every row is printed, and appended to --out/preflight-DATE.md, as soon as it is 
 stopped from outside keeps every finished row, and its plan at the top says what did not run.
 The exit code is 1 if a check failed.
 
-Plans (shares are planned, not measured: no GPU has run this yet; the first GPU run will confirm
-them and its file shows each check's time against its share):
-  GPU           WRN-28-10 pairs, batch 128, default --budget 8: checks 1-7 and 10, planned at
-                455 s (two cold compiles of the pair's training step take most of it); 8 and 9
-                need --budget 16 (four more cold compiles per folder)
-  GPU --quick   WRN-16-4 pairs, batch 128, default --budget 4: checks 1-6 and 8
+Plans (the shares are planned, not measured: no GPU has run this code yet; the first GPU run will
+confirm or correct them, and its `time:` rows show each check's seconds against its share):
+  GPU           WRN-28-10 pairs, batch 128, default --budget 8: after the environment, checks 2-7
+                and 10 are planned at 435 s, most of it two cold compiles of a pair's training
+                step; 8 and 9 (four more cold compiles per folder) need --budget 16
+  GPU --quick   WRN-16-4 pairs, batch 128, default --budget 4: checks 2-7 planned at 213 s, then
+                what else fits
   CPU           WRN-16-1 pairs, batch 32, with --compile's Inductor (minutes per graph on a
-                CPU), default --budget 20
-  CPU --quick   WRN-16-1 pairs, batch 8, no --compile (tests/test_speed.py covers it), no fp16
-                (emulated on a CPU, minutes for the MobileNet), default --budget 3: every check;
-                about a minute on an idle 2-core CPU with --nthread 1 (README's Preflight section)
+                CPU), default --budget 30
+  CPU --quick   WRN-16-1 pairs, batch 2, no --compile (tests/test_speed.py covers it), no fp16
+                (emulated on a CPU, minutes for the MobileNet), every check planned at 169 s on an
+                idle CPU; default --budget 10, since a CPU shared with other work is slower
 Under --quick the measured model is not the table's: the projection says which model it timed,
 and the recommended command is for the table's WRN-28-10 all the same.
 """
@@ -104,14 +105,14 @@ PLANS = {
                          small=dict(depth=16, width=4, batch_size=128, train_images=1024, test_images=512),
                          planned=dict(numerics=45, resume=40, speed=10, projection=8, sharing=12, torchrun=35,
                                       rest=30, methods=60, other=15)),
-    ("cpu", False): dict(depth=16, width=1, batch_size=32, budget=20, speed=(5, 10.0), projection=(5, 10.0),
+    ("cpu", False): dict(depth=16, width=1, batch_size=32, budget=30, speed=(5, 10.0), projection=(5, 10.0),
                          share_seconds=5.0, test_images=500,
                          small=dict(depth=16, width=1, batch_size=32, train_images=256, test_images=64),
                          planned=dict(numerics=330, resume=60, speed=30, projection=20, sharing=15, torchrun=60,
                                       rest=300, methods=400, other=40)),
-    ("cpu", True): dict(depth=16, width=1, batch_size=4, budget=3, speed=(1, 5.0), projection=(1, 5.0),
+    ("cpu", True): dict(depth=16, width=1, batch_size=2, budget=10, speed=(1, 5.0), projection=(1, 5.0),
                         share_seconds=1.0, test_images=16,
-                        small=dict(depth=16, width=1, batch_size=16, train_images=64, test_images=32),
+                        small=dict(depth=16, width=1, batch_size=8, train_images=32, test_images=16),
                         planned=dict(numerics=20, resume=30, speed=5, projection=5, sharing=5, torchrun=30,
                                      rest=2, methods=10, other=10)),
 }
