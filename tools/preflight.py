@@ -373,7 +373,6 @@ def projection_summary(projection, rest, devices, device_words, model_words):
     measured = all((folder, method) in minutes for folder in FOLDERS for method in METHODS)
     hours = SEEDS * sum(minutes.get((folder, method), minutes[folder, "dcm"])
                         for folder in FOLDERS for method in METHODS) / 60
-    bound = "" if measured and complete else "at least " if measured else "at most "
     notes = ([] if measured else ["ind and dml counted at dcm's speed (not timed in this budget)"]) + (
         [] if complete else ["compiled runs: training only (testing and compiling not timed in this budget)"])
     return {"check": "projection: default sweep", "verdict": "pass", "why": "", "data": {"hours": hours},
@@ -437,7 +436,7 @@ def main(argv=None):
     results_file = out / f"preflight-{time.strftime('%Y%m%d-%H%M%S')}.md"
     scratch = tempfile.mkdtemp(prefix="preflight_")  # every check's temporary files, removed at the end
     environment = {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
-                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TMPDIR": scratch,
+                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", "TMPDIR": scratch,
                    **({"CUDA_VISIBLE_DEVICES": ""} if opt.cpu else {})}
     run = Preflight(opt, results_file, environment)
     previous = {number: signal.signal(number, stop_on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
