@@ -532,7 +532,7 @@ def preflight(run, opt, started, cache):
             command(item, "wrn", "torchrun", **small, epochs=1, timeout=item.share - 5)
         elif kind == "rest":
             command(item, folder, "extra_compiles", setting=chosen[folder], test_images=plan["test_images"])
-            if folder == FOLDERS[-1]:
+            if folder == FOLDERS[-1] and any("compile" in setting for setting in chosen.values()):
                 run.add_row({**sweep_row(run, gpus, model_words), "check": "projection: default sweep, whole runs"})
         elif kind == "methods":
             command(item, folder, "projection", setting=chosen[folder], methods=["ind", "dml"],
@@ -555,7 +555,7 @@ def preflight(run, opt, started, cache):
     run.say(f"\nThe compile cache, kept for your runs (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR): {cache}")
     run.say(f"{time.time() - started:.0f} s in all. " + (f"{failed} check(s) failed." if failed else "Every check passed."))
     run.say("Recommended command for the table's runs (WRN-28-10, the paper's model) on this machine, with the "
-            "fastest setting that passed (--amp and --tf32 change the numerics, see README's Speed section):")
+            "fastest setting that passed (--amp and --tf32 change the numerics, see docs/speed.md):")
     for line in recommended_command({folder: chosen.get(folder, "fp32") for folder in FOLDERS}, device, gpu_ids,
                                     2 if share and device == "cuda" else 1):
         run.say(f"  {line}")

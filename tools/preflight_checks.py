@@ -87,6 +87,10 @@ def compiled_graphs():
     return counters["stats"]["unique_graphs"]
 
 
+def steps_words(count):
+    return f"{count} step{'s' if count != 1 else ''}"
+
+
 def graphs_words(count):
     return f"{count} graph{'s' if count != 1 else ''} compiled"
 
@@ -310,7 +314,7 @@ class Worker:
             step, optimizer = self.step(setting)
             self.use(setting)
             images_per_second, done = self.time_steps(step, optimizer, steps, seconds)
-            emit(title, f"{images_per_second:.1f} img/s, real epoch code, {done} steps at batch {self.batch}; "
+            emit(title, f"{images_per_second:.1f} img/s, real epoch code, {steps_words(done)} at batch {self.batch}; "
                         f"{graphs_words(compiled_graphs() - graphs)}", "pass",
                  setting=setting, images_per_second=images_per_second)
 
@@ -336,9 +340,9 @@ class Worker:
             test = "" if step.compiled else self.test_words(step, test_images)
             minutes = train_minutes + (self.test_minutes if not step.compiled else 0)
             emit(f"projection {self.folder}/ {method}",
-                 f"{images_per_second:.0f} img/s training ({done} steady-state steps at batch {self.batch}): "
-                 f"{train_minutes:.0f} min of training per {EPOCHS}-epoch run{test}; "
-                 f"{graphs_words(compiled_graphs() - graphs)}", "pass",
+                 f"{images_per_second:.0f} img/s training ({steps_words(done)} at batch {self.batch}, steady state): "
+                 f"{train_minutes:.0f} min of training per {EPOCHS}-epoch run{test}; peak {memory_kind} "
+                 f"{(memory - baseline_allocated) / 2 ** 30:.2f} GiB; {graphs_words(compiled_graphs() - graphs)}", "pass",
                  folder=self.folder, method=method, images_per_second=images_per_second, minutes=minutes,
                  tested=not step.compiled, memory=memory - baseline_allocated,
                  reserved=reserved - baseline_reserved, memory_kind=memory_kind)
