@@ -62,8 +62,11 @@ def select_device(opt):
     torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1) if opt.nthread else available_cores())
     opt.nthread = torch.get_num_threads()
     if opt.deterministic:
-        # cuBLAS needs this workspace setting for reproducible results; ops without a deterministic
-        # CUDA kernel (adaptive average pooling's backward) warn instead of stopping the run.
+        # On CUDA this makes cuDNN choose deterministic convolution algorithms (some of its fastest
+        # backward ones accumulate with atomic adds, in an order that varies); cuBLAS needs the
+        # workspace setting for reproducible results. An op without a deterministic CUDA kernel
+        # warns instead of stopping the run (the global average pool is none: adaptive_avg_pool2d
+        # to 1x1 runs as a mean); preflight.py measures how exact a GPU's reruns come out.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if not torch.cuda.is_available():
@@ -111,6 +114,17 @@ def peak_memory(device):
         return torch.cuda.max_memory_allocated(device), "GPU memory"
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max_rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
+
+
+def cuda_bf16_support():
+    """Whether the current CUDA GPU computes in bfloat16 natively (Ampere, sm 8.0, and newer; every
+    ROCm GPU torch supports). torch.cuda.is_bf16_supported() also says yes where bf16 tensors merely
+    work, emulated and slower than fp32 (Volta, Turing), unless asked with including_emulation=False
+    (torch 2.4 and later, pytorch PR 129288); for an earlier torch the compute capability decides."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return bool(torch.version.hip) or torch.cuda.get_device_properties(torch.cuda.current_device()).major >= 8
 
 
 def cpu_bf16_support():

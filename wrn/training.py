@@ -200,8 +200,11 @@ class EpochMeter:
     def state_dict(self):
         return dict(vars(self))
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, device):
+        """The meter of state_dict(), its sums moved to `device`, where the epoch goes on adding to them."""
         for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
             setattr(self, key, tuple(value) if key == "num_classifiers" else value)
 
 

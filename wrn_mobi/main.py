@@ -136,8 +136,11 @@ def distillation_links(opt):
 def create_optimizer(opt, params, lr):
     # Weight decay on every parameter (BN and biases too), as in the reference. The fused kernel
     # updates every parameter in one pass: the same update as the per-parameter loop, up to the
-    # last bit (it uses fused multiply-adds).
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    # last bit (it uses fused multiply-adds). Not under --amp fp16: its GradScaler leaves a fused
+    # optimizer to skip an overflowing step itself, and the fused SGD's first step makes the
+    # momentum buffers uninitialised (empty_like) before it skips, so the next step reads garbage;
+    # the per-parameter SGD's step the scaler skips whole, leaving no momentum behind.
+    fused = opt.amp != "fp16" and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=opt.weight_decay, fused=fused or None)
 
 
