@@ -1,6 +1,6 @@
 """torchrun on the CPU (gloo): two processes train what one process trains, rank 0 alone writes,
-sharded evaluation counts every test image once, checkpoints move between process counts, and
-a global batch that the processes cannot share is refused.
+sharded evaluation counts every test image once, checkpoints move between process counts where
+BN's batches stay the same, and a global batch that the processes cannot share is refused.
 
 The tiny training set (101 images, batches of 16) ends each epoch with a batch of 5, which two
 processes split 3 + 2; the 25 test images split 13 + 12.
@@ -141,6 +141,19 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, data, two_ran
     assert result.returncode == 0, result.stderr
     assert [record["epoch"] for record in read_log(tmp_path / "save")] == [EPOCHS + 1]
     assert weights(tmp_path / "save")["epoch"] == EPOCHS + 1
+
+
+def test_a_resume_that_would_change_bn_batches_is_refused_by_every_process(tmp_path, data, single):
+    # The single process's run normalised by the whole batch; two processes without --sync_bn
+    # would normalise by halves from here on.
+    (tmp_path / "torchrun_tmp").mkdir()
+    result = torchrun(run_args(tmp_path / "save", data, "--resume", single / "checkpoint.pt", "--epochs", EPOCHS + 1),
+                      tmp_path / "torchrun_tmp")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "trained by 1 process" in errors[0] and "2 processes would change" in errors[0] \
+        and errors[0].endswith("add --sync_bn, or resume in one process"), result.stderr
+    assert not (tmp_path / "save").exists()
 
 
 def test_sigterm_stops_every_rank_at_one_step_and_the_checkpoint_resumes_in_one_process(tmp_path, data, two_ranks):

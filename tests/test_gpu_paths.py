@@ -124,3 +124,64 @@ def test_without_loss_scaling_the_optimizer_stays_the_fused_sgd(folder, tmp_path
     # The default fp32 step (and bf16's) keeps its update, bit for bit.
     opt = options(folder, tmp_path, "--amp", amp)
     assert load_folder(folder).main.create_optimizer(opt, [torch.nn.Parameter(torch.ones(2))], 0.1).defaults["fused"]
+
+
+# --- a resume that would change BN's batches ----------------------------------------------------------
+
+@pytest.mark.parametrize("saved,given", [
+    ((1, False), (1, False)), ((4, False), (4, False)), ((4, True), (2, True)), ((1, False), (8, True)),
+    ((4, True), (1, False)), ((1, True), (3, True)),
+])
+def test_a_resume_that_keeps_bn_batches_is_accepted(saved, given):
+    load_folder("wrn").checkpoint.check_bn_batches("c.pt", *saved, *given)
+
+
+@pytest.mark.parametrize("saved,given,fix", [
+    ((4, False), (1, False), "resume it with 4 processes in all and without --sync_bn"),
+    ((4, False), (2, False), "resume it with 4 processes in all and without --sync_bn"),
+    ((4, False), (4, True), "resume it with 4 processes in all and without --sync_bn"),
+    ((1, False), (2, False), "add --sync_bn, or resume in one process"),
+    ((2, True), (4, False), "add --sync_bn, or resume in one process"),
+])
+def test_a_resume_that_changes_bn_batches_is_refused_naming_both_counts_and_the_fix(saved, given, fix):
+    checkpoint = load_folder("wrn").checkpoint
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.check_bn_batches("c.pt", *saved, *given)
+    message = str(error.value)
+    assert message.startswith("--resume c.pt was trained by ") and message.endswith(fix)
+    assert f"by {saved[0]} process" in message and f"; {given[0]} process" in message
+
+
+def test_an_earlier_checkpoint_takes_its_process_count_from_the_run_s_log(tmp_path):
+    checkpoint = load_folder("wrn").checkpoint
+    path = str(tmp_path / "checkpoint.pt")
+    assert checkpoint.logged_world_size(path, 0) is None  # no log: stopped in its first epoch
+    lines = [f"json_stats: {json.dumps({'epoch': epoch, 'world_size': size})}\n" for epoch, size in ((1, 4), (2, 2))]
+    (tmp_path / "log.txt").write_text("".join(lines))
+    assert checkpoint.logged_world_size(path, len(lines[0])) == 4  # the line of epoch 2 came after the checkpoint
+    assert checkpoint.logged_world_size(path, len(lines[0]) + len(lines[1])) == 2
+    assert checkpoint.logged_world_size(path, 0) is None
+
+
+# --- bf16 on CUDA -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
+def test_bf16_counts_only_where_the_gpu_computes_it(folder, monkeypatch, major, native):
+    # torch.cuda.is_bf16_supported() of a Volta/Turing says True by default (emulated bf16).
+    hardware = load_folder(folder).hardware
+
+    def is_bf16_supported(including_emulation=True):
+        return major >= 8 or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert hardware.cuda_bf16_support() is native
+
+
+@pytest.mark.parametrize("major,native", [(7, False), (8, True)])
+def test_bf16_on_a_torch_without_including_emulation_asks_the_compute_capability(folder, monkeypatch, major, native):
+    hardware = load_folder(folder).hardware
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # an earlier torch: emulation counts
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("Properties", (), {"major": major}))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert hardware.cuda_bf16_support() is native
