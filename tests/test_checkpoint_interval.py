@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import load_folder, read_log, run_main, write_cifar100
+from test_first_run import summarize, sweep
 from test_reliability import assert_same_run, run_args, start, weights
 
 NUM_TRAIN, NUM_TEST = 128, 24  # test_reliability's run_args: batch 16 (8 steps), 3 epochs
@@ -138,6 +139,15 @@ def test_each_line_logs_the_seconds_and_bytes_of_the_checkpoints_before_it(every
     assert records[0]["checkpoint_time"] == 0 and records[0]["checkpoint_bytes"] == 0  # none written yet
     for record in records[1:]:  # the previous epoch's checkpoint, of the same size as the last one
         assert record["checkpoint_time"] > 0 and record["checkpoint_bytes"] == size, record
+
+
+def test_summarize_and_sweep_take_the_checkpoint_keys_as_neither_recipe_nor_name(every_epoch):
+    # The interval changes no number, and the cost keys are measurements: a run's row and its
+    # comparison with the paper do not depend on them.
+    run = summarize.Run(str(every_epoch / "log.txt"), read_log(every_epoch))
+    assert not [key for key in run.row_options if key.startswith("checkpoint")], run.row_options
+    assert not [reason for reason in summarize.recipe_differences(run.row_options) if "checkpoint" in reason]
+    assert sweep.run_name("wrn", "dcm", 1, ["--checkpoint_interval", "5"]) == "wrn-28-10_wrn-28-10_dcm_seed1"
 
 
 def test_a_kill_after_an_unsaved_epoch_retrains_it_on_resume_to_the_same_weights(tmp_path, data, every_epoch):
