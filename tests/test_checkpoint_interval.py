@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import load_folder, read_log, run_main, write_cifar100
+from test_distributed import torchrun
 from test_first_run import summarize, sweep
 from test_reliability import assert_same_run, run_args, start, weights
 
@@ -167,3 +168,16 @@ def test_a_kill_after_an_unsaved_epoch_retrains_it_on_resume_to_the_same_weights
     assert result.returncode == 0, result.stderr
     assert "epoch 2/3" in result.stdout, result.stdout  # epoch 2 trained again, its line logged once
     assert_same_run(every_epoch, save)
+
+
+def test_two_processes_vote_with_rank_0s_clock_and_finish(tmp_path, data):
+    # Epoch 2 is neither the first nor the last: both ranks take part in the vote on rank 0's clock
+    # (interval 0: due), rank 0 writes, and the run goes on in step to its end.
+    (tmp_path / "torchrun_tmp").mkdir()
+    save = tmp_path / "save"
+    result = torchrun(run_args(save, data, "--checkpoint_interval", 0), tmp_path / "torchrun_tmp")
+    assert result.returncode == 0, result.stderr
+    records = read_log(save)
+    assert [record["epoch"] for record in records] == [1, 2, 3]
+    assert all(record["checkpoint_bytes"] > 0 for record in records[1:])  # epochs 1 and 2 were checkpointed
+    assert weights(save / "checkpoint.pt")["epoch"] == 3
