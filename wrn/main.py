@@ -69,9 +69,9 @@ def option_parser():
     parser.add_argument("--resume", nargs="?", const=True, default="", metavar="PATH",
                         help="continue the run in --save (no PATH), or from the checkpoint file PATH")
     parser.add_argument("--checkpoint_interval", default=10.0, type=float, metavar="MINUTES",
-                        help="checkpoint at the end of an epoch when the next epoch would end more than MINUTES "
-                             "after the last checkpoint; the first and the last epoch and a stop by a signal are "
-                             "always checkpointed. 0: after every epoch (safety.py)")
+                        help="checkpoint at the end of an epoch when the next epoch would end MINUTES or more "
+                             "after the last checkpoint; the first epoch of each process, the last epoch and a stop "
+                             "by a signal are always checkpointed. 0: after every epoch (safety.py)")
     parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
                         help="also checkpoint every N steps inside an epoch, for epochs longer than you want to lose "
                              "(default: at the ends of epochs only)")
