@@ -16,7 +16,7 @@ OPTION_KEYS = ("save", "depth", "width", "dataset", "dataroot", "batch_size", "l
                "epoch_step", "lr_decay_ratio", "seed", "nthread", "resume", "note", "gpu_id", "method", "links")
 REFERENCE_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch", "num_classes", "n_parameters",
                   "train_time", "test_time")
-TIME_KEYS = ("train_time", "test_time")
+TIME_KEYS = ("train_time", "test_time", "checkpoint_time", "checkpoint_bytes")  # and what checkpoints cost
 # Images per split of the tiny CIFAR-100 sets; sizes that are not multiples of the batch size make
 # the last batch partial, so that accuracies must be counted per image, not averaged per batch.
 WRN_TRAIN, WRN_TEST = 120, 50

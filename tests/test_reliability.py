@@ -21,7 +21,7 @@ import torch
 from conftest import ROOT, load_folder, read_log, run_main, write_cifar100
 
 NUM_TRAIN, NUM_TEST, BATCH, EPOCHS = 128, 24, 16, 3  # 8 steps per epoch
-TIMES = ("train_time", "test_time")
+TIMES = ("train_time", "test_time", "checkpoint_time", "checkpoint_bytes")  # and what checkpoints cost
 
 
 def run_args(save, dataroot, *extra):
@@ -237,6 +237,7 @@ BAD_OPTIONS = {
     "lr_nan": (["--lr", "nan"], ["--lr"]),
     "epochs_0": (["--epochs", "0"], ["--epochs"]),
     "checkpoint_every_0": (["--checkpoint_every", "0"], ["--checkpoint_every"]),
+    "checkpoint_interval_negative": (["--checkpoint_interval", "-1"], ["--checkpoint_interval", ">= 0"]),
 }
 
 

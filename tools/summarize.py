@@ -56,7 +56,8 @@ REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "depth", "width", "seed",
 # Options that do not change what is trained: runs that differ only in these share a cell
 # (channels_last and compile change only the float rounding; --amp changes the numerics and counts).
 NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
-                     "checkpoint_every", "deterministic", "eval_batch_size", "channels_last", "compile")
+                     "checkpoint_every", "checkpoint_interval", "deterministic", "eval_batch_size", "channels_last",
+                     "compile")
 BATCHSTATS_KEY = "test_acc_net2_batchstats"
 ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
 ENSEMBLE_KEY = "test_acc_ensemble"
@@ -151,8 +152,9 @@ def option_value(value):
 
 
 def is_measurement(key):
-    """Keys main.py adds to the options: accuracies, losses, counts, times, the epoch and its lr."""
-    return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith("_time")
+    """Keys main.py adds to the options: accuracies, losses, counts, times, the checkpoints' bytes,
+    the epoch and its lr."""
+    return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith(("_time", "_bytes"))
             or key in ("epoch", "num_classes", "lr"))
 
 

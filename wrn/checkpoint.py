@@ -31,7 +31,8 @@ AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classif
 # included, defines what is trained (networks, objective, batches, schedule): a checkpoint resumes
 # only a run that gives it the checkpoint's value.
 RESUMABLE_OPTIONS = ("epochs", "save", "resume", "dataroot", "nthread", "gpu_id", "note", "checkpoint_every",
-                     "deterministic", "eval_batch_size", "amp", "channels_last", "compile", "benchmark", "sync_bn")
+                     "checkpoint_interval", "deterministic", "eval_batch_size", "amp", "channels_last", "compile",
+                     "benchmark", "sync_bn")
 
 
 class CheckpointError(Exception):
@@ -93,7 +94,7 @@ def set_rng_states(states):
 
 def save_checkpoint(opt, position, step, optimizer, log_bytes):
     """SAVE/checkpoint.pt: the run after `position` (epochs completed, steps into the next, its
-    partial meter and training time) with log.txt `log_bytes` long."""
+    partial meter and training time) with log.txt `log_bytes` long. Returns the file's size in bytes."""
     net1, net2 = step.nets
     state = {
         "epoch": position["epoch"],
@@ -109,7 +110,9 @@ def save_checkpoint(opt, position, step, optimizer, log_bytes):
         "rng_states": rng_states(),
         "log_bytes": log_bytes,
     }
-    atomic_save(state, os.path.join(opt.save, CHECKPOINT))
+    path = os.path.join(opt.save, CHECKPOINT)
+    atomic_save(state, path)
+    return os.path.getsize(path)
 
 
 def option_value(value):

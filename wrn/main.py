@@ -68,8 +68,13 @@ def option_parser():
                              "the training device, no loader workers)")
     parser.add_argument("--resume", nargs="?", const=True, default="", metavar="PATH",
                         help="continue the run in --save (no PATH), or from the checkpoint file PATH")
+    parser.add_argument("--checkpoint_interval", default=10.0, type=float, metavar="MINUTES",
+                        help="checkpoint at the end of an epoch when the next epoch would end MINUTES or more "
+                             "after the last checkpoint; the first epoch of each process, the last epoch and a stop "
+                             "by a signal are always checkpointed. 0: after every epoch (safety.py)")
     parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
-                        help="also checkpoint every N steps inside an epoch (default: at the end of each epoch)")
+                        help="also checkpoint every N steps inside an epoch, for epochs longer than you want to lose "
+                             "(default: at the ends of epochs only)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
     parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
@@ -244,8 +249,7 @@ def main(argv=None):
         stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
                  **published_stats, "train_kd_weight": kd_weights(total - 1),  # the KL weight of the last step
                  "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
-        guard.end_epoch(stats)
-        if stop.agreed():
+        if guard.end_epoch(stats):  # a stop was requested; the epoch is checkpointed
             return stop.report(opt, argv)
 
     if group.is_main:

@@ -1,6 +1,7 @@
 """Keeping a run safe to interrupt: a --save folder that holds no other run, stop requests
-(SIGINT, SIGTERM), checkpoints every N steps inside an epoch, and the guard against a loss that
-is no longer finite.
+(SIGINT, SIGTERM), when to checkpoint (about every --checkpoint_interval minutes at the end of an
+epoch, every --checkpoint_every steps inside one), and the guard against a loss that is no longer
+finite.
 
 SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) lets the current step finish; the run
 then writes a checkpoint, prints the command that resumes it, and exits with 130 or 143. A second
@@ -124,16 +125,34 @@ def resume_command(argv):
 
 
 class RunGuard:
-    """Checkpoints inside the epoch, honours stop requests, and refuses to save a broken state.
+    """Decides when to checkpoint, honours stop requests, and refuses to save a broken state.
 
     main.py calls begin_epoch() before an epoch's training, hands after_step to train_epoch, and
     calls end_epoch() with the epoch's numbers. It reads the meters summed over the ranks, and
-    only rank 0 writes."""
+    only rank 0 writes.
+
+    When: at the end of an epoch when the next epoch would end more than --checkpoint_interval
+    minutes after the last checkpoint (judged by the epoch just ended), so that checkpoints are at
+    most an interval apart and a crash loses at most an interval, or one epoch where an epoch is
+    longer (then --checkpoint_every N steps bounds the loss). Always at the end of the first epoch
+    a process trains (it shows at once that writing to --save works, and a crash soon after the
+    start loses one epoch), of the last epoch, and on a stop request. The interval, not every
+    epoch: a checkpoint costs what its size and the storage make it cost, whatever an epoch takes,
+    so per epoch it costs a share of the run that grows with the speed of the GPU; every 10
+    minutes, a write of w seconds costs at most w / 600 of the run beyond the first and the last
+    (1% for 6 s). Ends of epochs, not any step: there the log line is written, so a resume drops
+    no line the checkpoint knows, and the ranks agree on rank 0's clock once per epoch, not with a
+    collective after every step. Both rules count from the last checkpoint of either kind."""
 
     def __init__(self, opt, step, stop):
         self.opt, self.step, self.stop = opt, step, stop
         self.epoch = self.optimizer = self.log_bytes = None
         self.started = self.earlier_train_time = 0.0
+        self.epochs_ended = 0
+        # Rank 0's: when its last checkpoint was written (the state the process started from is the
+        # run's start, or the checkpoint it resumed), and what checkpoints cost since the last line.
+        self.last_checkpoint = time.time()
+        self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
 
     def begin_epoch(self, epoch, optimizer, log_bytes, earlier_train_time=0.0):
         """`earlier_train_time`: seconds this epoch trained before the run was resumed mid-epoch."""
@@ -152,7 +171,7 @@ class RunGuard:
             self.check_finite(meter)
             position = {"epoch": self.epoch - 1, "step": meter.steps, "meter": meter, "train_time": self.train_time()}
             if self.step.group.is_main:
-                save_checkpoint(self.opt, position, self.step, self.optimizer, self.log_bytes)
+                self.save(position, self.log_bytes)
         elif meter.steps % FINITE_CHECK_EVERY == 0:
             self.check_finite(meter.summed_over(self.step.group))
         return stop
@@ -168,9 +187,34 @@ class RunGuard:
                                 f"is if the cause was transient")
 
     def end_epoch(self, stats):
-        """The epoch's line in log.txt and its summary, then the checkpoint that knows about the line."""
-        if self.step.group.is_main:
-            log_bytes = epoch_log.log_epoch(self.opt, stats)
+        """The epoch's line in log.txt, with what the checkpoints since the previous line cost, and
+        its summary; then, when one is due, the checkpoint that knows about the line. Returns whether
+        a stop was requested (collective): the epoch is then checkpointed, and the run ends."""
+        group = self.step.group
+        stop = self.stop.agreed()
+        epoch_seconds = time.time() - self.started
+        # Every rank takes the same branches: stop is agreed, the epochs are the same, and rank 0's
+        # clock alone decides the rest.
+        due = (stop or self.epochs_ended == 0 or self.epoch == self.opt.epochs
+               or group.any(group.is_main and self.interval_would_pass(epoch_seconds)))
+        self.epochs_ended += 1
+        if group.is_main:
+            cost = {"checkpoint_time": self.checkpoint_seconds, "checkpoint_bytes": self.checkpoint_bytes}
+            self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
+            log_bytes = epoch_log.log_epoch(self.opt, {**stats, **cost})
             epoch_log.print_summary({**stats, "epochs": self.opt.epochs})
-            position = {"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}
-            save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)
+            if due:
+                self.save({"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}, log_bytes)
+        return stop
+
+    def interval_would_pass(self, epoch_seconds):
+        """Whether another epoch as long as the last one (`epoch_seconds`, training and testing)
+        would end --checkpoint_interval minutes or more after the last checkpoint."""
+        return time.time() - self.last_checkpoint + epoch_seconds >= self.opt.checkpoint_interval * 60
+
+    def save(self, position, log_bytes):
+        """Write the checkpoint of `position` (rank 0), and count the seconds and bytes it cost."""
+        start = time.time()
+        self.checkpoint_bytes += save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)
+        self.last_checkpoint = time.time()
+        self.checkpoint_seconds += self.last_checkpoint - start
