@@ -1,6 +1,7 @@
 """torchrun on the CPU (gloo): two processes train what one process trains, rank 0 alone writes,
 sharded evaluation counts every test image once, checkpoints move between process counts where
-BN's batches stay the same, and a global batch that the processes cannot share is refused.
+BN's batches stay the same, a global batch that the processes cannot share is refused, and a
+compiled step has no graph break.
 
 The tiny training set (101 images, batches of 16) ends each epoch with a batch of 5, which two
 processes split 3 + 2; the 25 test images split 13 + 12.
@@ -196,3 +197,56 @@ def test_one_process_refuses_nothing_it_accepted_before(tmp_path, data):
     result = run_main("wrn", *run_args(tmp_path / "save", data, "--batch_size", 15, "--epochs", 1)[2:])
     assert result.returncode == 0, result.stderr
     assert read_log(tmp_path / "save")[0]["world_size"] == 1
+
+
+# --- --compile under torchrun -------------------------------------------------------------------------
+
+# Two steps of 8 + 8 images and one test shard per rank: one batch shape each to compile.
+COMPILE_ARGS = ["--depth", "10", "--width", "1", "--method", "ind", "--subset", "32", "--batch_size", "16",
+                "--epochs", "1", "--lr", str(LR), "--nthread", "1"]
+
+
+@pytest.fixture(scope="module")
+def single_eager(tmp_path_factory, data):
+    save = tmp_path_factory.mktemp("single_eager") / "save"
+    result = run_main("wrn", "--save", save, "--dataroot", data, *COMPILE_ARGS)
+    assert result.returncode == 0, result.stderr
+    return save
+
+
+@pytest.mark.parametrize("flags", [[], ["--sync_bn"]], ids=["slice_bn", "sync_bn"])
+def test_a_compiled_two_process_run_has_no_graph_break(tmp_path, data, single_eager, flags):
+    # Compiled around DDP, Dynamo broke the graph in DDP's forward pass, twice per network; each
+    # network is compiled inside DDP instead, and GlobalBatchNorm2d's all-reduces are traced.
+    (tmp_path / "torchrun_tmp").mkdir()
+    save = tmp_path / "save"
+    args = ["--gpu_id", "", "--save", save, "--dataroot", data, *COMPILE_ARGS, "--compile", *flags]
+    result = subprocess.run(torchrun_command(map(str, args)), cwd=ROOT / "wrn", capture_output=True, text=True,
+                            env={**torchrun_env(tmp_path / "torchrun_tmp"), "TORCH_LOGS": "graph_breaks"},
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    breaks = [line for line in result.stderr.splitlines() if "Graph break" in line]
+    assert breaks == [], "\n".join(breaks)
+    if flags:  # BN over the global batch: the single process's eager run, up to float rounding
+        record, reference = read_log(save)[0], read_log(single_eager)[0]
+        assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+        assert record["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
+        state, reference_state = weights(save), weights(single_eager)
+        for name in ("net1", "net2"):
+            for key, value in reference_state[name].items():
+                torch.testing.assert_close(state[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+
+
+def test_sync_bn_on_gpus_is_torchs_sync_batchnorm_in_eager_mode_and_global_batchnorm_when_compiled():
+    # Dynamo breaks the graph at every SyncBatchNorm; a "cuda" device stands in for a GPU (the
+    # conversion makes no CUDA call).
+    distributed = load_folder("wrn").distributed
+    group = distributed.Group(rank=0, size=2)
+
+    def norms(device, compiled):
+        net = load_folder("wrn").models.wrn(10, 1, 10, aux=False)
+        return {type(module) for module in group.sync_batchnorm(net, torch.device(device), compiled).modules()
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)}
+
+    assert norms("cuda", compiled=False) == {torch.nn.SyncBatchNorm}
+    assert norms("cuda", compiled=True) == norms("cpu", compiled=False) == {distributed.GlobalBatchNorm2d}

@@ -144,6 +144,7 @@ def test_sweep_run_names_hold_option_values_not_spellings():
     assert names == {"wrn-28-10_mobilenet_ind_seed2_epoch_step-60-120_lr-0.05"}
     assert sweep.run_name("wrn", "dcm", 1, ["--sync_bn", "--amp", "bf16", "--weight_decay", "1e-4"]) == (
         plain + "_amp-bf16_sync_bn_weight_decay-0.0001")
+    assert sweep.run_name("wrn", "dcm", 1, ["--tf32"]) == plain + "_tf32"  # changes the numerics
 
 
 def test_sweep_refuses_a_value_main_py_would_refuse(tmp_path):
@@ -294,7 +295,7 @@ REFERENCE_OPTIONS = {
     "save": "", "depth": 28, "width": 10, "dataset": "CIFAR100", "dataroot": "./data", "batch_size": 128, "lr": 0.1,
     "epochs": 200, "weight_decay": 0.0005, "epoch_step": "[60,120,160]", "lr_decay_ratio": 0.2, "seed": 1,
     "nthread": 4, "resume": "", "note": "", "gpu_id": "0", "method": "dcm", "links": "dense", "amp": "none",
-    "channels_last": False, "compile": False, "eval_batch_size": 1000, "benchmark": None}
+    "tf32": False, "channels_last": False, "compile": False, "eval_batch_size": 1000, "benchmark": None}
 N_PARAMETERS = {"wrn-28-10": 36_546_980, "mobilenet": 3_315_428}
 # (pair, method) -> final errors of net 1 and net 2 over seeds 1, 2, 3.
 KNOWN_ERRORS = {
@@ -459,10 +460,11 @@ def test_the_mobilenets_paper_value_is_compared_with_our_published_protocol_erro
 
 @pytest.mark.parametrize("options, reason", [
     (dict(amp="bf16"), 'amp "bf16" (the paper\'s: "none")'),
+    (dict(tf32=True), "tf32 true (the paper's: false)"),
     (dict(world_size=8, sync_bn=False), "world_size 8 without sync_bn"),
     (dict(epoch_step="[60, 120]"), "epoch_step [60, 120] (the paper's: [60, 120, 160])"),
     (dict(label_smoothing=0.1), "label_smoothing logged, which this tool cannot compare"),
-], ids=["amp_bf16", "8_processes_without_sync_bn", "epoch_step", "unknown_option"])
+], ids=["amp_bf16", "tf32", "8_processes_without_sync_bn", "epoch_step", "unknown_option"])
 def test_a_row_off_the_papers_recipe_gets_no_paper_values_and_the_table_says_why(tmp_path, options, reason):
     for seed in (1, 2):
         write_run(tmp_path, "wrn", "dcm", seed, (17.0, 17.0), **options)

@@ -54,7 +54,7 @@ LOG_PREFIX = "json_stats: "
 REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "depth", "width", "seed", "dataset", "lr", "epoch_step",
                  "lr_decay_ratio", "test_acc_net1", "test_acc_net2", "n_parameters_net1", "n_parameters_net2")
 # Options that do not change what is trained: runs that differ only in these share a cell
-# (channels_last and compile change only the float rounding; --amp changes the numerics and counts).
+# (channels_last and compile change only the float rounding; --amp and --tf32 change the numerics and count).
 NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
                      "checkpoint_every", "checkpoint_interval", "deterministic", "eval_batch_size", "channels_last",
                      "compile")
@@ -78,7 +78,7 @@ PAPER = {
 # from the paper's values until its reference value is added; one missing from a log is taken at
 # its reference value (main.py's default, logged by every run since the option exists).
 PAPER_RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
-                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "world_size": 1,
+                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "tf32": False, "world_size": 1,
                 "sync_bn": False, "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8,
                 "subset": None}
 # BN's statistics in the paper are those of the whole batch of 128 on one GPU: one process

@@ -31,8 +31,8 @@ AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classif
 # included, defines what is trained (networks, objective, batches, schedule): a checkpoint resumes
 # only a run that gives it the checkpoint's value.
 RESUMABLE_OPTIONS = ("epochs", "save", "resume", "dataroot", "nthread", "gpu_id", "note", "checkpoint_every",
-                     "checkpoint_interval", "deterministic", "eval_batch_size", "amp", "channels_last", "compile",
-                     "benchmark", "sync_bn")
+                     "checkpoint_interval", "deterministic", "eval_batch_size", "amp", "tf32", "channels_last",
+                     "compile", "benchmark", "sync_bn")
 
 
 class CheckpointError(Exception):

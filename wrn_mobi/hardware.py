@@ -50,7 +50,8 @@ def available_cores():
 
 
 def select_device(opt):
-    """The training device; sets the visible GPU and the CPU thread count first, and writes the
+    """The training device; sets the visible GPU, the CPU thread count and the precision of fp32
+    work (--tf32) first, and writes the
     device and threads actually used back into opt.gpu_id and opt.nthread (log.txt records them).
     Under torchrun each process trains on GPU LOCAL_RANK of those its launcher left visible, or
     on the CPU with --gpu_id ''. Without --gpu_id: GPU 0 of the visible ones, or the CPU when
@@ -69,6 +70,7 @@ def select_device(opt):
         # to 1x1 runs as a mean); preflight.py measures how exact a GPU's reruns come out.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    set_fp32_precision(opt.tf32)
     if not torch.cuda.is_available():
         if opt.gpu_id:
             raise DeviceError(f"--gpu_id {opt.gpu_id}: this machine shows no such GPU (torch.cuda.is_available() "
@@ -85,6 +87,22 @@ def select_device(opt):
     torch.cuda.set_device(device)
     opt.gpu_id = str(device.index)
     return device
+
+
+def set_fp32_precision(tf32):
+    """fp32 convolutions (cuDNN) and matmuls (cuBLAS) in IEEE fp32, or with TF32 tensor cores
+    (inputs rounded to a 10-bit mantissa, accumulation in fp32) when `tf32` is True; on GPUs
+    before Ampere and on CPUs there is no TF32 and both are fp32.
+
+    PyTorch's own defaults differ between the two (cuDNN TF32 on, cuBLAS off), so that a plain
+    fp32 run on an Ampere or newer GPU would convolve in TF32; both are set here, whatever the
+    device, so that the run's precision is the one its options say. These flags exist in every
+    torch this project supports (1.7 and later) and warn of nothing; torch 2.9's fp32_precision
+    settings follow them (checked on 2.14), and reading one kind after setting the other can
+    raise, so only these are used.
+    """
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def device_name(device):

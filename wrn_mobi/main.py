@@ -12,8 +12,8 @@ Without --save a run goes to ./logs/<net1>_<net2>_<method>_seed<seed> under the 
 
 SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
 state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
-network without its auxiliary classifiers. `--amp`, `--channels_last` and `--compile` make it
-faster (training.py), `--benchmark N` measures how fast (benchmark.py). Under
+network without its auxiliary classifiers. `--amp`, `--tf32`, `--channels_last` and `--compile`
+make it faster (training.py), `--benchmark N` measures how fast (benchmark.py). Under
 `torchrun --nproc_per_node=G main.py ...` G processes share each batch (distributed.py). The
 checks of the options are in options.py. This file
 is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
@@ -99,6 +99,9 @@ def option_parser():
     speed = parser.add_argument_group("speed (the defaults are the reference's fp32 eager training)")
     speed.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES),
                        help="autocast the networks to bf16, or to fp16 with loss scaling (changes the numerics)")
+    speed.add_argument("--tf32", action="store_true",
+                       help="TF32 tensor cores for fp32 convolutions and matmuls on Ampere and newer GPUs "
+                            "(changes the numerics; ignored on CPUs)")
     speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for networks and batches")
     speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass and the loss")
     speed.add_argument("--eval_batch_size", default=500, type=int,
@@ -127,9 +130,9 @@ def build_training_step(opt, num_classes, device, group):
     torch.manual_seed(opt.seed)
     uses_aux = METHODS[opt.method][0]
     nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, uses_aux)]
-    nets = [group.sync_batchnorm(net) for net in nets] if opt.sync_bn else nets
+    nets = [group.sync_batchnorm(net, device, opt.compile) for net in nets] if opt.sync_bn else nets
     return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile, group,
-                                 opt.temperature, opt.kd_weight, opt.kl_eps)
+                                 opt.temperature, opt.kd_weight, opt.kl_eps, opt.tf32)
 
 
 def distillation_links(opt):
