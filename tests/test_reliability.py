@@ -1,6 +1,7 @@
 """Safe to interrupt, impossible to corrupt: SIGKILL at any moment and --resume gives the
-uninterrupted run's weights bit for bit and its log lines; SIGTERM/SIGINT checkpoint and exit;
-a non-finite loss stops the run; checkpoints never run code; bad input is refused cleanly.
+uninterrupted run's weights bit for bit and its log lines; SIGTERM, SIGINT, SIGUSR1 and SIGUSR2
+checkpoint and exit, and a Ctrl-C after the run decided to stop changes nothing; a non-finite loss
+stops the run; checkpoints never run code; bad input is refused cleanly.
 
 Runs use --deterministic and one thread, so that two runs of the same command are bit-identical.
 """
@@ -124,7 +125,10 @@ def test_lines_logged_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, 
 
 # --- SIGTERM and SIGINT --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+# SIGUSR1 and SIGUSR2: a cluster's warning before the time limit (SLURM's --signal), which some
+# clusters send to every process of the job.
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 143),
+                                          (signal.SIGUSR2, 143)], ids=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
 def test_signal_checkpoints_prints_the_resume_command_and_exits(tmp_path, data, reference, signum, code):
     save = tmp_path / "save"
     process = start("wrn", run_args(save, data))
@@ -133,7 +137,7 @@ def test_signal_checkpoints_prints_the_resume_command_and_exits(tmp_path, data, 
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == code, stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name}: " in stderr, stderr
     command = stderr.strip().splitlines()[-1].strip()
     assert command.startswith("python ") and command.endswith("--resume"), stderr
     state = weights(save / "checkpoint.pt")
