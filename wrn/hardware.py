@@ -151,13 +151,32 @@ def cpu_bf16_support():
     (AVX2 and older: bf16 falls back to slow reference kernels; a WRN-10-1 pair trained 11.9x
     slower under --amp bf16 than in fp32 on an AMD EPYC limited to AVX2, docs/speed.md)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    native = [name for name, probe in (("AVX512_BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
-              if getattr(torch.cpu, probe, lambda: False)()]
+    native = cpu_bf16_instructions()
     if native:
         return "native", f"{capability}, bf16 instructions ({' and '.join(native)})"
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "avx512", f"{capability}, bf16 emulated on AVX-512 by oneDNN (no bf16 instructions)"
     return "none", f"{capability}, no bf16 instructions"
+
+
+CPUINFO = "/proc/cpuinfo"
+# The bf16 instructions: their names, torch.cpu's probe and Linux's CPU flag for each.
+BF16_INSTRUCTIONS = (("AVX512_BF16", "_is_avx512_bf16_supported", "avx512_bf16"),
+                     ("AMX", "_is_amx_tile_supported", "amx_bf16"))
+
+
+def cpu_bf16_instructions():
+    """The names of this CPU's bf16 instructions (AVX512_BF16, AMX), as torch.cpu's probes find
+    them; PyTorch 2.4 has no such probes, and there the CPU flags Linux lists in /proc/cpuinfo
+    answer (none elsewhere)."""
+    if all(hasattr(torch.cpu, probe) for _, probe, _ in BF16_INSTRUCTIONS):
+        return [name for name, probe, _ in BF16_INSTRUCTIONS if getattr(torch.cpu, probe)()]
+    try:
+        with open(CPUINFO) as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return []
+    return [name for name, _, flag in BF16_INSTRUCTIONS if flag in flags]
 
 
 def warn_slow_cpu_bf16(opt, device):

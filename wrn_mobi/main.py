@@ -18,8 +18,10 @@ make it faster (training.py), `--benchmark N` measures how fast (benchmark.py). 
 checks of the options are in options.py. This file
 is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -263,6 +265,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Until the training loop installs its StopRequest, Ctrl-C quits at once, then goes unheard.
+    signal.signal(signal.SIGINT, safety.interrupt_at_once)
     try:
         sys.exit(main())
     except UsageError as error:
@@ -276,7 +280,8 @@ if __name__ == "__main__":
                                    f"holds checkpoint.pt, continue with\n  {safety.resume_command(sys.argv[1:])}")
         sys.exit(130)
     finally:
-        try:
-            distributed.finish()
-        except KeyboardInterrupt:  # a second Ctrl-C landing while the stopped run exits: it stays stopped
-            sys.exit(130)
+        # The run is leaving: a stop signal from here on changes neither its exit code nor its output.
+        # A Ctrl-C pending now may raise while they are ignored; it has ignored the rest first.
+        with contextlib.suppress(KeyboardInterrupt):
+            safety.ignore_stop_signals()
+        distributed.finish()

@@ -1,12 +1,15 @@
 """Keeping a run safe to interrupt: a --save folder that holds no other run, stop requests
-(SIGINT, SIGTERM), when to checkpoint (about every --checkpoint_interval minutes at the end of an
-epoch, every --checkpoint_every steps inside one), and the guard against a loss that is no longer
-finite.
+(SIGINT, SIGTERM, SIGUSR1, SIGUSR2), when to checkpoint (about every --checkpoint_interval minutes at
+the end of an epoch, every --checkpoint_every steps inside one), and the guard against a loss that
+is no longer finite.
 
-SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) lets the current step finish; the run
-then writes a checkpoint, prints the command that resumes it, and exits with 130 or 143. A second
-Ctrl-C exits at once (the last checkpoint on disk stays whole). A loss that stops being finite ends
-the run before anything is saved after it, so checkpoint.pt keeps the last good state.
+SIGINT (Ctrl-C), SIGTERM (a launcher, a cluster preempting the job) or SIGUSR1/SIGUSR2 (a
+cluster's warning before the time limit) lets the current step finish; the run then writes a
+checkpoint, prints the command that resumes it, and exits with 130 (SIGINT) or 143 (the others).
+A second Ctrl-C exits at once (the last checkpoint on disk stays whole). Once the run leaves, every
+later stop signal is ignored, so that none changes its exit code or prints a traceback. A loss that
+stops being finite ends the run before anything is saved after it, so checkpoint.pt keeps the last
+good state.
 Under torchrun every rank takes these decisions together (distributed.Group.any), and rank 0
 alone writes and prints.
 This file is identical in wrn/ and wrn_mobi/.
@@ -21,7 +24,11 @@ import distributed
 import epoch_log
 from checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# The signals that stop a run, and its exit code for each. SLURM's --signal warns with USR1 or USR2
+# before the time limit, and on some clusters it signals every process of the job, main.py too.
+# Windows has no USR signals.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143,
+              **{getattr(signal, name): 143 for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name)}}
 FINITE_CHECK_EVERY = 20  # steps; the check waits for the device, so it is not made after every step
 
 
@@ -29,8 +36,27 @@ class NonFiniteLoss(Exception):
     """The loss stopped being finite: the message names where, and what to do."""
 
 
+def ignore_stop_signals():
+    """Ignore every stop signal from here on: the run is leaving, with its exit code decided. A
+    Python handler would still run while the interpreter exits, inside its atexit callbacks, where
+    a KeyboardInterrupt prints a traceback; and the interpreter's last step restores the default
+    actions, which would kill the process by the signal (-2, -15) instead of its exit code. An
+    ignored signal does neither. A signal already pending runs its handler first (Python checks
+    before changing a handler): a second Ctrl-C then raises KeyboardInterrupt from here."""
+    for signum in EXIT_CODES:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def interrupt_at_once(signum=signal.SIGINT, frame=None):
+    """Ctrl-C's handler where it quits at once (main.py installs it before the training loop, and
+    a StopRequest calls it on the second Ctrl-C): raises KeyboardInterrupt, which main.py turns
+    into exit 130, after ignoring every later stop signal."""
+    ignore_stop_signals()
+    raise KeyboardInterrupt
+
+
 class StopRequest:
-    """Set by SIGINT or SIGTERM; the training loop asks agreed() after every step."""
+    """Set by SIGINT, SIGTERM, SIGUSR1 or SIGUSR2; the training loop asks agreed() after every step."""
 
     def __init__(self, group):
         self.signal = None
@@ -42,7 +68,7 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signal == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            interrupt_at_once()  # the second Ctrl-C: stop now
         self.signal = signum
         distributed.print_on_rank0(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a "
                                    f"checkpoint (Ctrl-C again to quit at once)")
@@ -56,7 +82,9 @@ class StopRequest:
         return self.signal is not None
 
     def report(self, opt, argv):
-        """Say how to continue the stopped run; return the exit code its signal calls for."""
+        """Say how to continue the stopped run; return the exit code its signal calls for. The
+        checkpoint is written: from here on the run is leaving, and stop signals are ignored."""
+        ignore_stop_signals()
         distributed.print_on_rank0(f"stopped by {signal.Signals(self.signal).name}: checkpoint.pt in {opt.save} "
                                    f"holds the run; continue it with\n  {resume_command(argv)}")
         return EXIT_CODES[self.signal]
