@@ -75,14 +75,24 @@ def cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, cifar):
-    """A real sweep: wrn/ x ind, dml x seeds 1, 2, two runs at a time on the CPU."""
+    """A real sweep: wrn/ x ind, dml x seeds 1, 2, two runs at a time on the CPU, in two passes of
+    the same command. In the first, dml seed 1's folder holds a checkpoint.pt that is no
+    checkpoint: that run fails (main.py refuses to resume from it) and the others go on. The file
+    removed, the second pass starts that run alone and skips the finished ones."""
     logdir = tmp_path_factory.mktemp("sweep") / "logs"
     args = ["--folders", "wrn", "--methods", *METHODS, "--seeds", *SEEDS, "--logdir", logdir, "--gpus", "",
             "--jobs_per_gpu", 2, *TINY, "--dataroot", cifar]
-    code, out, err = call(sweep.main, *args)
     saves = {(method, seed): logdir / f"wrn-10-1_wrn-10-1_{method}_seed{seed}{TINY_SUFFIX}"
              for method in METHODS for seed in SEEDS}
-    return dict(logdir=logdir, args=args, code=code, out=out, err=err, saves=saves)
+    broken = saves["dml", 1] / "checkpoint.pt"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("not a checkpoint")
+    first_pass = dict(zip(("code", "out", "err"), call(sweep.main, *args)))
+    first_pass["finished"] = {key: read_log(save)[-1]["epoch"] for key, save in saves.items()
+                              if (save / "log.txt").exists()}
+    broken.unlink()
+    code, out, err = call(sweep.main, *args)
+    return dict(logdir=logdir, args=args, code=code, out=out, err=err, saves=saves, first_pass=first_pass)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +127,8 @@ def final_errors(save, net):
 
 def test_sweep_runs_every_run_to_the_end_in_its_own_folder(swept):
     assert swept["code"] == 0, swept["out"] + swept["err"]
+    # The second pass started the run that failed in the first, and only that one.
+    assert re.findall(r"^\[\d+/\d+\] \w+ .*$", swept["out"], re.M) == [f"[1/1] start {swept['saves']['dml', 1]} on the CPU"]
     assert sorted(path.name for path in swept["logdir"].iterdir()) == sorted(s.name for s in swept["saves"].values())
     for (method, seed), save in swept["saves"].items():
         records = read_log(save)
@@ -189,7 +201,8 @@ def test_dry_run_lists_exactly_the_runs_to_start_and_resume(swept, tmp_path):
     assert files_under(logdir) == before, "a dry run must not write"
 
 
-def test_default_dry_run_lists_the_30_runs_of_the_papers_table_seed_by_seed(tmp_path):
+def test_default_dry_run_lists_the_30_runs_of_the_papers_table_seed_by_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 4)  # this machine as one with 4 GPUs
     code, out, _ = call(sweep.main, "--dry_run", "--logdir", tmp_path / "logs", "--gpus", "0,1,2,3")
     assert code == 0
     saves = [shlex.split(line)[3] for line in out.splitlines() if not line.startswith("#")]
@@ -210,17 +223,15 @@ def test_sweep_blocks_a_folder_with_a_log_but_no_checkpoint(swept, tmp_path):
     assert f"# BLOCKED: {save}" in out and "checkpoint.pt" in out
 
 
-def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(tmp_path, cifar):
-    logdir = tmp_path / "logs"
-    # ds needs auxiliary classifiers, which WRN-10 cannot carry: main.py refuses it; ind runs after it.
-    code, out, _ = call(sweep.main, "--folders", "wrn", "--methods", "ds", "ind", "--seeds", 1, "--logdir", logdir,
-                        "--gpus", "", *TINY, "--dataroot", cifar)
+def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(swept):
+    # The first pass: dml seed 1 resumed from a checkpoint.pt that is no checkpoint, which main.py refuses.
+    code, out = swept["first_pass"]["code"], swept["first_pass"]["out"]
+    failed = swept["saves"]["dml", 1]
     assert code == 1
-    failed = logdir / f"wrn-10-1_wrn-10-1_ds_seed1{TINY_SUFFIX}"
     assert f"FAILED {failed}" in out and str(failed / "stdout.txt") in out
-    assert "error: --depth 10 is too shallow" in out  # the run's own message, from its output
-    assert "1 of 2 runs finished, 1 failed" in out
-    assert read_log(logdir / f"wrn-10-1_wrn-10-1_ind_seed1{TINY_SUFFIX}")[-1]["epoch"] == 2
+    assert re.search(r"exit code 2: error: .*checkpoint\.pt", out)  # the run's own message, from its output
+    assert "3 of 4 runs finished, 1 failed" in out
+    assert swept["first_pass"]["finished"] == {("ind", 1): 2, ("ind", 2): 2, ("dml", 2): 2}
 
 
 @pytest.mark.parametrize("args, words", [
@@ -230,12 +241,45 @@ def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(tmp_path, 
     (["--gpus", "0,a"], ["--gpus", "'0,a'"]),
     (["--gpus", "0,0"], ["--gpus", "--jobs_per_gpu"]),
     (["--jobs_per_gpu", "0"], ["--jobs_per_gpu"]),
-], ids=["seed", "save", "links", "gpus_not_ids", "gpus_twice", "jobs_per_gpu_0"])
+    # Values main.py's own checks refuse, in every run or in some method's or seed's.
+    (["--epochs", "0"], ["--method ind --seed 1", "--epochs must be a positive number, got 0"]),
+    (["--folders", "wrn", "--methods", "ind", "ds", "--depth", "10"], ["--method ds", "--depth 10 is too shallow"]),
+    (["--seeds", "2", "-1"], ["--seed -1", "--seed must be 0 or more"]),
+    (["--slurm", "--gpus_per_run", "4", "--batch_size", "130"], ["--batch_size 130", "4 processes"]),
+], ids=["seed", "save", "links", "gpus_not_ids", "gpus_twice", "jobs_per_gpu_0", "epochs_0", "depth_10_with_ds",
+        "seed_negative", "batch_over_slurm_gpus"])
 def test_sweep_refuses_bad_options_before_writing(tmp_path, args, words):
-    code, _, err = call(sweep.main, "--logdir", tmp_path / "logs", *args)
-    line = error_line(code, err)
-    assert all(word in line for word in words), line
-    assert not (tmp_path / "logs").exists()
+    for dry_run in (["--dry_run"], []):  # the dry run says what the sweep would: it stops before any run
+        code, _, err = call(sweep.main, *dry_run, "--logdir", tmp_path / "logs", "--gpus", "", *args)
+        line = error_line(code, err)
+        assert all(word in line for word in words), line
+        assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("gpus, found, words", [
+    ("0", 0, ["--gpus 0: GPU 0 is not on this machine (PyTorch finds no GPU)", "--gpus ''"]),
+    ("0,1,2", 2, ["--gpus 0,1,2: GPU 2 is not on this machine (PyTorch finds 2 GPUs, ids 0 to 1)"]),
+])
+def test_sweep_refuses_gpus_this_machine_does_not_have(tmp_path, monkeypatch, gpus, found, words):
+    monkeypatch.setattr(sweep, "gpu_count", lambda: found)  # this machine as one with `found` GPUs
+    for dry_run in (["--dry_run"], []):
+        line = error_line(*call(sweep.main, *dry_run, "--logdir", tmp_path / "logs", "--gpus", gpus)[::2])
+        assert all(word in line for word in words), line
+        assert not (tmp_path / "logs").exists()
+
+
+def test_gpu_count_ignores_the_sweeps_own_cuda_visible_devices(monkeypatch):
+    # A run sets CUDA_VISIBLE_DEVICES to its --gpu_id: the sweep's own setting hides no GPU from it,
+    # so the GPUs are counted by a Python started without it (here a stand-in on a 3-GPU machine).
+    asked = []
+
+    def fake_run(command, env, **kwargs):
+        asked.append(env)
+        return subprocess.CompletedProcess(command, 0, stdout="3\n" if "CUDA_VISIBLE_DEVICES" not in env else "0\n")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    assert sweep.gpu_count() == 3 and len(asked) == 1
 
 
 # --- summarize: real logs ----------------------------------------------------------------------
