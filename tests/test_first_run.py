@@ -55,6 +55,12 @@ def test_defaults_record_the_device_and_threads_used(default_run):
     assert f"CPU, {threads} threads" in first and "(32 training, 512 test images)" in first
 
 
+def test_the_first_line_names_the_default_run_folder_in_full(default_run):
+    # ./logs is the logs/ of the folder main.py was started in (wrn/logs inside wrn/): the line says which.
+    line, = [line for line in default_run.result.stdout.splitlines() if " links) on " in line]
+    assert line.startswith(f"{default_run.save.resolve()}: ind (none links) on synthetic"), line
+
+
 def test_epoch_line_labels_nets_and_splits(default_run):
     line, = [line for line in default_run.result.stdout.splitlines() if line.startswith("epoch 1/1")]
     assert re.search(r"train: loss [\d.]+, acc net 1 [\d.]+%, net 2 [\d.]+%  test: loss [\d.]+, acc net 1 "

@@ -407,7 +407,8 @@ def test_options_are_logged_and_compared_on_resume_by_value(folder):
     (("--depth", 20), ("--depth 20",)),
     (("--depth", 10, "--method", "dcm"), ("--depth 10", "dcm")),
     (("--epoch_step", "oops"), ("--epoch_step", "oops")),
-], ids=["depth_20", "depth_10_with_dcm", "epoch_step_oops"])
+    (("--seed", -1), ("--seed", "-1")),
+], ids=["depth_20", "depth_10_with_dcm", "epoch_step_oops", "seed_negative"])
 def test_bad_option_values_are_refused_before_anything_is_written(tmp_path, args, words):
     save = tmp_path / "save"
     line = error_line(run_main("wrn", "--save", save, "--dataroot", tmp_path / "no_data", *args))

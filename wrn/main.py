@@ -8,7 +8,8 @@ one of the methods the paper compares it to, from the same script:
 
     python wrn/main.py --depth 28 --width 10 --dataroot DATA   # or wrn_mobi/main.py, from the top folder
 
-Without --save a run goes to ./logs/<net1>_<net2>_<method>_seed<seed> under the folder it is started in.
+Without --save a run goes to ./logs/<net1>_<net2>_<method>_seed<seed> under the folder it is started in
+(wrn/logs when started inside wrn/); its first line names that folder in full.
 
 SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
 state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
@@ -47,7 +48,8 @@ def option_parser():
     parser = ArgumentParser(description="DCM: two networks trained together on CIFAR.", formatter_class=HelpFormatter)
     parser.add_argument("--save", default="", type=str,
                         help="folder for log.txt, checkpoint.pt, net1.pt and net2.pt "
-                             "(default: ./logs/<net1>_<net2>_<method>_seed<seed>)")
+                             "(default: ./logs/<net1>_<net2>_<method>_seed<seed> under the folder main.py is "
+                             "started in)")
     parser.add_argument("--depth", default=28, type=int, help="WRN depth (6n+4) of net 1 (and net 2 in wrn/)")
     parser.add_argument("--width", default=10, type=int, help="WRN width of net 1 (and net 2 in wrn/)")
     parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS, help="what to train and test on")
@@ -221,7 +223,8 @@ def main(argv=None):
     stop.install()
     guard = safety.RunGuard(opt, step, stop)
     run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
-    print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset} ({len(data.train_labels)} training, "
+    # The full path: the default --save is relative to the folder main.py was started in.
+    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.links} links) on {opt.dataset} ({len(data.train_labels)} training, "
           f"{len(data.test_labels)} test images), {group}, {hardware.device_name(device)}, "
           f"{step.settings()}, from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
           f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)

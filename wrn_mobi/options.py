@@ -46,6 +46,8 @@ def check_options(opt):
     for flag, value in positive.items():
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"{flag} must be a positive number, got {value}")
+    if opt.seed < 0:  # numpy's generators (shuffling, augmentation, --subset) take no negative seed
+        raise UsageError(f"--seed must be 0 or more, got {opt.seed}")
     if not (opt.weight_decay >= 0 and math.isfinite(opt.weight_decay)):
         raise UsageError(f"--weight_decay must be >= 0, got {opt.weight_decay}")
     if not (opt.checkpoint_interval >= 0 and math.isfinite(opt.checkpoint_interval)):
