@@ -57,7 +57,11 @@ class TrainingRun:
         """Train (or continue) the run to its end; returns the run folder. Raises RuntimeError with
         main.py's last output line when it fails."""
         argv = self.argv()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.stop_grace_s)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.stop_grace_s),
+               # Where SLURM signals every process of the job, torchrun gets its USR2 too: it passes it
+               # on to the ranks instead of dying of it (torchrun's --signals_to_handle; a torchrun
+               # without that option ignores the variable).
+               "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"}
         os.makedirs(self.path(""), exist_ok=True)
         with open(self.path(OUTPUT_NAME), "a") as output:
             output.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {job_id()}: {shlex.join(argv)}\n")
