@@ -3,9 +3,10 @@ when SLURM signals the job before killing it (preemption or the time limit).
 
 submitit runs a TrainingRun object in the job. It starts main.py (or torchrun over the job's GPUs)
 as a child process, with --resume when the run folder holds a checkpoint, its output appended to
-SAVE/stdout.txt. SLURM sends its warning signal (USR2, --signal) to submitit's process, not to
-the child: submitit calls checkpoint(), which passes SIGTERM on to the child's process group
-(main.py, or torchrun and every rank), waits until main.py has written its checkpoint and exited
+SAVE/stdout.txt. SLURM sends its warning signal (USR2, --signal) to submitit's process (on some
+clusters to every process of the job as well: main.py stops on it as on SIGTERM, and torchrun
+passes it on to its ranks): submitit calls checkpoint(), which passes SIGTERM on to the child's
+process group (main.py, or torchrun and every rank), waits until main.py has written its checkpoint and exited
 (exit code 143), and returns a new TrainingRun: submitit then requeues the job, and the requeued
 job resumes the run. A run longer than the time limit thus ends across several jobs with the
 weights of one uninterrupted run.
