@@ -6,10 +6,10 @@ as a child process, with --resume when the run folder holds a checkpoint, its ou
 SAVE/stdout.txt. SLURM sends its warning signal (USR2, --signal) to submitit's process (on some
 clusters to every process of the job as well: main.py stops on it as on SIGTERM, and torchrun
 passes it on to its ranks): submitit calls checkpoint(), which passes SIGTERM on to the child's
-process group (main.py, or torchrun and every rank), waits until main.py has written its checkpoint and exited
-(exit code 143), and returns a new TrainingRun: submitit then requeues the job, and the requeued
-job resumes the run. A run longer than the time limit thus ends across several jobs with the
-weights of one uninterrupted run.
+process group (main.py, or torchrun and every rank), waits until main.py has written its checkpoint
+and exited (exit code 143), and returns a new TrainingRun: submitit then requeues the job, and the
+requeued job resumes the run. A run longer than the time limit thus ends across several jobs with
+the weights of one uninterrupted run.
 
 Only the standard library here (and submitit inside checkpoint()): the object is pickled with
 this module's code, so the job does not need tools/ on its Python path.
