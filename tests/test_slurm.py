@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,6 +156,33 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(local
     for name in ("net1.pt", "net2.pt"):
         assert (save / name).read_bytes() == (reference / name).read_bytes(), name
     assert [r["test_acc_net1"] for r in read_log(save)] == [r["test_acc_net1"] for r in read_log(reference)]
+
+
+def torchrun_handles(option):
+    from torch.distributed.run import get_args_parser
+    return option in get_args_parser()._option_string_actions
+
+
+@pytest.mark.skipif(not torchrun_handles("--signals_to_handle"), reason="this torchrun dies of USR2 (PyTorch 2.4)")
+def test_a_torchrun_job_whose_every_process_gets_usr2_stops_with_a_checkpoint(tmp_path, cifar):
+    # Where SLURM signals every process of the job, torchrun gets USR2 as well as its ranks: it
+    # must let them finish the step and write the checkpoint, not die of it.
+    command = [sys.executable, str(ROOT / "wrn" / "main.py"), "--save", "run", "--method", "ind", *TINY,
+               "--dataroot", str(cifar)]
+    run = slurm_job.TrainingRun(command, "run", str(tmp_path), 2, 60)
+    failure = []
+    job = threading.Thread(target=lambda: failure.append(pytest.raises(RuntimeError, run).value))
+    job.start()
+    output = tmp_path / "run" / "stdout.txt"
+    deadline = time.time() + WAIT_SECONDS
+    while "from epoch 1 step 0" not in (output.read_text() if output.exists() else ""):
+        assert time.time() < deadline and job.is_alive(), output.read_text() if output.exists() else "no output"
+        time.sleep(0.05)
+    os.killpg(run.process.pid, signal.SIGUSR2)
+    job.join(WAIT_SECONDS)
+    assert run.process.returncode != -signal.SIGUSR2, output.read_text()  # torchrun did not die of it
+    assert "stopped by SIGUSR2" in output.read_text() and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert "main.py exited with code 1" in str(failure[0])  # torchrun's code for stopped ranks
 
 
 # --- the SLURM submission, against stand-in SLURM commands ----------------------------------------

@@ -40,9 +40,9 @@ def ignore_stop_signals():
     """Ignore every stop signal from here on: the run is leaving, with its exit code decided. A
     Python handler would still run while the interpreter exits, inside its atexit callbacks, where
     a KeyboardInterrupt prints a traceback; and the interpreter's last step restores the default
-    actions, which would kill the process by the signal (-2, -15) instead of its exit code. An
-    ignored signal does neither. A signal already pending runs its handler first (Python checks
-    before changing a handler): a second Ctrl-C then raises KeyboardInterrupt from here."""
+    actions, which would kill the process by the signal (exit -2 for SIGINT) instead of its exit
+    code. An ignored signal does neither. A signal already pending runs its handler first (Python
+    checks before changing a handler): a second Ctrl-C then raises KeyboardInterrupt from here."""
     for signum in EXIT_CODES:
         signal.signal(signum, signal.SIG_IGN)
 
