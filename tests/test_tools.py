@@ -129,7 +129,8 @@ def final_errors(save, net):
 def test_sweep_runs_every_run_to_the_end_in_its_own_folder(swept):
     assert swept["code"] == 0, swept["out"] + swept["err"]
     # The second pass started the run that failed in the first, and only that one.
-    assert re.findall(r"^\[\d+/\d+\] \w+ .*$", swept["out"], re.M) == [f"[1/1] start {swept['saves']['dml', 1]} on the CPU"]
+    started = re.findall(r"^\[\d+/\d+\] \w+ .*$", swept["out"], re.M)
+    assert started == [f"[1/1] start {swept['saves']['dml', 1]} on the CPU"]
     assert sorted(path.name for path in swept["logdir"].iterdir()) == sorted(s.name for s in swept["saves"].values())
     for (method, seed), save in swept["saves"].items():
         records = read_log(save)

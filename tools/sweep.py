@@ -130,8 +130,8 @@ def check_runs(opt, main_args):
                 try:
                     main.parse_options(run_flags(method, seed) + main_args)
                 except main.UsageError as error:
-                    raise ToolError(f"main.py would refuse {' '.join(run_flags(method, seed))} with the flags passed to "
-                                    f"it: {error}") from None
+                    flags = " ".join(run_flags(method, seed))
+                    raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
     finally:
         if world_size is None:
             del os.environ["WORLD_SIZE"]
