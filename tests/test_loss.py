@@ -297,7 +297,7 @@ def test_eps_0_is_the_plain_kl_without_the_cap(folder):
 
 
 def test_the_published_smoothing_starves_the_gradient_of_a_network_far_from_its_target(folder):
-    """At a logit gap of 25 the smoothed KL passes ~1e-3 of the plain KL's gradient (README)."""
+    """At a logit gap of 25 the smoothed KL passes ~1e-3 of the plain KL's gradient (docs/methods.md)."""
     kl_divergence = load_folder(folder).dcm_loss.kl_divergence
     teacher = torch.zeros(1, 100)
     teacher[0, 0] = 25.0

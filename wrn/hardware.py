@@ -117,7 +117,7 @@ def cpu_bf16_support():
     """(kind, words) of bfloat16 support on this CPU: 'native' (AVX512_BF16 or AMX instructions),
     'avx512' (no bf16 instructions, but oneDNN's bf16 kernels run on AVX-512) or 'none'
     (AVX2 and older: bf16 falls back to slow reference kernels; a WRN-10-1 pair trained 11.9x
-    slower under --amp bf16 than in fp32 on an AMD EPYC limited to AVX2, README's Speed section)."""
+    slower under --amp bf16 than in fp32 on an AMD EPYC limited to AVX2, docs/speed.md)."""
     capability = torch.backends.cpu.get_cpu_capability()
     native = [name for name, probe in (("AVX512_BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
               if getattr(torch.cpu, probe, lambda: False)()]
