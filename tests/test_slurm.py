@@ -343,7 +343,7 @@ def test_status_says_where_each_run_stands(fake_slurm):
 
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` fail
-    code, out, err = call("--slurm", "--logdir", tmp_path / "logs", *TINY)
+    code, out, err = call("--slurm", "--methods", "ind", "--logdir", tmp_path / "logs", *TINY)
     assert code == 2 and out == ""
     assert err == "error: sweep.py --slurm needs submitit: pip install -r requirements-tools.txt\n"
     assert not (tmp_path / "logs").exists()

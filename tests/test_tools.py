@@ -129,7 +129,8 @@ def final_errors(save, net):
 def test_sweep_runs_every_run_to_the_end_in_its_own_folder(swept):
     assert swept["code"] == 0, swept["out"] + swept["err"]
     # The second pass started the run that failed in the first, and only that one.
-    assert re.findall(r"^\[\d+/\d+\] \w+ .*$", swept["out"], re.M) == [f"[1/1] start {swept['saves']['dml', 1]} on the CPU"]
+    started = re.findall(r"^\[\d+/\d+\] \w+ .*$", swept["out"], re.M)
+    assert started == [f"[1/1] start {swept['saves']['dml', 1]} on the CPU"]
     assert sorted(path.name for path in swept["logdir"].iterdir()) == sorted(s.name for s in swept["saves"].values())
     for (method, seed), save in swept["saves"].items():
         records = read_log(save)
@@ -182,24 +183,24 @@ def test_dry_run_lists_exactly_the_runs_to_start_and_resume(swept, tmp_path):
     shutil.copytree(swept["saves"]["ind", 1], stopped)
     (stopped / "log.txt").write_text((stopped / "log.txt").read_text().splitlines(keepends=True)[0])
     before = files_under(logdir)
-    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "ind", "dml", "dcm-same",
+    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "ind", "dml",
                         "--seeds", 1, 2, 3, "--logdir", logdir, "--gpus", "", *TINY, "--dataroot", "DATA")
     assert code == 0
     main_py = os.path.relpath(ROOT / "wrn" / "main.py")
-
-    def expected(method_flags, name, seed, *resume):
-        return [sys.executable, main_py, "--save", str(logdir / f"wrn-10-1_wrn-10-1_{name}_seed{seed}{TINY_SUFFIX}"),
-                *method_flags, "--seed", str(seed), *TINY, "--dataroot", "DATA", *resume]
-
     commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
-    assert commands == [expected(["--method", "dcm", "--links", "same"], "dcm-same", 1),
-                        expected(["--method", "dcm", "--links", "same"], "dcm-same", 2),
-                        expected(["--method", "ind"], "ind", 3, "--resume"),
-                        expected(["--method", "dml"], "dml", 3),
-                        expected(["--method", "dcm", "--links", "same"], "dcm-same", 3)]
+    seed3 = {method: str(logdir / f"wrn-10-1_wrn-10-1_{method}_seed3{TINY_SUFFIX}") for method in METHODS}
+    assert commands == [[sys.executable, main_py, "--save", seed3[method], "--method", method, "--seed", "3", *TINY,
+                         "--dataroot", "DATA", *resume] for method, resume in (("ind", ["--resume"]), ("dml", []))]
     skipped = [line for line in out.splitlines() if line.startswith("# skipped: ")]
     assert sorted(line.split()[2] for line in skipped) == sorted(str(logdir / save.name)
                                                                  for save in swept["saves"].values())
+    # dcm with other links is --method dcm --links LINKS (on WRN-28-10: WRN-10 carries no auxiliary classifiers).
+    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "dcm-same", "--seeds", 2,
+                        "--logdir", logdir, "--gpus", "", "--dataroot", "DATA")
+    assert code == 0
+    assert [shlex.split(line) for line in out.splitlines() if not line.startswith("#")] == [
+        [sys.executable, main_py, "--save", str(logdir / "wrn-28-10_wrn-28-10_dcm-same_seed2"), "--method", "dcm",
+         "--links", "same", "--seed", "2", "--dataroot", "DATA"]]
     assert files_under(logdir) == before, "a dry run must not write"
 
 

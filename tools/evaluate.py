@@ -8,16 +8,16 @@ weights describe: a WRN-d-k (depth, width and classes read off the tensors; wrn/
 WRN code is identical to wrn_mobi's) or the MobileNet (wrn_mobi/models.py), built without
 auxiliary classifiers. It is tested as main.py tested it at the run's last epoch: BN in eval mode,
 the whole test set of the run's dataset normalised the same way, under the run's --amp autocast
-and memory layout (--channels_last), all read off the log.txt beside the file, from the run's
---dataroot there too. So the error is
-100 - the test_acc_net1/net2 that main.py logged last, and the test loss (cross-entropy of the
-network's final classifier) its test_loss_terms ce_net1_final / ce_net2_final, whatever the number
-of processes (their BN statistics are rank 0's) or the resumes. A run trained with --compile is
+and memory layout (--channels_last), all read off the log.txt beside the file, and read from the
+run's --dataroot there. So the error is 100 - the test_acc_net1/net2 that main.py logged last,
+and the test loss (cross-entropy of the network's final classifier) its test_loss_terms
+ce_net1_final / ce_net2_final, whatever the number of processes (their BN statistics are rank
+0's) or the resumes. A run trained with --compile is
 evaluated eagerly: the same numbers up to float rounding. --dataset, --dataroot and --amp override
 the log (without one: CIFAR100 in ./data, fp32). A relative --dataroot in the log is relative to
 the folder the run was started in: started elsewhere, give --dataroot. A --dataroot that is no
-folder is refused: nothing is downloaded there. GFLOP are 2 x multiply-adds of one 32x32 image's forward pass
-(torch's FLOP counter).
+folder is refused: nothing is downloaded there. GFLOP are 2 x multiply-adds of one 32x32 image's
+forward pass (torch's FLOP counter).
 
 Checkpoints (checkpoint.pt), networks that still carry auxiliary classifiers, and files of other
 networks or datasets are refused with a message. Prints a Markdown table.

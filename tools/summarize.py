@@ -545,8 +545,8 @@ def latex(rows, best, batchstats):
 def csv_text(rows):
     """One line per cell with plain numbers, for scripts and spreadsheets."""
     option_names = sorted({key for row in rows for key in row.options} - {"net2"})
-    columns = ["net1", "net2", *option_names, "method", "net", "network", "protocol", "runs", "unfinished", "repeated", "mean",
-               "std", "paper_mean", "paper_std", "difference", "paper_note", "seeds"]
+    columns = ["net1", "net2", *option_names, "method", "net", "network", "protocol", "runs", "unfinished", "repeated",
+               "mean", "std", "paper_mean", "paper_std", "difference", "paper_note", "seeds"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()

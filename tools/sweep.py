@@ -111,7 +111,8 @@ def check_options(opt, main_args):
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
     main_option_values(main_args)  # refuses what main.py's parser refuses, before any run starts
     slurm.check_options(opt)
-    check_runs(opt, main_args)
+    if not opt.status:  # which only reads where each run stands, a failed one too
+        check_runs(opt, main_args)
     if not (opt.slurm or opt.status):  # SLURM's runs go to the GPUs of other machines
         check_gpus(opt)
 
@@ -130,8 +131,8 @@ def check_runs(opt, main_args):
                 try:
                     main.parse_options(run_flags(method, seed) + main_args)
                 except main.UsageError as error:
-                    raise ToolError(f"main.py would refuse {' '.join(run_flags(method, seed))} with the flags passed to "
-                                    f"it: {error}") from None
+                    flags = " ".join(run_flags(method, seed))
+                    raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
     finally:
         if world_size is None:
             del os.environ["WORLD_SIZE"]

@@ -224,9 +224,10 @@ def main(argv=None):
     guard = safety.RunGuard(opt, step, stop)
     run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
     # The full path: the default --save is relative to the folder main.py was started in.
-    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.links} links) on {opt.dataset} ({len(data.train_labels)} training, "
-          f"{len(data.test_labels)} test images), {group}, {hardware.device_name(device)}, "
-          f"{step.settings()}, from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
+    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.links} links) on {opt.dataset} "
+          f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {group}, "
+          f"{hardware.device_name(device)}, {step.settings()}, "
+          f"from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
           f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
 
     for epoch in range(position["epoch"] + 1, opt.epochs + 1):
