@@ -83,6 +83,7 @@ class TrainingStep:
         return self.run_pair(self.nets, self.eager_loss, images, targets, kd_weight)
 
     def run_pair(self, nets, loss, images, targets, kd_weight):
+        """Both `nets` on `images`, then `loss` of their outputs, under autocast."""
         with self.autocast():
             outputs_net1, outputs_net2 = nets[0](images), nets[1](images)
             terms, total = loss(outputs_net1, outputs_net2, targets, self.kd_weight if kd_weight is None else kd_weight)
