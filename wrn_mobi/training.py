@@ -4,7 +4,8 @@ The speed settings live here and change nothing else in the program:
   --amp bf16 / fp16   autocast the networks (the loss is always computed in fp32); fp16 scales the
                       loss with a GradScaler so that small gradients do not underflow
   --tf32              fp32 convolutions and matmuls on TF32 tensor cores (Ampere and newer GPUs;
-                      hardware.set_fp32_precision sets it for the whole process)
+                      a process-wide setting: main.build_training_step sets it with
+                      hardware.set_fp32_precision, this class names it in settings())
   --channels_last     NHWC memory layout for the networks and their input batches
   --compile           torch.compile of the forward pass of each network and of the loss; autograd
                       compiles the backward pass with it
