@@ -390,8 +390,8 @@ def test_options_are_logged_and_compared_on_resume_by_value(folder):
     saved = {**vars(main.parse_options(["--lr=0.10"])), "epoch_step": "[60, 120, 160]"}  # an older checkpoint's
     assert checkpoint.mismatched_options(opt, saved, defaults) == []
     # --epochs may grow, and speed or bookkeeping options may change; any other option may not.
-    resumed = main.parse_options(["--epochs", "300", "--nthread", "1", "--amp", "bf16", "--note", "x", "--compile",
-                                  "--eval_batch_size", "100", "--checkpoint_every", "10", "--dataroot", "/d"])
+    resumed = main.parse_options(["--epochs", "300", "--nthread", "1", "--amp", "bf16", "--tf32", "--note", "x",
+                                  "--compile", "--eval_batch_size", "100", "--checkpoint_every", "10", "--dataroot", "/d"])
     assert checkpoint.mismatched_options(resumed, saved, defaults) == []
     changed = main.parse_options(["--weight_decay", "1e-4", "--epoch_step", "[60,120]"])
     assert checkpoint.mismatched_options(changed, saved, defaults) == [

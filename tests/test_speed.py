@@ -76,18 +76,12 @@ def test_speed_settings_are_logged_with_the_other_options(first_step_runs):
 @pytest.mark.parametrize("flags, tf32", [([], False), (["--tf32"], True)], ids=["default", "tf32"])
 def test_the_tf32_option_sets_both_fp32_precisions(monkeypatch, flags, tf32):
     # PyTorch's defaults differ (cuDNN TF32 on, cuBLAS off): the option, not PyTorch, decides both,
-    # on every device, before the first convolution.
-    modules = load_folder("wrn")
+    # on every device, when the step is built (tools/preflight.py builds one per setting).
+    main = load_folder("wrn").main
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # select_device sets it from --gpu_id
-    threads = torch.get_num_threads()
-    try:
-        opt = modules.main.parse_options(["--gpu_id", "", "--nthread", "1", *flags])
-        assert modules.hardware.select_device(opt) == torch.device("cpu")
-    finally:
-        torch.set_num_threads(threads)
-    assert opt.tf32 is tf32
+    opt = main.parse_options(["--depth", "10", "--width", "1", "--method", "ind", *flags])
+    main.build_training_step(opt, 10, torch.device("cpu"), load_folder("wrn").distributed.Group())
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
 
 

@@ -50,8 +50,7 @@ def available_cores():
 
 
 def select_device(opt):
-    """The training device; sets the visible GPU, the CPU thread count and the precision of fp32
-    work (--tf32) first, and writes the
+    """The training device; sets the visible GPU and the CPU thread count first, and writes the
     device and threads actually used back into opt.gpu_id and opt.nthread (log.txt records them).
     Under torchrun each process trains on GPU LOCAL_RANK of those its launcher left visible, or
     on the CPU with --gpu_id ''. Without --gpu_id: GPU 0 of the visible ones, or the CPU when
@@ -70,7 +69,6 @@ def select_device(opt):
         # to 1x1 runs as a mean); preflight.py measures how exact a GPU's reruns come out.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    set_fp32_precision(opt.tf32)
     if not torch.cuda.is_available():
         if opt.gpu_id:
             raise DeviceError(f"--gpu_id {opt.gpu_id}: this machine shows no such GPU (torch.cuda.is_available() "

@@ -4,7 +4,8 @@ The speed settings live here and change nothing else in the program:
   --amp bf16 / fp16   autocast the networks (the loss is always computed in fp32); fp16 scales the
                       loss with a GradScaler so that small gradients do not underflow
   --tf32              fp32 convolutions and matmuls on TF32 tensor cores (Ampere and newer GPUs;
-                      hardware.set_fp32_precision sets it for the whole process)
+                      a process-wide setting: main.build_training_step sets it with
+                      hardware.set_fp32_precision, this class names it in settings())
   --channels_last     NHWC memory layout for the networks and their input batches
   --compile           torch.compile of the forward pass of each network and of the loss; autograd
                       compiles the backward pass with it
@@ -83,6 +84,7 @@ class TrainingStep:
         return self.run_pair(self.nets, self.eager_loss, images, targets, kd_weight)
 
     def run_pair(self, nets, loss, images, targets, kd_weight):
+        """Both `nets` on `images`, then `loss` of their outputs, under autocast."""
         with self.autocast():
             outputs_net1, outputs_net2 = nets[0](images), nets[1](images)
             terms, total = loss(outputs_net1, outputs_net2, targets, self.kd_weight if kd_weight is None else kd_weight)

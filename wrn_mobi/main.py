@@ -131,6 +131,7 @@ def parse_options(argv=None):
 def build_training_step(opt, num_classes, device, group):
     """Net 1 and net 2 of this folder (with auxiliary classifiers when the method uses them), the
     links they distil along, the speed settings and the processes that train them."""
+    hardware.set_fp32_precision(opt.tf32)  # process-wide, so set by every step built, before its first convolution
     torch.manual_seed(opt.seed)
     uses_aux = METHODS[opt.method][0]
     nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, uses_aux)]
