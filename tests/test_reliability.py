@@ -153,9 +153,9 @@ def test_signal_checkpoints_prints_the_resume_command_and_exits(tmp_path, data, 
 # main.py run by a wrapper that presses Ctrl-C itself at chosen points of the run, so that each one
 # lands exactly there: signal.raise_signal runs the Python handler before it returns. The first
 # Ctrl-C comes at FIRST ("load": as the data is loaded, "step": before the third step; a checkpoint
-# follows every step); with "at_once" a second one comes as the stop's checkpoint write begins. Then, late, while the run
-# leaves: after it printed how to resume, as it leaves the process group, and in an atexit callback
-# during the interpreter's shutdown. Each press is announced on stderr.
+# follows every step); with "at_once" a second one comes as the stop's checkpoint write begins.
+# Then, late, while the run leaves: after it printed how to resume, as it leaves the process group,
+# and in an atexit callback during the interpreter's shutdown. Each press is announced on stderr.
 CTRL_C_WRAPPER = """
 import atexit, os, runpy, signal, sys
 main_py, first, second, *args = sys.argv[1:]
@@ -206,10 +206,10 @@ def test_ctrl_c_stops_cleanly_and_later_ctrl_c_changes_nothing(tmp_path, data, f
                             cwd=ROOT / "wrn", capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     stderr = result.stderr
-    late = ["in finish", "in atexit"] if second == "at_once" or first == "load" else ["after report", "in finish",
-                                                                                    "in atexit"]
+    stopped = first == "step" and second == "none"  # the only way that reaches the resume command
+    presses = ["first"] + ["second"] * (second == "at_once") + ["after report"] * stopped + ["in finish", "in atexit"]
     assert [line[len("test: Ctrl-C "):] for line in stderr.splitlines() if line.startswith("test: Ctrl-C ")] == \
-        ["first", *(["second"] if second == "at_once" else []), *late], stderr
+        presses, stderr
     assert result.returncode == 130, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     if first == "load":  # before anything was written
@@ -218,7 +218,7 @@ def test_ctrl_c_stops_cleanly_and_later_ctrl_c_changes_nothing(tmp_path, data, f
         assert "interrupted at once" in stderr, stderr
         state = weights(save / "checkpoint.pt")
         assert (state["epoch"], state["step"]) == (0, 2)
-    else:
+    else:  # stopped
         assert "stopped by SIGINT" in stderr and "interrupted at once" not in stderr, stderr
         printed = [line for line in stderr.splitlines() if line.strip() and not line.startswith("test: ")]
         assert printed[-1].strip().endswith("--resume"), stderr
