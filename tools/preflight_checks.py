@@ -128,8 +128,7 @@ def environment(config):
         names = ", ".join(f"{gpu['name']} ({gpu['memory'] / 2 ** 30:.1f} GiB, sm {gpu['capability']})" for gpu in gpus)
         # TF32 tensor cores came with Ampere (sm 8.0), as bf16 ones did; emulated bf16 is no speed setting.
         emit("environment: GPUs", f"{len(gpus)}: {names}; driver {driver}", "pass", gpus=gpus, driver=driver,
-             bf16=torch.cuda.is_bf16_supported(including_emulation=False),
-             tf32=torch.cuda.get_device_capability(0) >= (8, 0))
+             bf16=hardware.cuda_bf16_support(), tf32=torch.cuda.get_device_capability(0) >= (8, 0))
     else:
         emit("environment: GPUs", "none", "skipped", "no CUDA GPU visible", gpus=[])
 
