@@ -643,8 +643,8 @@ def one_rank(config):
     class OneRankAsSeveral(distributed.Group):
         """This rank's Group, whose --sync_bn conversion and DDP wrapping are those of several ranks."""
 
-        def sync_batchnorm(self, net):
-            return distributed.Group(0, 2).sync_batchnorm(net)
+        def sync_batchnorm(self, net, *arguments):
+            return distributed.Group(0, 2).sync_batchnorm(net, *arguments)
 
         def wrap(self, net, device):
             return distributed.Group(0, 2).wrap(net, device)
