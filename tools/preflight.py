@@ -48,7 +48,7 @@ Sizes and time limits (seconds; upper bounds that catch a hang, not the expected
                 fp32, fp32+cl, bf16+cl (wrn/) and fp32, bf16+cl (wrn_mobi/) at batch 8 with 2 steps,
                 projection on 32-image epochs at batch 16, torchrun and resume on 64 images; about
                 2 minutes on an idle 2-core CPU with --nthread 1 (2 to 3 minutes of CPU time), several
-                times that on a busy one (14 minutes at a load average of 12)
+                times that on a busy one (14 minutes at load averages of 10 to 15)
 `--depth` and `--width` change the WRN of numerics, speed and projection. On a CPU the projection
 is that of the model it measured, not of WRN-28-10: the table says which.
 """
