@@ -1,6 +1,7 @@
 """torchrun on the CPU (gloo): two processes train what one process trains, rank 0 alone writes,
-sharded evaluation counts every test image once, checkpoints move between process counts, and
-a global batch that the processes cannot share is refused.
+sharded evaluation counts every test image once, checkpoints move between process counts where
+BN's batches stay the same, a global batch that the processes cannot share is refused, and a
+compiled step has no graph break.
 
 The tiny training set (101 images, batches of 16) ends each epoch with a batch of 5, which two
 processes split 3 + 2; the 25 test images split 13 + 12.
@@ -143,6 +144,19 @@ def test_a_two_process_checkpoint_resumes_in_one_process(tmp_path, data, two_ran
     assert weights(tmp_path / "save")["epoch"] == EPOCHS + 1
 
 
+def test_a_resume_that_would_change_bn_batches_is_refused_by_every_process(tmp_path, data, single):
+    # The single process's run normalised by the whole batch; two processes without --sync_bn
+    # would normalise by halves from here on.
+    (tmp_path / "torchrun_tmp").mkdir()
+    result = torchrun(run_args(tmp_path / "save", data, "--resume", single / "checkpoint.pt", "--epochs", EPOCHS + 1),
+                      tmp_path / "torchrun_tmp")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "trained by 1 process" in errors[0] and "2 processes would change" in errors[0] \
+        and errors[0].endswith("add --sync_bn, or resume in one process"), result.stderr
+    assert not (tmp_path / "save").exists()
+
+
 def test_sigterm_stops_every_rank_at_one_step_and_the_checkpoint_resumes_in_one_process(tmp_path, data, two_ranks):
     # torchrun forwards SIGTERM to both processes; they agree on the step to stop after, rank 0
     # writes the checkpoint with the epoch's partial sums of both, and one process finishes the
@@ -183,3 +197,56 @@ def test_one_process_refuses_nothing_it_accepted_before(tmp_path, data):
     result = run_main("wrn", *run_args(tmp_path / "save", data, "--batch_size", 15, "--epochs", 1)[2:])
     assert result.returncode == 0, result.stderr
     assert read_log(tmp_path / "save")[0]["world_size"] == 1
+
+
+# --- --compile under torchrun -------------------------------------------------------------------------
+
+# Two steps of 8 + 8 images and one test shard per rank: one batch shape each to compile.
+COMPILE_ARGS = ["--depth", "10", "--width", "1", "--method", "ind", "--subset", "32", "--batch_size", "16",
+                "--epochs", "1", "--lr", str(LR), "--nthread", "1"]
+
+
+@pytest.fixture(scope="module")
+def single_eager(tmp_path_factory, data):
+    save = tmp_path_factory.mktemp("single_eager") / "save"
+    result = run_main("wrn", "--save", save, "--dataroot", data, *COMPILE_ARGS)
+    assert result.returncode == 0, result.stderr
+    return save
+
+
+def test_a_compiled_two_process_run_with_sync_bn_has_no_graph_break(tmp_path, data, single_eager):
+    # Compiled around DDP, Dynamo broke the graph in DDP's forward pass, twice per network; each
+    # network is compiled inside DDP instead, and GlobalBatchNorm2d's all-reduces are traced. Every
+    # graph is compiled afresh (Inductor's cache lives in the new temporary folder): minutes on a CPU.
+    (tmp_path / "torchrun_tmp").mkdir()
+    save = tmp_path / "save"
+    args = ["--gpu_id", "", "--save", save, "--dataroot", data, *COMPILE_ARGS, "--compile", "--sync_bn"]
+    result = subprocess.run(torchrun_command(map(str, args)), cwd=ROOT / "wrn", capture_output=True, text=True,
+                            env={**torchrun_env(tmp_path / "torchrun_tmp"), "TORCH_LOGS": "graph_breaks"},
+                            timeout=3 * TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    breaks = [line for line in result.stderr.splitlines() if "Graph break" in line]
+    assert breaks == [], "\n".join(breaks)
+    # BN over the global batch: the single process's eager run, up to float rounding.
+    record, reference = read_log(save)[0], read_log(single_eager)[0]
+    assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
+    assert record["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
+    state, reference_state = weights(save), weights(single_eager)
+    for name in ("net1", "net2"):
+        for key, value in reference_state[name].items():
+            torch.testing.assert_close(state[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+
+
+def test_sync_bn_on_gpus_is_torchs_sync_batchnorm_in_eager_mode_and_global_batchnorm_when_compiled():
+    # Dynamo breaks the graph at every SyncBatchNorm; a "cuda" device stands in for a GPU (the
+    # conversion makes no CUDA call).
+    distributed = load_folder("wrn").distributed
+    group = distributed.Group(rank=0, size=2)
+
+    def norms(device, compiled):
+        net = load_folder("wrn").models.wrn(10, 1, 10, aux=False)
+        return {type(module) for module in group.sync_batchnorm(net, torch.device(device), compiled).modules()
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)}
+
+    assert norms("cuda", compiled=False) == {torch.nn.SyncBatchNorm}
+    assert norms("cuda", compiled=True) == norms("cpu", compiled=False) == {distributed.GlobalBatchNorm2d}

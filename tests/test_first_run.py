@@ -55,6 +55,12 @@ def test_defaults_record_the_device_and_threads_used(default_run):
     assert f"CPU, {threads} threads" in first and "(32 training, 512 test images)" in first
 
 
+def test_the_first_line_names_the_default_run_folder_in_full(default_run):
+    # ./logs is the logs/ of the folder main.py was started in (wrn/logs inside wrn/): the line says which.
+    line, = [line for line in default_run.result.stdout.splitlines() if " links) on " in line]
+    assert line.startswith(f"{default_run.save.resolve()}: ind (none links) on synthetic"), line
+
+
 def test_epoch_line_labels_nets_and_splits(default_run):
     line, = [line for line in default_run.result.stdout.splitlines() if line.startswith("epoch 1/1")]
     assert re.search(r"train: loss [\d.]+, acc net 1 [\d.]+%, net 2 [\d.]+%  test: loss [\d.]+, acc net 1 "
@@ -157,6 +163,7 @@ def test_sweep_without_gpus_plans_on_the_device_it_finds(monkeypatch, capsys, tm
     monkeypatch.setattr(sweep, "gpu_found", lambda: False)
     assert sweep.main(["--dry_run", "--logdir", str(tmp_path), "--seeds", "1", "--folders", "wrn"]) == 0
     assert "1 at a time on the CPU, output in" in capsys.readouterr().out.splitlines()[0]
-    monkeypatch.setattr(sweep, "gpu_found", lambda: True)
+    monkeypatch.setattr(sweep, "gpu_found", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 1)
     assert sweep.main(["--dry_run", "--logdir", str(tmp_path), "--seeds", "1", "--folders", "wrn"]) == 0
     assert "1 at a time on GPU 0, output in" in capsys.readouterr().out.splitlines()[0]

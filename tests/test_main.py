@@ -16,7 +16,7 @@ OPTION_KEYS = ("save", "depth", "width", "dataset", "dataroot", "batch_size", "l
                "epoch_step", "lr_decay_ratio", "seed", "nthread", "resume", "note", "gpu_id", "method", "links")
 REFERENCE_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "epoch", "num_classes", "n_parameters",
                   "train_time", "test_time")
-TIME_KEYS = ("train_time", "test_time")
+TIME_KEYS = ("train_time", "test_time", "checkpoint_time", "checkpoint_bytes")  # and what checkpoints cost
 # Images per split of the tiny CIFAR-100 sets; sizes that are not multiples of the batch size make
 # the last batch partial, so that accuracies must be counted per image, not averaged per batch.
 WRN_TRAIN, WRN_TEST = 120, 50
@@ -390,8 +390,8 @@ def test_options_are_logged_and_compared_on_resume_by_value(folder):
     saved = {**vars(main.parse_options(["--lr=0.10"])), "epoch_step": "[60, 120, 160]"}  # an older checkpoint's
     assert checkpoint.mismatched_options(opt, saved, defaults) == []
     # --epochs may grow, and speed or bookkeeping options may change; any other option may not.
-    resumed = main.parse_options(["--epochs", "300", "--nthread", "1", "--amp", "bf16", "--note", "x", "--compile",
-                                  "--eval_batch_size", "100", "--checkpoint_every", "10", "--dataroot", "/d"])
+    resumed = main.parse_options(["--epochs", "300", "--nthread", "1", "--amp", "bf16", "--tf32", "--note", "x",
+                                  "--compile", "--eval_batch_size", "100", "--checkpoint_every", "10", "--dataroot", "/d"])
     assert checkpoint.mismatched_options(resumed, saved, defaults) == []
     changed = main.parse_options(["--weight_decay", "1e-4", "--epoch_step", "[60,120]"])
     assert checkpoint.mismatched_options(changed, saved, defaults) == [
@@ -407,7 +407,8 @@ def test_options_are_logged_and_compared_on_resume_by_value(folder):
     (("--depth", 20), ("--depth 20",)),
     (("--depth", 10, "--method", "dcm"), ("--depth 10", "dcm")),
     (("--epoch_step", "oops"), ("--epoch_step", "oops")),
-], ids=["depth_20", "depth_10_with_dcm", "epoch_step_oops"])
+    (("--seed", -1), ("--seed", "-1")),
+], ids=["depth_20", "depth_10_with_dcm", "epoch_step_oops", "seed_negative"])
 def test_bad_option_values_are_refused_before_anything_is_written(tmp_path, args, words):
     save = tmp_path / "save"
     line = error_line(run_main("wrn", "--save", save, "--dataroot", tmp_path / "no_data", *args))

@@ -98,6 +98,25 @@ def test_cpu_bf16_support_names_the_capability():
     assert words.startswith(torch.backends.cpu.get_cpu_capability())
 
 
+@pytest.mark.parametrize("flags, native", [("avx512f avx512_bf16 amx_bf16 amx_tile", ["AVX512_BF16", "AMX"]),
+                                           ("avx512f avx512_vnni", []), ("avx2 fma", [])])
+def test_cpu_bf16_instructions_come_from_the_cpu_flags_where_torch_has_no_probe(monkeypatch, tmp_path, flags, native):
+    # PyTorch 2.4's torch.cpu has no bf16 probes: there /proc/cpuinfo's flags name the instructions.
+    hardware = load_folder("wrn").hardware
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("".join(f"processor\t: {n}\nmodel name\t: a CPU\nflags\t\t: fpu sse {flags}\n\n" for n in (0, 1)))
+    monkeypatch.setattr(hardware, "CPUINFO", str(cpuinfo), raising=False)
+    kind, words = hardware.cpu_bf16_support()
+    assert (kind == "native") == bool(native), words
+    if native:
+        assert words.endswith("bf16 instructions (AVX512_BF16 and AMX)")
+    assert hardware.cpu_bf16_instructions() == native
+    monkeypatch.setattr(hardware, "CPUINFO", str(tmp_path / "absent"))  # not Linux: nothing to read
+    assert hardware.cpu_bf16_instructions() == []
+
+
 def test_gpu_rows_project_the_sweep_per_gpu_and_say_whether_two_runs_fit():
     # The arithmetic of the GPU-only rows, on measurements as a GPU's projection check reports them.
     preflight = load_preflight()

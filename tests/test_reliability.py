@@ -1,6 +1,7 @@
 """Safe to interrupt, impossible to corrupt: SIGKILL at any moment and --resume gives the
-uninterrupted run's weights bit for bit and its log lines; SIGTERM/SIGINT checkpoint and exit;
-a non-finite loss stops the run; checkpoints never run code; bad input is refused cleanly.
+uninterrupted run's weights bit for bit and its log lines; SIGTERM, SIGINT, SIGUSR1 and SIGUSR2
+checkpoint and exit, and a Ctrl-C after the run decided to stop changes nothing; a non-finite loss
+stops the run; checkpoints never run code; bad input is refused cleanly.
 
 Runs use --deterministic and one thread, so that two runs of the same command are bit-identical.
 """
@@ -21,7 +22,7 @@ import torch
 from conftest import ROOT, load_folder, read_log, run_main, write_cifar100
 
 NUM_TRAIN, NUM_TEST, BATCH, EPOCHS = 128, 24, 16, 3  # 8 steps per epoch
-TIMES = ("train_time", "test_time")
+TIMES = ("train_time", "test_time", "checkpoint_time", "checkpoint_bytes")  # and what checkpoints cost
 
 
 def run_args(save, dataroot, *extra):
@@ -124,7 +125,10 @@ def test_lines_logged_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, 
 
 # --- SIGTERM and SIGINT --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+# SIGUSR1 and SIGUSR2: a cluster's warning before the time limit (SLURM's --signal), which some
+# clusters send to every process of the job.
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 143),
+                                          (signal.SIGUSR2, 143)], ids=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
 def test_signal_checkpoints_prints_the_resume_command_and_exits(tmp_path, data, reference, signum, code):
     save = tmp_path / "save"
     process = start("wrn", run_args(save, data))
@@ -133,7 +137,7 @@ def test_signal_checkpoints_prints_the_resume_command_and_exits(tmp_path, data, 
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == code, stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and f"stopped by {signal.Signals(signum).name}: " in stderr, stderr
     command = stderr.strip().splitlines()[-1].strip()
     assert command.startswith("python ") and command.endswith("--resume"), stderr
     state = weights(save / "checkpoint.pt")
@@ -146,19 +150,80 @@ def test_signal_checkpoints_prints_the_resume_command_and_exits(tmp_path, data, 
     assert_same_run(reference, save)
 
 
-def test_a_second_ctrl_c_exits_at_once(tmp_path, data):
+# main.py run by a wrapper that presses Ctrl-C itself at chosen points of the run, so that each one
+# lands exactly there: signal.raise_signal runs the Python handler before it returns. The first
+# Ctrl-C comes at FIRST ("load": as the data is loaded, "step": before the third step; a checkpoint
+# follows every step); with "at_once" a second one comes as the stop's checkpoint write begins.
+# Then, late, while the run leaves: after it printed how to resume, as it leaves the process group,
+# and in an atexit callback during the interpreter's shutdown. Each press is announced on stderr.
+CTRL_C_WRAPPER = """
+import atexit, os, runpy, signal, sys
+main_py, first, second, *args = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(main_py))
+sys.argv = [main_py, *args]
+import dataset, distributed, safety
+
+pressed = []
+
+def ctrl_c(where):
+    print(f"test: Ctrl-C {where}", file=sys.stderr, flush=True)
+    pressed.append(where)
+    signal.raise_signal(signal.SIGINT)
+
+def press_before(owner, name, where, when):
+    function = getattr(owner, name)
+    def wrapped(*a, **k):
+        if when():
+            ctrl_c(where)
+        return function(*a, **k)
+    setattr(owner, name, wrapped)
+
+steps = []
+def counted():
+    steps.append(1)
+    return len(steps) == 3
+press_before(dataset, "load_dataset", "first", lambda: first == "load")
+press_before(safety.RunGuard, "after_step", "first", lambda: first == "step" and counted())
+press_before(safety, "save_checkpoint", "second", lambda: second == "at_once" and pressed == ["first"])
+report = safety.StopRequest.report
+def report_then_press(*a, **k):
+    code = report(*a, **k)
+    ctrl_c("after report")
+    return code
+safety.StopRequest.report = report_then_press
+press_before(distributed, "finish", "in finish", lambda: True)
+atexit.register(ctrl_c, "in atexit")
+runpy.run_path(main_py, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("first, second", [("step", "none"), ("step", "at_once"), ("load", "none")],
+                         ids=["stopped", "second_ctrl_c_at_once", "ctrl_c_while_loading"])
+def test_ctrl_c_stops_cleanly_and_later_ctrl_c_changes_nothing(tmp_path, data, first, second):
     save = tmp_path / "save"
-    process = start("wrn", run_args(save, data, "--batch_size", 64))  # long steps: time to press twice
-    wait_for_new_checkpoint(process, save, 0)
-    process.send_signal(signal.SIGINT)
-    for line in process.stderr:  # the first Ctrl-C is being handled
-        if "finishing the current step" in line:
-            break
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130
-    assert "interrupted at once" in stderr and "Traceback" not in stderr
-    weights(save / "checkpoint.pt")  # the last checkpoint is whole
+    args = run_args(save, data, "--depth", 10, "--method", "ind", "--checkpoint_every", 1)  # small and quick
+    result = subprocess.run([sys.executable, "-c", CTRL_C_WRAPPER, str(ROOT / "wrn" / "main.py"), first, second, *args],
+                            cwd=ROOT / "wrn", capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stderr = result.stderr
+    stopped = first == "step" and second == "none"  # the only way that reaches the resume command
+    presses = ["first"] + ["second"] * (second == "at_once") + ["after report"] * stopped + ["in finish", "in atexit"]
+    assert [line[len("test: Ctrl-C "):] for line in stderr.splitlines() if line.startswith("test: Ctrl-C ")] == \
+        presses, stderr
+    assert result.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    if first == "load":  # before anything was written
+        assert "interrupted at once" in stderr and not save.exists(), stderr
+    elif second == "at_once":  # the stop's checkpoint was not written; the last one is whole
+        assert "interrupted at once" in stderr, stderr
+        state = weights(save / "checkpoint.pt")
+        assert (state["epoch"], state["step"]) == (0, 2)
+    else:  # stopped
+        assert "stopped by SIGINT" in stderr and "interrupted at once" not in stderr, stderr
+        printed = [line for line in stderr.splitlines() if line.strip() and not line.startswith("test: ")]
+        assert printed[-1].strip().endswith("--resume"), stderr
+        state = weights(save / "checkpoint.pt")
+        assert (state["epoch"], state["step"]) == (0, 3)
 
 
 # --- a non-finite loss ------------------------------------------------------------------------------
@@ -237,6 +302,7 @@ BAD_OPTIONS = {
     "lr_nan": (["--lr", "nan"], ["--lr"]),
     "epochs_0": (["--epochs", "0"], ["--epochs"]),
     "checkpoint_every_0": (["--checkpoint_every", "0"], ["--checkpoint_every"]),
+    "checkpoint_interval_negative": (["--checkpoint_interval", "-1"], ["--checkpoint_interval", ">= 0"]),
 }
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,22 +126,29 @@ def job_process(controller_pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="finds the job's process in /proc (Linux)")
-def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(local_sweep, tmp_path, cifar):
+@pytest.mark.parametrize("main_py_too", [False, True], ids=["job_signalled", "main_py_signalled_too"])
+def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(local_sweep, tmp_path, cifar, main_py_too):
     args = run_args(tmp_path / "logs", cifar, [1])
     code, out, err = call(*args)
     assert code == 0, out + err
     save = tmp_path / "logs" / local_sweep["saves"][1].name
-    # Preempt it in its first epoch: SLURM's USR2 goes to the job's process (submitit's), not to main.py.
+    # Preempt it in its first epoch: SLURM's USR2 goes to the job's process (submitit's), and on some
+    # clusters to main.py as well.
     deadline = time.time() + WAIT_SECONDS
     while "from epoch 1 step 0" not in ((save / "stdout.txt").read_text() if (save / "stdout.txt").exists() else ""):
         assert time.time() < deadline, "the run did not start"
         time.sleep(0.05)
     controller = int(json.loads((save / slurm.RECORD).read_text())["job_id"])
-    os.kill(job_process(controller), signal.SIGUSR2)
+    job = job_process(controller)
+    if main_py_too:  # as SLURM does where it signals every process of the job (proctrack/linuxproc)
+        os.kill(job_process(job), signal.SIGUSR2)
+    os.kill(job, signal.SIGUSR2)
     wait_until_finished(args)
 
     output = (save / "stdout.txt").read_text()
-    assert "stopped by SIGTERM" in output, output
+    # The job's SIGTERM reaches main.py too, before or after main.py stopped on its own USR2.
+    assert "stopped by SIGTERM" in output or main_py_too and "stopped by SIGUSR2" in output, output
+    assert ("SIGUSR2: finishing the current step" in output) == main_py_too, output
     starts = [line for line in output.splitlines() if line.startswith("# ") and " slurm job " in line]
     assert len(starts) == 2 and not starts[0].endswith("--resume") and "--resume" in starts[1], starts
     assert "requeue" in "".join(path.read_text() for path in (save / "slurm").glob("*_log.out")).lower()
@@ -148,6 +156,33 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(local
     for name in ("net1.pt", "net2.pt"):
         assert (save / name).read_bytes() == (reference / name).read_bytes(), name
     assert [r["test_acc_net1"] for r in read_log(save)] == [r["test_acc_net1"] for r in read_log(reference)]
+
+
+def torchrun_handles(option):
+    from torch.distributed.run import get_args_parser
+    return option in get_args_parser()._option_string_actions
+
+
+@pytest.mark.skipif(not torchrun_handles("--signals_to_handle"), reason="this torchrun dies of USR2 (PyTorch 2.4)")
+def test_a_torchrun_job_whose_every_process_gets_usr2_stops_with_a_checkpoint(tmp_path, cifar):
+    # Where SLURM signals every process of the job, torchrun gets USR2 as well as its ranks: it
+    # must let them finish the step and write the checkpoint, not die of it.
+    command = [sys.executable, str(ROOT / "wrn" / "main.py"), "--save", "run", "--method", "ind", *TINY,
+               "--dataroot", str(cifar)]
+    run = slurm_job.TrainingRun(command, "run", str(tmp_path), 2, 60)
+    failure = []
+    job = threading.Thread(target=lambda: failure.append(pytest.raises(RuntimeError, run).value))
+    job.start()
+    output = tmp_path / "run" / "stdout.txt"
+    deadline = time.time() + WAIT_SECONDS
+    while "from epoch 1 step 0" not in (output.read_text() if output.exists() else ""):
+        assert time.time() < deadline and job.is_alive(), output.read_text() if output.exists() else "no output"
+        time.sleep(0.05)
+    os.killpg(run.process.pid, signal.SIGUSR2)
+    job.join(WAIT_SECONDS)
+    assert run.process.returncode != -signal.SIGUSR2, output.read_text()  # torchrun did not die of it
+    assert "stopped by SIGUSR2" in output.read_text() and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert "main.py exited with code 1" in str(failure[0])  # torchrun's code for stopped ranks
 
 
 # --- the SLURM submission, against stand-in SLURM commands ----------------------------------------
@@ -308,7 +343,7 @@ def test_status_says_where_each_run_stands(fake_slurm):
 
 def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` fail
-    code, out, err = call("--slurm", "--logdir", tmp_path / "logs", *TINY)
+    code, out, err = call("--slurm", "--methods", "ind", "--logdir", tmp_path / "logs", *TINY)
     assert code == 2 and out == ""
     assert err == "error: sweep.py --slurm needs submitit: pip install -r requirements-tools.txt\n"
     assert not (tmp_path / "logs").exists()

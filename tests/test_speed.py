@@ -1,4 +1,4 @@
-"""The speed settings (--amp, --channels_last, --compile), evaluation batches, the CPU allocator
+"""The speed settings (--amp, --tf32, --channels_last, --compile), evaluation batches, the CPU allocator
 setting, `main.py --benchmark` and tools/benchmark.py. All on the CPU; no test is timed.
 
 A run over a training set of exactly one batch trains one step per epoch, so the `train_loss` of
@@ -40,7 +40,8 @@ def one_batch_data(tmp_path_factory):
 def first_step_runs(tmp_path_factory, one_batch_data):
     """One epoch of one step in wrn/ for each setting; {setting: (save folder, log record)}."""
     settings = {"fp32": (), "bf16+cl": ("--amp", "bf16", "--channels_last"), "fp16": ("--amp", "fp16"),
-                "bf16+cl+compile": ("--amp", "bf16", "--channels_last", "--compile")}
+                # --tf32 too: ignored on a CPU, but logged
+                "bf16+cl+compile": ("--amp", "bf16", "--channels_last", "--compile", "--tf32")}
     runs = {}
     for name, flags in settings.items():
         save = tmp_path_factory.mktemp("first_step") / name
@@ -64,10 +65,38 @@ def test_first_step_loss_is_close_to_fp32_on_the_same_batch(first_step_runs, set
 
 def test_speed_settings_are_logged_with_the_other_options(first_step_runs):
     _, record = first_step_runs["bf16+cl+compile"]
-    assert (record["amp"], record["channels_last"], record["compile"]) == ("bf16", True, True)
+    assert (record["amp"], record["tf32"], record["channels_last"], record["compile"]) == ("bf16", True, True, True)
     _, record = first_step_runs["fp32"]
-    assert (record["amp"], record["channels_last"], record["compile"]) == ("none", False, False)
+    assert (record["amp"], record["tf32"], record["channels_last"], record["compile"]) == ("none", False, False, False)
     assert record["eval_batch_size"] == 500
+
+
+# --- the precision of fp32 work ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, tf32", [([], False), (["--tf32"], True)], ids=["default", "tf32"])
+def test_the_tf32_option_sets_both_fp32_precisions(monkeypatch, flags, tf32):
+    # PyTorch's defaults differ (cuDNN TF32 on, cuBLAS off): the option, not PyTorch, decides both,
+    # on every device, when the step is built (tools/preflight.py builds one per setting).
+    main = load_folder("wrn").main
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)
+    opt = main.parse_options(["--depth", "10", "--width", "1", "--method", "ind", *flags])
+    main.build_training_step(opt, 10, torch.device("cpu"), load_folder("wrn").distributed.Group())
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
+
+
+def test_settings_say_whether_fp32_work_runs_in_tf32():
+    modules = load_folder("wrn")
+    nets = modules.models.build_pair(10, 1, 10, aux=False)
+
+    def settings(device, **speed):
+        # A "cuda" device stands in for a GPU: building the step makes no CUDA call.
+        return modules.training.TrainingStep(nets, "none", torch.device(device), **speed).settings()
+
+    assert settings("cpu") == settings("cuda") == "fp32, eager"
+    assert settings("cuda", tf32=True) == "tf32, eager"
+    assert settings("cpu", tf32=True) == "fp32, eager"  # a CPU has no TF32
+    assert settings("cuda", tf32=True, amp="bf16") == "amp bf16, eager"
 
 
 def test_fp16_checkpoint_holds_the_loss_scale_and_resumes(first_step_runs, one_batch_data):

@@ -1,7 +1,8 @@
 """Tests of tools/sweep.py, summarize.py, plot.py and evaluate.py.
 
 Real tiny runs of main.py (WRN-10-1 pairs, 2 epochs on 64 images of a 10-class CIFAR-100-format set,
-one thread) are made once per module by a real sweep and shared; the table's arithmetic and the
+one thread) are made once per module by a real sweep (two passes of one command, a run failing in
+the first) and shared, and so are evaluate.py's measurements of them; the table's arithmetic and the
 paper's columns are checked on hand-written logs with known numbers. The tools run in this process
 (their main(argv) returns the exit code) except where the exit code of the script itself is tested.
 """
@@ -75,14 +76,24 @@ def cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, cifar):
-    """A real sweep: wrn/ x ind, dml x seeds 1, 2, two runs at a time on the CPU."""
+    """A real sweep: wrn/ x ind, dml x seeds 1, 2, two runs at a time on the CPU, in two passes of
+    the same command. In the first, dml seed 1's folder holds a checkpoint.pt that is no
+    checkpoint: that run fails (main.py refuses to resume from it) and the others go on. The file
+    removed, the second pass starts that run alone and skips the finished ones."""
     logdir = tmp_path_factory.mktemp("sweep") / "logs"
     args = ["--folders", "wrn", "--methods", *METHODS, "--seeds", *SEEDS, "--logdir", logdir, "--gpus", "",
             "--jobs_per_gpu", 2, *TINY, "--dataroot", cifar]
-    code, out, err = call(sweep.main, *args)
     saves = {(method, seed): logdir / f"wrn-10-1_wrn-10-1_{method}_seed{seed}{TINY_SUFFIX}"
              for method in METHODS for seed in SEEDS}
-    return dict(logdir=logdir, args=args, code=code, out=out, err=err, saves=saves)
+    broken = saves["dml", 1] / "checkpoint.pt"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("not a checkpoint")
+    first_pass = dict(zip(("code", "out", "err"), call(sweep.main, *args)))
+    first_pass["finished"] = {key: read_log(save)[-1]["epoch"] for key, save in saves.items()
+                              if (save / "log.txt").exists()}
+    broken.unlink()
+    code, out, err = call(sweep.main, *args)
+    return dict(logdir=logdir, args=args, code=code, out=out, err=err, saves=saves, first_pass=first_pass)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +128,9 @@ def final_errors(save, net):
 
 def test_sweep_runs_every_run_to_the_end_in_its_own_folder(swept):
     assert swept["code"] == 0, swept["out"] + swept["err"]
+    # The second pass started the run that failed in the first, and only that one.
+    started = re.findall(r"^\[\d+/\d+\] \w+ .*$", swept["out"], re.M)
+    assert started == [f"[1/1] start {swept['saves']['dml', 1]} on the CPU"]
     assert sorted(path.name for path in swept["logdir"].iterdir()) == sorted(s.name for s in swept["saves"].values())
     for (method, seed), save in swept["saves"].items():
         records = read_log(save)
@@ -144,6 +158,7 @@ def test_sweep_run_names_hold_option_values_not_spellings():
     assert names == {"wrn-28-10_mobilenet_ind_seed2_epoch_step-60-120_lr-0.05"}
     assert sweep.run_name("wrn", "dcm", 1, ["--sync_bn", "--amp", "bf16", "--weight_decay", "1e-4"]) == (
         plain + "_amp-bf16_sync_bn_weight_decay-0.0001")
+    assert sweep.run_name("wrn", "dcm", 1, ["--tf32"]) == plain + "_tf32"  # changes the numerics
 
 
 def test_sweep_refuses_a_value_main_py_would_refuse(tmp_path):
@@ -168,28 +183,29 @@ def test_dry_run_lists_exactly_the_runs_to_start_and_resume(swept, tmp_path):
     shutil.copytree(swept["saves"]["ind", 1], stopped)
     (stopped / "log.txt").write_text((stopped / "log.txt").read_text().splitlines(keepends=True)[0])
     before = files_under(logdir)
-    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "ind", "dml", "dcm-same",
+    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "ind", "dml",
                         "--seeds", 1, 2, 3, "--logdir", logdir, "--gpus", "", *TINY, "--dataroot", "DATA")
     assert code == 0
     main_py = os.path.relpath(ROOT / "wrn" / "main.py")
-
-    def expected(method_flags, name, seed, *resume):
-        return [sys.executable, main_py, "--save", str(logdir / f"wrn-10-1_wrn-10-1_{name}_seed{seed}{TINY_SUFFIX}"),
-                *method_flags, "--seed", str(seed), *TINY, "--dataroot", "DATA", *resume]
-
     commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
-    assert commands == [expected(["--method", "dcm", "--links", "same"], "dcm-same", 1),
-                        expected(["--method", "dcm", "--links", "same"], "dcm-same", 2),
-                        expected(["--method", "ind"], "ind", 3, "--resume"),
-                        expected(["--method", "dml"], "dml", 3),
-                        expected(["--method", "dcm", "--links", "same"], "dcm-same", 3)]
+    seed3 = {method: str(logdir / f"wrn-10-1_wrn-10-1_{method}_seed3{TINY_SUFFIX}") for method in METHODS}
+    assert commands == [[sys.executable, main_py, "--save", seed3[method], "--method", method, "--seed", "3", *TINY,
+                         "--dataroot", "DATA", *resume] for method, resume in (("ind", ["--resume"]), ("dml", []))]
     skipped = [line for line in out.splitlines() if line.startswith("# skipped: ")]
     assert sorted(line.split()[2] for line in skipped) == sorted(str(logdir / save.name)
                                                                  for save in swept["saves"].values())
+    # dcm with other links is --method dcm --links LINKS (on WRN-28-10: WRN-10 carries no auxiliary classifiers).
+    code, out, _ = call(sweep.main, "--dry_run", "--folders", "wrn", "--methods", "dcm-same", "--seeds", 2,
+                        "--logdir", logdir, "--gpus", "", "--dataroot", "DATA")
+    assert code == 0
+    assert [shlex.split(line) for line in out.splitlines() if not line.startswith("#")] == [
+        [sys.executable, main_py, "--save", str(logdir / "wrn-28-10_wrn-28-10_dcm-same_seed2"), "--method", "dcm",
+         "--links", "same", "--seed", "2", "--dataroot", "DATA"]]
     assert files_under(logdir) == before, "a dry run must not write"
 
 
-def test_default_dry_run_lists_the_30_runs_of_the_papers_table_seed_by_seed(tmp_path):
+def test_default_dry_run_lists_the_30_runs_of_the_papers_table_seed_by_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 4)  # this machine as one with 4 GPUs
     code, out, _ = call(sweep.main, "--dry_run", "--logdir", tmp_path / "logs", "--gpus", "0,1,2,3")
     assert code == 0
     saves = [shlex.split(line)[3] for line in out.splitlines() if not line.startswith("#")]
@@ -210,17 +226,15 @@ def test_sweep_blocks_a_folder_with_a_log_but_no_checkpoint(swept, tmp_path):
     assert f"# BLOCKED: {save}" in out and "checkpoint.pt" in out
 
 
-def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(tmp_path, cifar):
-    logdir = tmp_path / "logs"
-    # ds needs auxiliary classifiers, which WRN-10 cannot carry: main.py refuses it; ind runs after it.
-    code, out, _ = call(sweep.main, "--folders", "wrn", "--methods", "ds", "ind", "--seeds", 1, "--logdir", logdir,
-                        "--gpus", "", *TINY, "--dataroot", cifar)
+def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(swept):
+    # The first pass: dml seed 1 resumed from a checkpoint.pt that is no checkpoint, which main.py refuses.
+    code, out = swept["first_pass"]["code"], swept["first_pass"]["out"]
+    failed = swept["saves"]["dml", 1]
     assert code == 1
-    failed = logdir / f"wrn-10-1_wrn-10-1_ds_seed1{TINY_SUFFIX}"
     assert f"FAILED {failed}" in out and str(failed / "stdout.txt") in out
-    assert "error: --depth 10 is too shallow" in out  # the run's own message, from its output
-    assert "1 of 2 runs finished, 1 failed" in out
-    assert read_log(logdir / f"wrn-10-1_wrn-10-1_ind_seed1{TINY_SUFFIX}")[-1]["epoch"] == 2
+    assert re.search(r"exit code 2: error: .*checkpoint\.pt", out)  # the run's own message, from its output
+    assert "3 of 4 runs finished, 1 failed" in out
+    assert swept["first_pass"]["finished"] == {("ind", 1): 2, ("ind", 2): 2, ("dml", 2): 2}
 
 
 @pytest.mark.parametrize("args, words", [
@@ -230,12 +244,45 @@ def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(tmp_path, 
     (["--gpus", "0,a"], ["--gpus", "'0,a'"]),
     (["--gpus", "0,0"], ["--gpus", "--jobs_per_gpu"]),
     (["--jobs_per_gpu", "0"], ["--jobs_per_gpu"]),
-], ids=["seed", "save", "links", "gpus_not_ids", "gpus_twice", "jobs_per_gpu_0"])
+    # Values main.py's own checks refuse, in every run or in some method's or seed's.
+    (["--epochs", "0"], ["--method ind --seed 1", "--epochs must be a positive number, got 0"]),
+    (["--folders", "wrn", "--methods", "ind", "ds", "--depth", "10"], ["--method ds", "--depth 10 is too shallow"]),
+    (["--seeds", "2", "-1"], ["--seed -1", "--seed must be 0 or more"]),
+    (["--slurm", "--gpus_per_run", "4", "--batch_size", "130"], ["--batch_size 130", "4 processes"]),
+], ids=["seed", "save", "links", "gpus_not_ids", "gpus_twice", "jobs_per_gpu_0", "epochs_0", "depth_10_with_ds",
+        "seed_negative", "batch_over_slurm_gpus"])
 def test_sweep_refuses_bad_options_before_writing(tmp_path, args, words):
-    code, _, err = call(sweep.main, "--logdir", tmp_path / "logs", *args)
-    line = error_line(code, err)
-    assert all(word in line for word in words), line
-    assert not (tmp_path / "logs").exists()
+    for dry_run in (["--dry_run"], []):  # the dry run says what the sweep would: it stops before any run
+        code, _, err = call(sweep.main, *dry_run, "--logdir", tmp_path / "logs", "--gpus", "", *args)
+        line = error_line(code, err)
+        assert all(word in line for word in words), line
+        assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("gpus, found, words", [
+    ("0", 0, ["--gpus 0: GPU 0 is not on this machine (PyTorch finds no GPU)", "--gpus ''"]),
+    ("0,1,2", 2, ["--gpus 0,1,2: GPU 2 is not on this machine (PyTorch finds 2 GPUs, ids 0 to 1)"]),
+])
+def test_sweep_refuses_gpus_this_machine_does_not_have(tmp_path, monkeypatch, gpus, found, words):
+    monkeypatch.setattr(sweep, "gpu_count", lambda: found)  # this machine as one with `found` GPUs
+    for dry_run in (["--dry_run"], []):
+        line = error_line(*call(sweep.main, *dry_run, "--logdir", tmp_path / "logs", "--gpus", gpus)[::2])
+        assert all(word in line for word in words), line
+        assert not (tmp_path / "logs").exists()
+
+
+def test_gpu_count_ignores_the_sweeps_own_cuda_visible_devices(monkeypatch):
+    # A run sets CUDA_VISIBLE_DEVICES to its --gpu_id: the sweep's own setting hides no GPU from it,
+    # so the GPUs are counted by a Python started without it (here a stand-in on a 3-GPU machine).
+    asked = []
+
+    def fake_run(command, env, **kwargs):
+        asked.append(env)
+        return subprocess.CompletedProcess(command, 0, stdout="3\n" if "CUDA_VISIBLE_DEVICES" not in env else "0\n")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    assert sweep.gpu_count() == 3 and len(asked) == 1
 
 
 # --- summarize: real logs ----------------------------------------------------------------------
@@ -294,7 +341,7 @@ REFERENCE_OPTIONS = {
     "save": "", "depth": 28, "width": 10, "dataset": "CIFAR100", "dataroot": "./data", "batch_size": 128, "lr": 0.1,
     "epochs": 200, "weight_decay": 0.0005, "epoch_step": "[60,120,160]", "lr_decay_ratio": 0.2, "seed": 1,
     "nthread": 4, "resume": "", "note": "", "gpu_id": "0", "method": "dcm", "links": "dense", "amp": "none",
-    "channels_last": False, "compile": False, "eval_batch_size": 1000, "benchmark": None}
+    "tf32": False, "channels_last": False, "compile": False, "eval_batch_size": 1000, "benchmark": None}
 N_PARAMETERS = {"wrn-28-10": 36_546_980, "mobilenet": 3_315_428}
 # (pair, method) -> final errors of net 1 and net 2 over seeds 1, 2, 3.
 KNOWN_ERRORS = {
@@ -459,10 +506,11 @@ def test_the_mobilenets_paper_value_is_compared_with_our_published_protocol_erro
 
 @pytest.mark.parametrize("options, reason", [
     (dict(amp="bf16"), 'amp "bf16" (the paper\'s: "none")'),
+    (dict(tf32=True), "tf32 true (the paper's: false)"),
     (dict(world_size=8, sync_bn=False), "world_size 8 without sync_bn"),
     (dict(epoch_step="[60, 120]"), "epoch_step [60, 120] (the paper's: [60, 120, 160])"),
     (dict(label_smoothing=0.1), "label_smoothing logged, which this tool cannot compare"),
-], ids=["amp_bf16", "8_processes_without_sync_bn", "epoch_step", "unknown_option"])
+], ids=["amp_bf16", "tf32", "8_processes_without_sync_bn", "epoch_step", "unknown_option"])
 def test_a_row_off_the_papers_recipe_gets_no_paper_values_and_the_table_says_why(tmp_path, options, reason):
     for seed in (1, 2):
         write_run(tmp_path, "wrn", "dcm", seed, (17.0, 17.0), **options)
@@ -496,11 +544,55 @@ def test_options_are_grouped_by_value_not_by_spelling(tmp_path):
     assert [row[2] for row in rows] == ["ours", "paper", "ours - paper"]
 
 
-def test_repeated_seed_in_a_cell_is_noted(tmp_path):
-    write_run(tmp_path / "a", "wrn", "dcm", 1, (17.0, 17.0))
-    write_run(tmp_path / "copy", "wrn", "dcm", 1, (17.0, 17.0))
-    code, _, err = call(summarize.main, tmp_path)
-    assert code == 0 and "seed 1 appears 2 times in one cell" in err
+def write_repeated_seeds(base):
+    """DCM runs of seeds 1, 2, 3 with seeds 1 and 3 found more than once: seed 1 finished in a/ and
+    b/ (17.0 and 19.0) and stopped at epoch 100 in c/; seed 3 stopped in a/, finished in b/ (16.0).
+    Counted once each, by the furthest epoch and then the first path: 17.0, 18.0, 16.0."""
+    write_run(base / "a", "wrn", "dcm", 1, (17.0, 17.0))
+    write_run(base / "b", "wrn", "dcm", 1, (19.0, 19.0))
+    write_log(base / "c" / "wrn_dcm_seed1", [log_record(100, 25.0, 25.0, seed=1)])
+    write_run(base / "a", "wrn", "dcm", 2, (18.0, 18.0))
+    write_log(base / "a" / "wrn_dcm_seed3", [log_record(100, 30.0, 30.0, seed=3)])
+    write_run(base / "b", "wrn", "dcm", 3, (16.0, 16.0))
+
+
+def test_a_cell_counts_each_seed_once_and_says_which_runs_of_a_repeated_seed_it_left_out(tmp_path):
+    write_repeated_seeds(tmp_path)
+    for flags in ([], ["--include_unfinished"]):  # the furthest run of a seed is counted either way
+        code, out, err = call(summarize.main, tmp_path, *flags)
+        assert code == 0, err
+        header, *rows = markdown_rows(out)
+        assert rows[0][header.index("DCM 1")] == "17.00 ± 1.00 (n=3, +3 repeated seed)"
+        notes = err.splitlines()
+        seed1, = [note for note in notes if "seed 1 has 3 runs" in note]
+        counted, left_out = seed1.split("left out: ")
+        assert str(tmp_path / "a" / "wrn_dcm_seed1" / "log.txt") in counted
+        assert str(tmp_path / "b" / "wrn_dcm_seed1" / "log.txt") in left_out and "c/wrn_dcm_seed1" in left_out
+        seed3, = [note for note in notes if "seed 3 has 2 runs" in note]
+        assert f"{tmp_path / 'b' / 'wrn_dcm_seed3' / 'log.txt'} (epoch 200); left out: " in seed3
+        assert "unfinished" not in out and "unfinished" not in err  # the stopped runs are not counted
+    assert "n = seeds" in out
+    code, out, _ = call(summarize.main, tmp_path, "--csv")
+    cell = next(row for row in csv.DictReader(io.StringIO(out)) if row["net"] == "1")
+    assert (cell["runs"], cell["repeated"], cell["seeds"], cell["unfinished"]) == ("3", "3", "1 2 3", "0")
+    assert float(cell["mean"]) == pytest.approx(17.0) and float(cell["std"]) == pytest.approx(1.0)
+
+
+def test_no_run_where_the_user_looked_names_the_runs_started_inside_wrn(tmp_path, monkeypatch):
+    # main.py started inside wrn/ without --save writes to wrn/logs, not to the top folder's logs.
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(summarize, "ROOT", repo)
+    monkeypatch.chdir(repo.mkdir() or repo)
+    for args in (["logs"], ["logs/*_seed1"]):
+        assert "started inside" not in error_line(*call(summarize.main, *args)[::2])
+    write_run(repo / "wrn" / "logs", "wrn", "dcm", 1, (17.0, 17.0))
+    write_run(repo / "wrn" / "logs", "wrn", "dcm", 2, (17.0, 17.0))
+    hint = "runs started inside wrn/ or wrn_mobi/ without --save are in that folder's logs/: wrn/logs (2 log.txt)"
+    line = error_line(*call(summarize.main, "logs")[::2])
+    assert line.startswith("error: logs: no such file or folder") and line.endswith(hint)
+    (repo / "logs").mkdir()
+    line = error_line(*call(summarize.main, "logs")[::2])
+    assert line.startswith("error: no log.txt under logs") and line.endswith(hint)
 
 
 def test_batchstats_takes_the_mobilenets_test_batch_statistics_where_logged(tmp_path):
@@ -582,6 +674,42 @@ def test_plot_without_matplotlib_says_how_to_install_it(real_logs, tmp_path, mon
     assert not (tmp_path / "figure2.png").exists()
 
 
+def plotted(monkeypatch, *args):
+    """(exit code, stderr, the figure) of plot.py run in this process."""
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    figures = []
+    monkeypatch.setattr(pyplot, "close", figures.append)  # keeps the figure that plot.py saved
+    code, _, err = call(plot.main, *args)
+    assert code == 0, err
+    figure, = figures
+    return err, figure
+
+
+def test_plot_draws_each_seed_once_and_says_which_runs_it_left_out(tmp_path, monkeypatch):
+    write_repeated_seeds(tmp_path / "logs")
+    err, figure = plotted(monkeypatch, tmp_path / "logs", "--out", tmp_path / "figure.png")
+    for ax in figure.axes:
+        assert [text.get_text() for text in ax.get_legend().get_texts()] == ["DCM (n=3)"]
+        line, = ax.get_lines()
+        assert list(line.get_xdata()) == [199, 200] and line.get_ydata()[-1] == pytest.approx(17.0)
+    assert "seed 1 has 3 runs" in err and "seed 3 has 2 runs" in err
+
+
+def test_plot_titles_name_the_dataset_and_the_subset(tmp_path, monkeypatch):
+    # One dataset in the figure: it is still named, so that a FashionMNIST figure cannot pass for a CIFAR one.
+    write_run(tmp_path / "fashion", "wrn", "dcm", 1, (17.0, 17.0), dataset="FashionMNIST", subset=64, epochs=2,
+              logged_epochs=(1, 2))
+    _, figure = plotted(monkeypatch, tmp_path / "fashion", "--out", tmp_path / "fashion.png")
+    assert [ax.get_title() for ax in figure.axes] == ["WRN-28-10 (net 1) with WRN-28-10\nFashionMNIST, subset 64",
+                                                      "WRN-28-10 (net 2) with WRN-28-10\nFashionMNIST, subset 64"]
+    # Two rows: each says its own, once; other differing settings follow.
+    write_run(tmp_path / "cifar", "wrn", "dcm", 1, (17.0, 17.0), epochs=3, logged_epochs=(2, 3))
+    _, figure = plotted(monkeypatch, tmp_path, "--out", tmp_path / "both.png")
+    assert sorted(ax.get_title().split("\n")[1] for ax in figure.axes) == [
+        "CIFAR100, all training images, epochs 3", "CIFAR100, all training images, epochs 3",
+        "FashionMNIST, subset 64, epochs 2", "FashionMNIST, subset 64, epochs 2"]
+
+
 def test_plot_refuses_an_unknown_format(real_logs, tmp_path):
     assert ".png" in error_line(*call(plot.main, real_logs, "--out", tmp_path / "figure2.jpg")[::2])
 
@@ -601,12 +729,20 @@ def evaluate_rows(*args):
     return [dict(zip(header, row)) for row in rows]
 
 
-def test_evaluate_reproduces_main_py_final_accuracy_and_parameter_count(swept, mobi_run, cifar, cpu_only):
-    runs = [(swept["saves"]["ind", 1], cifar), (swept["saves"]["dml", 2], cifar),
-            (mobi_run["save"], mobi_run["dataroot"])]
-    for save, dataroot in runs:
+@pytest.fixture(scope="module")
+def evaluated(swept, mobi_run):
+    """{save: [row of net1.pt, row of net2.pt]} of three runs measured by one evaluate.py command,
+    each file on the test set of the --dataroot its run logged (two different sets of one name)."""
+    saves = [swept["saves"]["ind", 1], swept["saves"]["dml", 2], mobi_run["save"]]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # as cpu_only
+        rows = evaluate_rows(*[save / f"net{net}.pt" for save in saves for net in (1, 2)])
+    return {save: rows[2 * index:2 * index + 2] for index, save in enumerate(saves)}
+
+
+def test_evaluate_reproduces_main_py_final_accuracy_and_parameter_count(evaluated, mobi_run):
+    for save, rows in evaluated.items():
         record = read_log(save)[-1]
-        rows = evaluate_rows(save / "net1.pt", save / "net2.pt", "--dataroot", dataroot)
         for net, row in enumerate(rows, start=1):
             assert float(row["test acc (%)"]) == pytest.approx(record[f"test_acc_net{net}"], abs=1e-9)
             assert float(row["test error (%)"]) == pytest.approx(100 - record[f"test_acc_net{net}"], abs=1e-9)
@@ -614,9 +750,33 @@ def test_evaluate_reproduces_main_py_final_accuracy_and_parameter_count(swept, m
         assert [row["network"] for row in rows] == ["WRN-10-1", "MobileNet" if save == mobi_run["save"] else "WRN-10-1"]
 
 
-def test_evaluate_counts_the_papers_forward_gflop(mobi_run, cpu_only):
+def test_evaluate_takes_the_logged_dataroot_unless_dataroot_is_given(evaluated, swept, mobi_run, cpu_only):
+    assert [rows[0]["test set"] for rows in evaluated.values()] == ["CIFAR100 (40 images)"] * 2 + [
+        "CIFAR100 (20 images)"]
+    row, = evaluate_rows(swept["saves"]["ind", 1] / "net1.pt", "--dataroot", mobi_run["dataroot"])
+    assert row["test set"] == "CIFAR100 (20 images)"
+
+
+def test_evaluate_refuses_a_dataroot_that_is_no_folder_here(swept, tmp_path, monkeypatch, cpu_only):
+    # The run logged a relative --dataroot: started from elsewhere, it names no folder. Nothing is downloaded.
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(swept["saves"]["ind", 1] / "net1.pt", run / "net1.pt")
+    records = [{**record, "dataroot": "data"} for record in read_log(swept["saves"]["ind", 1])]
+    (run / "log.txt").write_text("".join(f"json_stats: {json.dumps(record)}\n" for record in records))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = call(evaluate.main, run / "net1.pt", "--gpu_id", "", "--nthread", 1)
+    line = error_line(code, err)
+    assert str(run / "net1.pt") in line and "--dataroot data (relative to the folder the run was started in)" in line
+    assert str(run / "log.txt") in line and line.endswith("give the dataset's folder with --dataroot")
+    code, out, err = call(evaluate.main, run / "net1.pt", "--dataroot", tmp_path / "nope", "--gpu_id", "")
+    assert f"--dataroot {tmp_path / 'nope'} is no folder" in error_line(code, err)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def test_evaluate_counts_the_papers_forward_gflop(evaluated, mobi_run):
     # SPEC: the MobileNet costs 1.22 GFLOP per image without auxiliary classifiers (100 classes; 10 here).
-    row, = evaluate_rows(mobi_run["save"] / "net2.pt", "--dataroot", mobi_run["dataroot"])
+    row = evaluated[mobi_run["save"]][1]
     assert float(row["GFLOP / image"]) == pytest.approx(1.22, abs=0.01)
 
 

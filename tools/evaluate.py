@@ -1,6 +1,6 @@
 """Test error, parameter count and forward GFLOP of exported networks (SAVE/net1.pt, SAVE/net2.pt).
 
-    python tools/evaluate.py logs/wrn-28-10_mobilenet_dcm_seed1/net*.pt --dataroot DATA
+    python tools/evaluate.py logs/wrn-28-10_mobilenet_dcm_seed1/net*.pt   # the run's dataset, from its --dataroot
     python tools/evaluate.py net1.pt --dataset CIFAR10 --dataroot DATA --gpu_id ''
 
 Each file is read with torch.load(weights_only=True) and loaded, strictly, into the network its
@@ -8,13 +8,16 @@ weights describe: a WRN-d-k (depth, width and classes read off the tensors; wrn/
 WRN code is identical to wrn_mobi's) or the MobileNet (wrn_mobi/models.py), built without
 auxiliary classifiers. It is tested as main.py tested it at the run's last epoch: BN in eval mode,
 the whole test set of the run's dataset normalised the same way, under the run's --amp autocast
-and memory layout (--channels_last), all read off the log.txt beside the file. So the error is
-100 - the test_acc_net1/net2 that main.py logged last, and the test loss (cross-entropy of the
-network's final classifier) its test_loss_terms ce_net1_final / ce_net2_final, whatever the number
-of processes (their BN statistics are rank 0's) or the resumes. A run trained with --compile is
-evaluated eagerly: the same numbers up to float rounding. --dataset and --amp override the log
-(without one: CIFAR100, fp32). GFLOP are 2 x multiply-adds of one 32x32 image's forward pass
-(torch's FLOP counter).
+and memory layout (--channels_last), all read off the log.txt beside the file, and read from the
+run's --dataroot there. So the error is 100 - the test_acc_net1/net2 that main.py logged last,
+and the test loss (cross-entropy of the network's final classifier) its test_loss_terms
+ce_net1_final / ce_net2_final, whatever the number of processes (their BN statistics are rank
+0's) or the resumes. A run trained with --compile is
+evaluated eagerly: the same numbers up to float rounding. --dataset, --dataroot and --amp override
+the log (without one: CIFAR100 in ./data, fp32). A relative --dataroot in the log is relative to
+the folder the run was started in: started elsewhere, give --dataroot. A --dataroot that is no
+folder is refused: nothing is downloaded there. GFLOP are 2 x multiply-adds of one 32x32 image's
+forward pass (torch's FLOP counter).
 
 Checkpoints (checkpoint.pt), networks that still carry auxiliary classifiers, and files of other
 networks or datasets are refused with a message. Prints a Markdown table.
@@ -115,17 +118,33 @@ def build_network(path, state):
 # --- measurements ----------------------------------------------------------------------------------
 
 def run_protocol(path, opt):
-    """{dataset, amp, channels_last} main.py tested the file's network with at its last epoch: the
-    options of the last line of the log.txt beside it, --dataset and --amp overriding them."""
-    protocol = {"dataset": "CIFAR100", "amp": "none", "channels_last": False}
+    """{dataset, dataroot, amp, channels_last} main.py tested the file's network with at its last
+    epoch: the options of the last line of the log.txt beside it, --dataset, --dataroot and --amp
+    overriding them, and `logged`: whether the dataroot is the log's."""
+    protocol = {"dataset": "CIFAR100", "dataroot": "./data", "amp": "none", "channels_last": False}
+    logged = {}
     try:
         last = (Path(path).parent / "log.txt").read_text().splitlines()[-1]
         logged = json.loads(last[len("json_stats: "):])
         protocol.update({key: logged[key] for key in protocol if key in logged})
     except (OSError, IndexError, ValueError, TypeError):
         pass  # no log beside the file: the defaults, main.py's
-    protocol.update({key: getattr(opt, key) for key in ("dataset", "amp") if getattr(opt, key)})
+    protocol.update({key: getattr(opt, key) for key in ("dataset", "dataroot", "amp") if getattr(opt, key)})
+    protocol["logged"] = not opt.dataroot and "dataroot" in logged
     return protocol
+
+
+def check_dataroot(path, protocol):
+    """Refuse a dataroot that is no folder here, rather than download the dataset into it."""
+    dataroot = protocol["dataroot"]
+    if os.path.isdir(dataroot) or protocol["dataset"] == "synthetic":  # made in memory: no folder needed
+        return
+    if protocol["logged"]:
+        relative = "" if os.path.isabs(dataroot) else " (relative to the folder the run was started in)"
+        raise EvaluateError(f"{path}: the run's --dataroot {dataroot}{relative}, read off "
+                            f"{Path(path).parent / 'log.txt'}, is no folder here; give the dataset's folder with "
+                            f"--dataroot")
+    raise EvaluateError(f"--dataroot {dataroot} is no folder; give the folder holding the run's dataset")
 
 
 @torch.no_grad()
@@ -153,18 +172,19 @@ def forward_gflop(network, device):
 
 def measure(path, opt, device, datasets):
     """{network, dataset, test_images, protocol, accuracy, loss, parameters, gflop} of one file;
-    `datasets` caches each loaded dataset by name."""
+    `datasets` caches each loaded dataset by (name, dataroot)."""
     state = read_weights(path)
     name, network, num_classes = build_network(path, state)
     dataset_module = load_module("wrn", "dataset")  # identical in both folders
     protocol = run_protocol(path, opt)
-    dataset_name = protocol["dataset"]
-    if dataset_name not in datasets:
+    dataset_name, dataroot = protocol["dataset"], protocol["dataroot"]
+    check_dataroot(path, protocol)
+    if (dataset_name, dataroot) not in datasets:
         try:
-            datasets[dataset_name] = dataset_module.load_dataset(dataset_name, opt.dataroot, device)
+            datasets[dataset_name, dataroot] = dataset_module.load_dataset(dataset_name, dataroot, device)
         except dataset_module.DatasetError as error:
             raise EvaluateError(str(error)) from None
-    data = datasets[dataset_name]
+    data = datasets[dataset_name, dataroot]
     if data.num_classes != num_classes:
         raise EvaluateError(f"{path} classifies into {num_classes} classes, {dataset_name} has {data.num_classes}; "
                             f"give the run's dataset with --dataset")
@@ -198,7 +218,9 @@ def parse_options(argv=None):
     parser.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
                         help="autocast of the test pass; default: main.py's --amp in the log.txt beside each file, "
                              "else none (fp32)")
-    parser.add_argument("--dataroot", default="./data", help="folder holding the dataset (as main.py's)")
+    parser.add_argument("--dataroot", default=None,
+                        help="folder holding the dataset; default: the run's --dataroot in the log.txt beside each "
+                             "file, else ./data (main.py's default)")
     parser.add_argument("--batch_size", default=500, type=int, help="test batch size (BN in eval mode), as main.py's")
     parser.add_argument("--gpu_id", default=None, type=str,
                         help="the GPU to use; '' for the CPU (default: GPU 0, or the CPU where there is none)")

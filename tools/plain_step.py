@@ -41,6 +41,7 @@ def main(argv=None):
     from dcm_loss import dcm_loss
 
     torch.set_num_threads(opt.nthread or hardware.available_cores())
+    hardware.set_fp32_precision(False)  # IEEE fp32 convolutions, as main.py's default
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     torch.manual_seed(1)

@@ -6,8 +6,11 @@
 
 Reads logs as tools/summarize.py does (files, folders searched for log.txt, globs) and groups
 them into the same rows: one row of panels per pair of networks and settings, net 1 on the left,
-net 2 on the right, one curve per method. At each epoch the line is the mean error of the runs
-that reached it and the band spans their min and max. Unfinished runs are left out unless
+net 2 on the right, one curve per method. Each panel's title names the dataset and --subset
+(or "all training images"), and the settings that differ between rows. At each epoch the line is
+the mean error of the runs that reached it and the band spans their min and max; n in the legend
+counts seeds. A seed with two runs in one curve is drawn once, from the run summarize.py counts
+(the one that got furthest), and a note on stderr names both. Unfinished runs are left out unless
 --include_unfinished. The format follows --out: .png, .pdf or .svg. Needs matplotlib
 (`pip install -r requirements-tools.txt`).
 """
@@ -19,7 +22,7 @@ import sys
 import numpy as np
 
 from summarize import (ToolError, accuracy_key, check_batchstats, display_name, group_rows, load_runs,
-                       method_header, method_order, split_options)
+                       method_header, method_order, one_run_per_seed, split_options)
 
 FORMATS = (".png", ".pdf", ".svg")
 PANEL_SIZE = (6.0, 4.0)  # inches, one network of one row
@@ -51,22 +54,33 @@ def error_curve(runs, key):
 
 
 def panel_title(options, net_names, net, varying):
+    """'WRN-16-1 (net 1) with MobileNet' and, below, what it was trained on (the dataset and
+    --subset, which every figure says: a FashionMNIST curve must not pass for a CIFAR one) and the
+    other settings that differ between the figure's rows."""
     partner = display_name(net_names[2 - net])
-    settings = ", ".join(f"{key} {options.get(key)}" for key in varying)
-    return f"{display_name(net_names[net - 1])} (net {net}) with {partner}" + (f"\n{settings}" if settings else "")
+    data = f"{options['dataset']}, " + (f"subset {options['subset']}" if options.get("subset") else
+                                        "all training images")
+    settings = "".join(f", {key} {options.get(key)}" for key in varying if key not in ("dataset", "subset"))
+    return f"{display_name(net_names[net - 1])} (net {net}) with {partner}\n{data}{settings}"
 
 
 def draw(pyplot, runs, opt):
-    """The figure: a row of two panels (net 1, net 2) per row of the table."""
+    """(the figure: a row of two panels (net 1, net 2) per row of the table, the notes on
+    repeated seeds)."""
     groups = group_rows(runs)
+    notes = []
     varying, _ = split_options([json.loads(row_key) for row_key in groups])
     figure, axes = pyplot.subplots(len(groups), 2, squeeze=False,
                                    figsize=(2 * PANEL_SIZE[0], len(groups) * PANEL_SIZE[1]))
     for row_axes, methods in zip(axes, groups.values()):
         some_run = next(iter(methods.values()))[0]
+        curves = {}
+        for method in sorted(methods, key=method_order):
+            curves[method], _, seed_notes = one_run_per_seed(methods[method])
+            notes += [f"{' + '.join(map(display_name, some_run.net_names))} {method}: {note}" for note in seed_notes]
         for net, ax in zip((1, 2), row_axes):
-            for method in sorted(methods, key=method_order):
-                counted = [run for run in methods[method] if run.finished or opt.include_unfinished]
+            for method, method_runs in curves.items():
+                counted = [run for run in method_runs if run.finished or opt.include_unfinished]
                 if not counted:
                     continue
                 # One key for the whole row: it depends on the networks only.
@@ -82,7 +96,7 @@ def draw(pyplot, runs, opt):
             ax.grid(alpha=0.3)
             ax.legend()
     figure.tight_layout()
-    return figure
+    return figure, notes
 
 
 def parse_options(argv=None):
@@ -108,13 +122,15 @@ def main(argv=None):
             check_batchstats(runs)
         if not any(run.finished or opt.include_unfinished for run in runs):
             raise ToolError(f"none of the {len(runs)} runs is finished; draw them with --include_unfinished")
-        figure = draw(pyplot, runs, opt)
+        figure, notes = draw(pyplot, runs, opt)
         figure.savefig(opt.out, dpi=150)
         pyplot.close(figure)
     except (ToolError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {opt.out}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

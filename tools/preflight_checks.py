@@ -111,7 +111,7 @@ def environment(config):
         driver = nvidia_driver()
         names = ", ".join(f"{gpu['name']} ({gpu['memory'] / 2 ** 30:.1f} GiB, sm {gpu['capability']})" for gpu in gpus)
         emit("environment: GPUs", f"{len(gpus)}: {names}; driver {driver}", "pass", gpus=gpus, driver=driver,
-             bf16=torch.cuda.is_bf16_supported())
+             bf16=hardware.cuda_bf16_support())
     else:
         emit("environment: GPUs", "none", "skipped", "no CUDA GPU visible", gpus=[])
 

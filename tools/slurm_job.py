@@ -3,12 +3,13 @@ when SLURM signals the job before killing it (preemption or the time limit).
 
 submitit runs a TrainingRun object in the job. It starts main.py (or torchrun over the job's GPUs)
 as a child process, with --resume when the run folder holds a checkpoint, its output appended to
-SAVE/stdout.txt. SLURM sends its warning signal (USR2, --signal) to submitit's process, not to
-the child: submitit calls checkpoint(), which passes SIGTERM on to the child's process group
-(main.py, or torchrun and every rank), waits until main.py has written its checkpoint and exited
-(exit code 143), and returns a new TrainingRun: submitit then requeues the job, and the requeued
-job resumes the run. A run longer than the time limit thus ends across several jobs with the
-weights of one uninterrupted run.
+SAVE/stdout.txt. SLURM sends its warning signal (USR2, --signal) to submitit's process (on some
+clusters to every process of the job as well: main.py stops on it as on SIGTERM, and torchrun
+passes it on to its ranks): submitit calls checkpoint(), which passes SIGTERM on to the child's
+process group (main.py, or torchrun and every rank), waits until main.py has written its checkpoint
+and exited (exit code 143), and returns a new TrainingRun: submitit then requeues the job, and the
+requeued job resumes the run. A run longer than the time limit thus ends across several jobs with
+the weights of one uninterrupted run.
 
 Only the standard library here (and submitit inside checkpoint()): the object is pickled with
 this module's code, so the job does not need tools/ on its Python path.
@@ -57,7 +58,11 @@ class TrainingRun:
         """Train (or continue) the run to its end; returns the run folder. Raises RuntimeError with
         main.py's last output line when it fails."""
         argv = self.argv()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.stop_grace_s)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.stop_grace_s),
+               # Where SLURM signals every process of the job, torchrun gets its USR2 too: it passes it
+               # on to the ranks instead of dying of it (torchrun's --signals_to_handle; a torchrun
+               # without that option ignores the variable).
+               "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"}
         os.makedirs(self.path(""), exist_ok=True)
         with open(self.path(OUTPUT_NAME), "a") as output:
             output.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {job_id()}: {shlex.join(argv)}\n")

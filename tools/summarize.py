@@ -15,7 +15,10 @@ other --links as dcm-same, dcm-cross, dcm-final) with net 1's and net 2's error.
 
 Each cell is the error (100 - test accuracy of the network's final classifier) after the last
 epoch (the paper's protocol; --best takes each run's best epoch), mean +/- sample std (n-1),
-with n, the number of runs. --ensemble adds a column per method: the error of the two
+with n, the number of seeds. Each seed counts once: where two runs of one seed meet in a cell (a
+copied folder, a --resume PATH into another folder, a rerun), the one that logged the furthest
+epoch is counted (among equals the first by path), the cell says "+1 repeated seed" and a note
+names every log of that seed. --ensemble adds a column per method: the error of the two
 networks' final classifiers with their softmax averaged (test_acc_ensemble), which the paper
 does not report. A run is finished when its last logged epoch is its --epochs;
 unfinished runs are flagged and left out unless --include_unfinished. Notes (unfinished runs,
@@ -45,18 +48,21 @@ import sys
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
 LOG_NAME = "log.txt"
 LOG_PREFIX = "json_stats: "
 # Keys every line of this repository's main.py holds; the published code's logs lack most of them.
 REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "depth", "width", "seed", "dataset", "lr", "epoch_step",
                  "lr_decay_ratio", "test_acc_net1", "test_acc_net2", "n_parameters_net1", "n_parameters_net2")
 # Options that do not change what is trained: runs that differ only in these share a cell
-# (channels_last and compile change only the float rounding; --amp changes the numerics and counts).
+# (channels_last and compile change only the float rounding; --amp and --tf32 change the numerics and count).
 NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
-                     "checkpoint_every", "deterministic", "eval_batch_size", "channels_last", "compile")
+                     "checkpoint_every", "checkpoint_interval", "deterministic", "eval_batch_size", "channels_last",
+                     "compile")
 BATCHSTATS_KEY = "test_acc_net2_batchstats"
 ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
 ENSEMBLE_KEY = "test_acc_ensemble"
@@ -77,7 +83,7 @@ PAPER = {
 # from the paper's values until its reference value is added; one missing from a log is taken at
 # its reference value (main.py's default, logged by every run since the option exists).
 PAPER_RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
-                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "world_size": 1,
+                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "tf32": False, "world_size": 1,
                 "sync_bn": False, "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8,
                 "subset": None}
 # BN's statistics in the paper are those of the whole batch of 128 on one GPU: one process
@@ -151,8 +157,9 @@ def option_value(value):
 
 
 def is_measurement(key):
-    """Keys main.py adds to the options: accuracies, losses, counts, times, the epoch and its lr."""
-    return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith("_time")
+    """Keys main.py adds to the options: accuracies, losses, counts, times, the checkpoints' bytes,
+    the epoch and its lr."""
+    return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith(("_time", "_bytes"))
             or key in ("epoch", "num_classes", "lr"))
 
 
@@ -171,7 +178,7 @@ def find_logs(paths):
     for path in paths:
         matches = sorted(glob.glob(path, recursive=True)) or ([path] if os.path.exists(path) else [])
         if not matches:
-            raise ToolError(f"{path}: no such file or folder, and no match as a glob")
+            raise ToolError(f"{path}: no such file or folder, and no match as a glob{runs_elsewhere()}")
         for match in matches:
             if os.path.isdir(match):
                 logs += sorted(os.path.join(folder, LOG_NAME) for folder, _, files in os.walk(match)
@@ -186,8 +193,22 @@ def find_logs(paths):
         raise ToolError(f"{', '.join(in_progress)}: in progress, no epoch finished yet (a run writes {LOG_NAME} "
                         f"at the end of each epoch)")
     if not unique:
-        raise ToolError(f"no {LOG_NAME} under {' '.join(paths)}: no run there has finished an epoch")
+        raise ToolError(f"no {LOG_NAME} under {' '.join(paths)}: no run there has finished an epoch"
+                        f"{runs_elsewhere()}")
     return unique
+
+
+def runs_elsewhere():
+    """Where runs may be when none is where the user looked: main.py started inside wrn/ or
+    wrn_mobi/ without --save writes to that folder's logs/, not to the top folder's. '' when
+    neither holds a log."""
+    folders = [ROOT / folder / "logs" for folder in ("wrn", "wrn_mobi")]
+    counts = {folder: sum(LOG_NAME in files for _, _, files in os.walk(folder)) for folder in folders}
+    found = [f"{os.path.relpath(folder)} ({count} {LOG_NAME})" for folder, count in counts.items() if count]
+    if not found:
+        return ""
+    return (f"; runs started inside wrn/ or wrn_mobi/ without --save are in that folder's logs/: "
+            f"{', '.join(found)}")
 
 
 def read_log(path):
@@ -232,6 +253,7 @@ class Cell:
     unfinished_counted: bool  # whether they are among `errors` (--include_unfinished)
     protocol: str = "eval"  # how the errors were measured: a key of PROTOCOL_NAMES
     paper: tuple = None  # (mean, std) reported in the paper, where it measured this cell the same way
+    repeated: int = 0  # runs left out because another run of their seed is counted
 
     @property
     def mean(self):
@@ -332,14 +354,15 @@ def method_order(method):
 def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensemble=False):
     """The rows of the table, and the notes to print below it; `ensemble` adds the pair's ensemble
     to the networks of each method."""
-    rows, notes = [], []
+    rows, notes, counted_runs = [], [], []
     for row_key, methods in group_rows(runs).items():
         options = json.loads(row_key)
         net_names = next(iter(methods.values()))[0].net_names
         cells, other_cells = {}, {}
         for method in sorted(methods, key=method_order):
-            method_runs = sorted(methods[method], key=lambda run: (run.seed, run.path))
-            notes += repeated_seed_notes(method_runs)
+            method_runs, repeated, seed_notes = one_run_per_seed(methods[method])
+            notes += [f"{' + '.join(map(display_name, net_names))} {method}: {note}" for note in seed_notes]
+            counted_runs += method_runs
             for net in (1, 2, ENSEMBLE) if ensemble else (1, 2):
                 # A MobileNet is measured both ways; --batchstats makes the published protocol its "ours" line.
                 protocols = ["eval"] + (["batchstats"] if net != ENSEMBLE and net_names[net - 1] == "mobilenet" else [])
@@ -347,6 +370,7 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
                     protocols.reverse()
                 for index, protocol in enumerate(protocols):
                     cell, missing = measure_cell(method_runs, net, best, include_unfinished, protocol)
+                    cell.repeated = repeated
                     compared = net != ENSEMBLE and protocol == paper_protocol(net_names[net - 1])
                     paper = paper_value(options, net_names, method, net) if compared else None
                     cell.paper = paper if cell.errors else None
@@ -359,7 +383,7 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
         if reasons:
             notes.append(f"{' + '.join(map(display_name, net_names))}: no paper values beside a row whose recipe "
                          f"is not the paper's: {'; '.join(reasons)}")
-    for run in runs:
+    for run in counted_runs:
         if not run.finished:
             counted = "counted (--include_unfinished)" if include_unfinished else "left out"
             notes.append(f"unfinished, {counted}: {run.path} (epoch {run.last['epoch']} of {run.last['epochs']})")
@@ -384,14 +408,23 @@ def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
     return Cell(errors, seeds, unfinished, include_unfinished, protocol), missing
 
 
-def repeated_seed_notes(method_runs):
-    """Two logs of one seed in one cell are usually one run found twice (a copy, a --resume PATH
-    into another folder): counting both would shrink the std."""
+def one_run_per_seed(method_runs):
+    """(one run per seed, in order of seed; how many runs were left out; a note per repeated seed)
+    of the runs of one cell. Two logs of one seed are usually one run found twice (a copied
+    folder, a --resume PATH into another folder) or a rerun of it: counted as two seeds they would
+    shrink the std. The run that logged the furthest epoch is kept, among equals the first by path."""
     by_seed = defaultdict(list)
-    for run in method_runs:
-        by_seed[run.seed].append(run.path)
-    return [f"seed {seed} appears {len(paths)} times in one cell: {', '.join(paths)}"
-            for seed, paths in by_seed.items() if len(paths) > 1]
+    for run in sorted(method_runs, key=lambda run: (run.seed, -run.last["epoch"], run.path)):
+        by_seed[run.seed].append(run)
+    kept, notes = [], []
+    for seed, seed_runs in by_seed.items():
+        kept.append(seed_runs[0])
+        if len(seed_runs) > 1:
+            others = ", ".join(f"{run.path} (epoch {run.last['epoch']})" for run in seed_runs[1:])
+            notes.append(f"seed {seed} has {len(seed_runs)} runs in one cell, counted once, from the one that got "
+                         f"furthest (the first by path among equals): {seed_runs[0].path} (epoch "
+                         f"{seed_runs[0].last['epoch']}); left out: {others}")
+    return kept, len(method_runs) - len(kept), notes
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -417,7 +450,8 @@ def split_options(row_options):
 
 def cell_text(cell):
     """'16.70 ± 0.20 (n=5)'; '(n=4, +1 unfinished)' when unfinished runs are left out, '(n=5, 1
-    unfinished)' when they are counted."""
+    unfinished)' when they are counted, '(n=5, +1 repeated seed)' when a run of a counted seed is
+    left out."""
     if cell is None:
         return ""
     value = "-"
@@ -426,6 +460,8 @@ def cell_text(cell):
     counts = f"n={len(cell.errors)}"
     if cell.unfinished:
         counts += f", {'' if cell.unfinished_counted else '+'}{cell.unfinished} unfinished"
+    if cell.repeated:
+        counts += f", +{cell.repeated} repeated seed"
     return f"{value} ({counts})"
 
 
@@ -464,7 +500,7 @@ def title(rows, best, batchstats):
     _, shared = split_options([row.options for row in rows])
     epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
     lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
-             f"n = runs."]
+             f"n = seeds, one run each."]
     if any(row.other_cells for row in rows):
         first, second = ("batchstats", "eval") if batchstats else ("eval", "batchstats")
         measured = {"eval": "BN in eval mode (the proper measurement, test_acc_net2)",
@@ -509,8 +545,8 @@ def latex(rows, best, batchstats):
 def csv_text(rows):
     """One line per cell with plain numbers, for scripts and spreadsheets."""
     option_names = sorted({key for row in rows for key in row.options} - {"net2"})
-    columns = ["net1", "net2", *option_names, "method", "net", "network", "protocol", "runs", "unfinished", "mean",
-               "std", "paper_mean", "paper_std", "difference", "paper_note", "seeds"]
+    columns = ["net1", "net2", *option_names, "method", "net", "network", "protocol", "runs", "unfinished", "repeated",
+               "mean", "std", "paper_mean", "paper_std", "difference", "paper_note", "seeds"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
@@ -521,7 +557,7 @@ def csv_text(rows):
                              "method": method, "net": net,
                              "network": "+".join(row.net_names) if net == ENSEMBLE else row.net_names[net - 1],
                              "protocol": cell.protocol, "paper_note": row.paper_note,
-                             "runs": len(cell.errors), "unfinished": cell.unfinished,
+                             "runs": len(cell.errors), "unfinished": cell.unfinished, "repeated": cell.repeated,
                              "mean": none_as_empty(cell.mean), "std": none_as_empty(cell.std),
                              "paper_mean": cell.paper[0] if cell.paper else "",
                              "paper_std": cell.paper[1] if cell.paper else "",

@@ -15,7 +15,9 @@ followed by NAME-VALUE for each passed option that changes what is trained and w
 from main.py's default, e.g. logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30. Values are read as main.py
 reads them and written in one spelling: --lr 0.1, --lr 1e-1 and --lr=0.10 name no option (0.1 is
 the default), --epoch_step '[60, 120]' names epoch_step-60-120. Paths are relative to where the
-sweep is started, and so are the runs'.
+sweep is started, and so are the runs'. Before anything starts, the options of every run go
+through main.py's own checks, and the GPUs of --gpus are looked for on this machine: a value a
+run would refuse stops the sweep with one line and exit code 2.
 
 A run whose log reached its last epoch and that exported net1.pt and net2.pt is skipped; a run
 with a checkpoint.pt is resumed (--resume); any other starts afresh. Each run's output goes to
@@ -109,12 +111,64 @@ def check_options(opt, main_args):
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
     main_option_values(main_args)  # refuses what main.py's parser refuses, before any run starts
     slurm.check_options(opt)
+    if not opt.status:  # which only reads where each run stands, a failed one too
+        check_runs(opt, main_args)
+    if not (opt.slurm or opt.status):  # SLURM's runs go to the GPUs of other machines
+        check_gpus(opt)
+
+
+def check_runs(opt, main_args):
+    """Refuse, before any run starts, the values main.py's own checks (options.check_options)
+    would refuse in some run of the sweep: each method and seed with the flags passed to main.py,
+    in as many processes as each run gets (torchrun over --gpus_per_run GPUs under --slurm)."""
+    main = main_module()
+    processes = opt.gpus_per_run if opt.slurm and opt.gpus_per_run > 1 else 1
+    world_size = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(processes)  # what main.py's checks read the process count from
+    try:
+        for method in opt.methods:
+            for seed in opt.seeds:
+                try:
+                    main.parse_options(run_flags(method, seed) + main_args)
+                except main.UsageError as error:
+                    flags = " ".join(run_flags(method, seed))
+                    raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
+    finally:
+        if world_size is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = world_size
+
+
+def check_gpus(opt):
+    """Refuse GPU ids of --gpus that a run's --gpu_id would not find on this machine."""
+    ids = [int(gpu) for gpu in opt.gpus.split(",") if gpu.strip()]
+    count = gpu_count() if ids else 0
+    missing = [gpu for gpu in ids if gpu >= count]
+    if missing:
+        found = f"{count} GPU{'s' * (count > 1)}, ids 0 to {count - 1}" if count else "no GPU"
+        raise ToolError(f"--gpus {opt.gpus}: GPU {missing[0]} is not on this machine (PyTorch finds {found}); name "
+                        f"the GPUs it has, or use --gpus '' for the CPU")
 
 
 def gpu_found():
     import torch  # slow to import: only when --gpus is not given
 
     return torch.cuda.is_available()
+
+
+def gpu_count():
+    """The GPUs of this machine that a run's --gpu_id can name. main.py sets CUDA_VISIBLE_DEVICES
+    to its --gpu_id, so the ids count every GPU, whatever CUDA_VISIBLE_DEVICES the sweep itself
+    was started with; with that set, a fresh Python is asked without it."""
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        import torch
+
+        return torch.cuda.device_count()
+    environment = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
+    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                            env=environment, capture_output=True, text=True)
+    return int(result.stdout)
 
 
 def flag_values(args):
@@ -139,9 +193,10 @@ def slots(opt):
 # --- the runs ------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def main_option_parser():
-    """(wrn/main.py's option parser, its UsageError); wrn_mobi/main.py is the same file. Its
-    modules are imported by their plain names while it loads, and taken out of sys.modules after."""
+def main_module():
+    """wrn/main.py as a module (its option_parser, parse_options, UsageError); wrn_mobi/main.py is
+    the same file. Its modules are imported by their plain names while it loads, and taken out of
+    sys.modules after."""
     spec = importlib.util.spec_from_file_location("dcm_main", ROOT / "wrn" / "main.py")
     module = importlib.util.module_from_spec(spec)
     own_modules = {path.stem for path in (ROOT / "wrn").glob("*.py")}
@@ -154,16 +209,17 @@ def main_option_parser():
         for name in own_modules:
             sys.modules.pop(name, None)
         sys.modules.update(loaded_before)
-    return module.option_parser(), module.UsageError
+    return module
 
 
 def main_option_values(main_args):
     """({option: value}, {option: main.py's default}) of the flags passed to main.py, read by
     main.py's own parser: the values main.py will run with, whatever their spelling."""
-    parser, usage_error = main_option_parser()
+    main = main_module()
+    parser = main.option_parser()
     try:
         return vars(parser.parse_args(main_args)), vars(parser.parse_args([]))
-    except usage_error as error:
+    except main.UsageError as error:
         raise ToolError(f"main.py would refuse the flags passed to it: {error}") from None
 
 
@@ -219,11 +275,16 @@ def state_of(save):
     return "start", ""
 
 
+def run_flags(method, seed):
+    """main.py's flags of a method of the sweep (dcm-LINKS: --method dcm --links LINKS) and a seed."""
+    name, _, links = method.partition("-")
+    return ["--method", name, *(["--links", links] if links else []), "--seed", str(seed)]
+
+
 def command(job, main_args):
     """The main.py command of a job, without --gpu_id (given by the slot that runs it)."""
-    method, _, links = job.method.partition("-")
-    args = ["--save", job.save, "--method", method, *(["--links", links] if links else []),
-            "--seed", str(job.seed), *main_args, *(["--resume"] if job.action == "resume" else [])]
+    args = ["--save", job.save, *run_flags(job.method, job.seed), *main_args,
+            *(["--resume"] if job.action == "resume" else [])]
     return [sys.executable, os.path.relpath(ROOT / job.folder / "main.py"), *args]
 
 

@@ -53,7 +53,7 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
     memory, memory_kind = hardware.peak_memory(device)
 
     announce(f"timing the matmul peak ({MATMUL_SECONDS} s)")
-    peak_name, peak_flops = matmul_peak(device, step.amp_dtype)
+    peak_name, peak_flops = matmul_peak(device, step.amp_dtype, step.tf32)
     seconds_per_step = bare_seconds / opt.benchmark
     achieved = flops_per_step / seconds_per_step
     fields = [
@@ -111,33 +111,25 @@ def training_step_flops(step, images, targets):
     step.set_mode(training=True)
     custom = {torch.ops.aten.convolution_backward: convolution_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        *_, loss = step.eager_forward_and_loss(images.contiguous(memory_format=step.memory_format), targets,
-                                               training=True)
+        *_, loss = step.eager_forward_and_loss(images.contiguous(memory_format=step.memory_format), targets)
         loss.backward()
     for net in step.nets:
         net.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def matmul_peak(device, amp_dtype):
-    """(dtype name, FLOP/s) of the fastest of several timed square matmuls in the step's dtype.
-
-    Without --amp on a GPU, cuDNN runs the convolutions in TF32 (PyTorch's default,
-    torch.backends.cudnn.allow_tf32), so the peak is measured in TF32 too.
-    """
+def matmul_peak(device, amp_dtype, tf32):
+    """(dtype name, FLOP/s) of the fastest of several timed square matmuls in the step's dtype:
+    TF32 when the step's fp32 work runs in TF32 (--tf32 on a GPU; hardware.set_fp32_precision has
+    set cuBLAS's matmuls to it, as cuDNN's convolutions)."""
     dtype = amp_dtype or torch.float32
-    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    name = "tf32" if tf32 else {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = "tf32" if tf32 and dtype == torch.float32 else \
+        {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     size, repeats = MATMUL_SHAPE.get(device.type, MATMUL_SHAPE["cpu"])
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        a @ b  # warm-up
-        best, deadline = 0.0, time.perf_counter() + MATMUL_SECONDS
-        while time.perf_counter() < deadline:
-            seconds = timed(device, lambda: [a @ b for _ in range(repeats)])
-            best = max(best, repeats * 2 * size ** 3 / seconds)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+    a @ b  # warm-up
+    best, deadline = 0.0, time.perf_counter() + MATMUL_SECONDS
+    while time.perf_counter() < deadline:
+        seconds = timed(device, lambda: [a @ b for _ in range(repeats)])
+        best = max(best, repeats * 2 * size ** 3 / seconds)
     return name, best

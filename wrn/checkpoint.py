@@ -6,7 +6,8 @@ loss scale, how far the run got (epoch and step), the partial sums of the epoch 
 every random number generator, and the size log.txt had when it was written. Batches depend only
 on (seed, epoch, step), so a run resumed from it computes exactly what the uninterrupted run would.
 Under torchrun rank 0 writes it with the plain networks' state dicts and the meter summed over the
-ranks: it resumes with any number of processes, or in one.
+ranks: it resumes with any number of processes, or in one, as long as BN keeps normalising by the
+same batches (--sync_bn, or the run's own process count; check_bn_batches).
 
 Every file is written to a temporary file in the same folder, flushed and fsynced, then renamed
 over the old one (and the folder fsynced): a crash at any point leaves the previous file whole.
@@ -30,7 +31,8 @@ AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classif
 # included, defines what is trained (networks, objective, batches, schedule): a checkpoint resumes
 # only a run that gives it the checkpoint's value.
 RESUMABLE_OPTIONS = ("epochs", "save", "resume", "dataroot", "nthread", "gpu_id", "note", "checkpoint_every",
-                     "deterministic", "eval_batch_size", "amp", "channels_last", "compile", "benchmark", "sync_bn")
+                     "checkpoint_interval", "deterministic", "eval_batch_size", "amp", "tf32", "channels_last",
+                     "compile", "benchmark", "sync_bn")
 
 
 class CheckpointError(Exception):
@@ -78,10 +80,11 @@ def rng_states():
 
 
 def set_rng_states(states):
-    torch.set_rng_state(states["torch"].cpu())
+    """Restore the generators rng_states() saved; `states` as loaded onto the host (their tensors on the CPU)."""
+    torch.set_rng_state(states["torch"])
     if torch.cuda.is_available() and states["cuda"]:
         # Those of the GPUs this process sees: a run of several processes may resume in one.
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"][:torch.cuda.device_count()]])
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
     numpy_state = states["numpy"]
     np.random.set_state({**numpy_state, "state": {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
                                                   "pos": numpy_state["state"]["pos"]}})
@@ -91,7 +94,7 @@ def set_rng_states(states):
 
 def save_checkpoint(opt, position, step, optimizer, log_bytes):
     """SAVE/checkpoint.pt: the run after `position` (epochs completed, steps into the next, its
-    partial meter and training time) with log.txt `log_bytes` long."""
+    partial meter and training time) with log.txt `log_bytes` long. Returns the file's size in bytes."""
     net1, net2 = step.nets
     state = {
         "epoch": position["epoch"],
@@ -103,10 +106,13 @@ def save_checkpoint(opt, position, step, optimizer, log_bytes):
         "optimizer": optimizer.state_dict(),
         "grad_scaler": step.scaler.state_dict(),  # empty unless --amp fp16
         "options": vars(opt),
+        "world_size": step.group.size,  # the processes that shared each batch (BN's batches without --sync_bn)
         "rng_states": rng_states(),
         "log_bytes": log_bytes,
     }
-    atomic_save(state, os.path.join(opt.save, CHECKPOINT))
+    path = os.path.join(opt.save, CHECKPOINT)
+    atomic_save(state, path)
+    return os.path.getsize(path)
 
 
 def option_value(value):
@@ -127,15 +133,57 @@ def mismatched_options(opt, saved_options, defaults):
             and option_value(saved_options.get(name, defaults.get(name))) != option_value(value)]
 
 
+def bn_slices(world_size, sync_bn):
+    """Into how many slices of the global batch BN computes its statistics: each process's slice
+    without --sync_bn, the whole batch in one process or with --sync_bn."""
+    return world_size if world_size > 1 and not sync_bn else 1
+
+
+def processes(count, sync_bn):
+    return f"{count} process{'es' if count != 1 else ''}" + (" with --sync_bn" if sync_bn and count > 1 else "")
+
+
+def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn):
+    """Refuse to resume a run with a process count and --sync_bn that give BN other batches than
+    the checkpoint's run had (the recipe would change mid-run); raise CheckpointError naming both."""
+    if bn_slices(saved_world_size, saved_sync_bn) == bn_slices(world_size, sync_bn):
+        return
+    if bn_slices(saved_world_size, saved_sync_bn) == 1:
+        fix = "add --sync_bn, or resume in one process"
+        saved_batches = "the whole batch"
+    else:
+        fix = f"resume it with {saved_world_size} processes in all and without --sync_bn"
+        saved_batches = f"each process's 1/{saved_world_size} of the batch"
+    raise CheckpointError(f"--resume {path} was trained by {processes(saved_world_size, saved_sync_bn)}, BN "
+                          f"normalising by {saved_batches}; {processes(world_size, sync_bn)} would change that "
+                          f"mid-run: {fix}")
+
+
+def logged_world_size(path, log_bytes):
+    """The world_size of the last line logged before the checkpoint at `path` was written (log.txt
+    beside it, its first `log_bytes` bytes; epoch_log.LOG, which cannot be imported here), or None:
+    a checkpoint of an earlier main.py holds no world_size, but every log line does."""
+    try:
+        with open(os.path.join(os.path.dirname(path), "log.txt"), "rb") as log:
+            last_line = log.read(log_bytes).splitlines()[-1].decode()
+        return json.loads(last_line.split(": ", 1)[1])["world_size"]
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_checkpoint(opt, path, step, optimizer, device, defaults):
     """Restore the checkpoint at `path` into the networks, the optimizer, the loss scaler and the
     RNGs; return where it stands: epochs completed, steps into the next epoch, that epoch's
-    partial meter and training time, and the size log.txt had when it was written. `defaults`:
-    {option: main.py's default}, the value of an option the checkpoint predates."""
+    partial meter (on `device`, the training device) and training time, and the size log.txt had
+    when it was written. `defaults`: {option: main.py's default}, the value of an option the
+    checkpoint predates."""
     try:
         with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=device, weights_only=True)
+            # Onto the host, whatever the training device: the RNG states, numpy's key and the
+            # Python numbers are used there, and load_state_dict moves the networks' and the
+            # optimizer's tensors to their parameters' device.
+            state = torch.load(path, map_location="cpu", weights_only=True)
         saved_options = state["options"]
     except Exception as error:  # truncated, corrupt, or needing arbitrary unpickling (refused unrun)
         raise CheckpointError(f"--resume {path} is not a checkpoint this script can load safely "
@@ -145,6 +193,11 @@ def load_checkpoint(opt, path, step, optimizer, device, defaults):
     if mismatched:
         raise CheckpointError(f"--resume {path} belongs to another run: it was trained with {', '.join(mismatched)}; "
                               f"rerun with the run's own flags")
+    # A checkpoint of an earlier main.py: the count its log recorded; one stopped in its first
+    # epoch has no line yet, and is resumed unchecked.
+    saved_world_size = state["world_size"] if "world_size" in state else logged_world_size(path, state["log_bytes"])
+    if saved_world_size is not None:
+        check_bn_batches(path, saved_world_size, saved_options.get("sync_bn", False), step.group.size, opt.sync_bn)
     net1, net2 = step.nets
     try:
         net1.load_state_dict(state["net1"])
@@ -159,7 +212,7 @@ def load_checkpoint(opt, path, step, optimizer, device, defaults):
     meter = None
     if state["epoch_meter"] is not None:
         meter = training.EpochMeter()
-        meter.load_state_dict(state["epoch_meter"])
+        meter.load_state_dict(state["epoch_meter"], device)
         if len(meter.correct) == sum(meter.num_classifiers):  # no count for the ensemble
             raise CheckpointError(f"--resume {path} was written part-way through an epoch by an earlier main.py that "
                                   f"did not count the pair's ensemble; finish that epoch with the earlier version "

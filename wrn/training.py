@@ -3,10 +3,13 @@
 The speed settings live here and change nothing else in the program:
   --amp bf16 / fp16   autocast the networks (the loss is always computed in fp32); fp16 scales the
                       loss with a GradScaler so that small gradients do not underflow
+  --tf32              fp32 convolutions and matmuls on TF32 tensor cores (Ampere and newer GPUs;
+                      a process-wide setting: main.build_training_step sets it with
+                      hardware.set_fp32_precision, this class names it in settings())
   --channels_last     NHWC memory layout for the networks and their input batches
-  --compile           torch.compile of the forward pass of both networks and the loss; autograd
+  --compile           torch.compile of the forward pass of each network and of the loss; autograd
                       compiles the backward pass with it
-With none of them (the default) the step is the reference's plain fp32 eager step. The distillation
+With none of them (the default) the step is the reference's plain IEEE fp32 eager step. The distillation
 settings (--temperature, --kd_weight and its warm-up, --kl_eps) go to dcm_loss.loss_terms. Under torchrun
 each rank trains on its slice of the global batch and the meters are summed over the ranks
 (distributed.py).
@@ -36,7 +39,7 @@ class TrainingStep:
     training runs them under DistributedDataParallel when `group` has several ranks."""
 
     def __init__(self, nets, links, device, amp="none", channels_last=False, compile=False, group=None,
-                 temperature=1.0, kd_weight=1.0, kl_eps=SMOOTHING):
+                 temperature=1.0, kd_weight=1.0, kl_eps=SMOOTHING, tf32=False):
         self.nets = nets
         self.group = group or distributed.Group()
         self.links = links
@@ -45,33 +48,52 @@ class TrainingStep:
         self.device = device
         self.device_type = device.type
         self.amp_dtype = AMP_DTYPES[amp]
+        self.tf32 = tf32 and device.type == "cuda"  # CPUs have no TF32: their fp32 stays fp32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.compiled = compile
         if channels_last:
             for net in nets:
                 net.to(memory_format=torch.channels_last)
-        self.trained_nets = [self.group.wrap(net, device) for net in nets]
-        # A disabled scaler passes the loss and the optimizer step through unchanged.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        # --compile compiles each network and the loss apart, and DistributedDataParallel wraps the
+        # compiled network: compiled around DDP, Dynamo breaks the graph in DDP's forward pass (its
+        # hooks and buffer broadcast), while DDP around a compiled network runs its own part eagerly
+        # and lets Dynamo split the network's graph at the gradient buckets, so that the backward
+        # pass overlaps with the gradient all-reduce (PyTorch's "Where to apply torch.compile").
         # dynamic=False: one graph per batch shape (the full batch, the last partial one, the
         # evaluation batch), each compiled once, rather than slower shape-generic kernels.
-        self.forward_and_loss = (torch.compile(self.eager_forward_and_loss, dynamic=False) if compile
-                                 else self.eager_forward_and_loss)
+        self.run_nets = [torch.compile(net, dynamic=False) for net in nets] if compile else nets
+        self.trained_nets = [self.group.wrap(net, device) for net in self.run_nets]
+        self.loss = torch.compile(self.eager_loss, dynamic=False) if compile else self.eager_loss
+        # A disabled scaler passes the loss and the optimizer step through unchanged.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def eager_forward_and_loss(self, images, targets, training, kd_weight=None):
+    def forward_and_loss(self, images, targets, training, kd_weight=None):
         """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch, the KL
-        terms weighted by `kd_weight` (default: --kd_weight)."""
+        terms weighted by `kd_weight` (default: --kd_weight), compiled under --compile."""
+        # Evaluation runs the networks without DDP: DDP's forward pass is a collective (it
+        # broadcasts the BN buffers), which ranks evaluating shards of different sizes cannot all join.
+        nets = self.trained_nets if training else self.run_nets
+        return self.run_pair(nets, self.loss, images, targets, kd_weight)
+
+    def eager_forward_and_loss(self, images, targets, kd_weight=None):
+        """forward_and_loss() in training mode of the plain modules, uncompiled and without DDP:
+        the step whose FLOPs benchmark.py counts."""
+        return self.run_pair(self.nets, self.eager_loss, images, targets, kd_weight)
+
+    def run_pair(self, nets, loss, images, targets, kd_weight):
+        """Both `nets` on `images`, then `loss` of their outputs, under autocast."""
         with self.autocast():
-            # Evaluation runs the plain modules: DDP's forward pass is a collective (it broadcasts
-            # the BN buffers), which ranks evaluating shards of different sizes cannot all join.
-            net1, net2 = self.trained_nets if training else self.nets
-            outputs_net1, outputs_net2 = net1(images), net2(images)
-            terms = loss_terms(outputs_net1, outputs_net2, targets, self.links, self.temperature,
-                               self.kd_weight if kd_weight is None else kd_weight, self.kl_eps)
-        return outputs_net1, outputs_net2, terms, sum(terms.values())
+            outputs_net1, outputs_net2 = nets[0](images), nets[1](images)
+            terms, total = loss(outputs_net1, outputs_net2, targets, self.kd_weight if kd_weight is None else kd_weight)
+        return outputs_net1, outputs_net2, terms, total
+
+    def eager_loss(self, outputs_net1, outputs_net2, targets, kd_weight):
+        """(every loss term, their sum) of the two networks' outputs."""
+        terms = loss_terms(outputs_net1, outputs_net2, targets, self.links, self.temperature, kd_weight, self.kl_eps)
+        return terms, sum(terms.values())
 
     def train(self, images, targets, optimizer, loss_weight=1.0, kd_weight=None):
         """One SGD step on the batch; `loss_weight` scales its gradient (distributed.Group.shard),
@@ -109,8 +131,9 @@ class TrainingStep:
         return [p for net in self.nets for p in net.parameters()]
 
     def settings(self):
-        """The speed settings in words, e.g. 'amp bf16, channels_last, compile' or 'fp32, eager'."""
-        words = [f"amp {AMP_NAMES[self.amp_dtype]}" if self.amp_dtype else "fp32"]
+        """The speed settings in words, e.g. 'amp bf16, channels_last, compile', 'tf32, eager' or
+        'fp32, eager' (IEEE fp32)."""
+        words = [f"amp {AMP_NAMES[self.amp_dtype]}" if self.amp_dtype else "tf32" if self.tf32 else "fp32"]
         words += ["channels_last"] if self.memory_format == torch.channels_last else []
         words += ["compile"] if self.compiled else ["eager"]
         return ", ".join(words)
@@ -200,8 +223,11 @@ class EpochMeter:
     def state_dict(self):
         return dict(vars(self))
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, device):
+        """The meter of state_dict(), its sums moved to `device`, where the epoch goes on adding to them."""
         for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device)
             setattr(self, key, tuple(value) if key == "num_classifiers" else value)
 
 

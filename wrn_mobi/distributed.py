@@ -88,12 +88,15 @@ class Group:
             raise DatasetError(f"the test set holds {num_test} images, fewer than the {self.size} processes "
                                f"that share it; use fewer processes")
 
-    def sync_batchnorm(self, net):
-        """`net` with BN statistics computed over the global batch (--sync_bn): torch's
-        SyncBatchNorm on GPUs, GlobalBatchNorm2d on CPUs. Unchanged in a single process."""
+    def sync_batchnorm(self, net, device, compiled=False):
+        """`net` (on `device`) with BN statistics computed over the global batch (--sync_bn): torch's
+        SyncBatchNorm (fused CUDA kernels) on GPUs in eager mode; GlobalBatchNorm2d on CPUs, where
+        SyncBatchNorm refuses to run, and when the network is `compiled`, since Dynamo breaks the
+        graph at every SyncBatchNorm (pytorch issues 107372, 161302) while it traces
+        GlobalBatchNorm2d's all-reduces into the graph. Unchanged in a single process."""
         if self.size == 1:
             return net
-        if next(net.parameters()).device.type == "cuda":
+        if device.type == "cuda" and not compiled:
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         return GlobalBatchNorm2d.convert(net)
 
@@ -190,9 +193,10 @@ class SumOverRanks(torch.autograd.Function):
 
 class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the global batch, summed over the
-    ranks by SumOverRanks: --sync_bn on CPUs, where torch's SyncBatchNorm refuses
-    to run. Two passes, the global mean first and then the global sum of squared deviations from
-    it, for accuracy. Running statistics are updated as BatchNorm2d updates them (unbiased
+    ranks by SumOverRanks: --sync_bn on CPUs, where torch's SyncBatchNorm refuses to run, and under
+    --compile (Group.sync_batchnorm); Dynamo maps its dist.all_reduce calls to traceable functional
+    collectives, so a compiled network holds them in its graph. Two passes, the global mean first
+    and then the global sum of squared deviations from it, for accuracy. Running statistics are updated as BatchNorm2d updates them (unbiased
     variance, momentum or cumulative average); in eval mode it is BatchNorm2d."""
 
     @classmethod

@@ -62,8 +62,11 @@ def select_device(opt):
     torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1) if opt.nthread else available_cores())
     opt.nthread = torch.get_num_threads()
     if opt.deterministic:
-        # cuBLAS needs this workspace setting for reproducible results; ops without a deterministic
-        # CUDA kernel (adaptive average pooling's backward) warn instead of stopping the run.
+        # On CUDA this makes cuDNN choose deterministic convolution algorithms (some of its fastest
+        # backward ones accumulate with atomic adds, in an order that varies); cuBLAS needs the
+        # workspace setting for reproducible results. An op without a deterministic CUDA kernel
+        # warns instead of stopping the run (the global average pool is none: adaptive_avg_pool2d
+        # to 1x1 runs as a mean); preflight.py measures how exact a GPU's reruns come out.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if not torch.cuda.is_available():
@@ -82,6 +85,22 @@ def select_device(opt):
     torch.cuda.set_device(device)
     opt.gpu_id = str(device.index)
     return device
+
+
+def set_fp32_precision(tf32):
+    """fp32 convolutions (cuDNN) and matmuls (cuBLAS) in IEEE fp32, or with TF32 tensor cores
+    (inputs rounded to a 10-bit mantissa, accumulation in fp32) when `tf32` is True; on GPUs
+    before Ampere and on CPUs there is no TF32 and both are fp32.
+
+    PyTorch's own defaults differ between the two (cuDNN TF32 on, cuBLAS off), so that a plain
+    fp32 run on an Ampere or newer GPU would convolve in TF32; both are set here, whatever the
+    device, so that the run's precision is the one its options say. These flags exist in every
+    torch this project supports (1.7 and later) and warn of nothing; torch 2.9's fp32_precision
+    settings follow them (checked on 2.14), and reading one kind after setting the other can
+    raise, so only these are used.
+    """
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def device_name(device):
@@ -113,19 +132,49 @@ def peak_memory(device):
     return max_rss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
+def cuda_bf16_support():
+    """Whether the current CUDA GPU computes in bfloat16 natively (Ampere, sm 8.0, and newer; every
+    ROCm GPU torch supports). torch.cuda.is_bf16_supported() also says yes where bf16 tensors merely
+    work, emulated and slower than fp32 (Volta, Turing), unless asked with including_emulation=False
+    (torch 2.4 and later, pytorch PR 129288); for an earlier torch the compute capability decides."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        return bool(torch.version.hip) or torch.cuda.get_device_properties(torch.cuda.current_device()).major >= 8
+
+
 def cpu_bf16_support():
     """(kind, words) of bfloat16 support on this CPU: 'native' (AVX512_BF16 or AMX instructions),
     'avx512' (no bf16 instructions, but oneDNN's bf16 kernels run on AVX-512) or 'none'
     (AVX2 and older: bf16 falls back to slow reference kernels; a WRN-10-1 pair trained 11.9x
     slower under --amp bf16 than in fp32 on an AMD EPYC limited to AVX2, docs/speed.md)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    native = [name for name, probe in (("AVX512_BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
-              if getattr(torch.cpu, probe, lambda: False)()]
+    native = cpu_bf16_instructions()
     if native:
         return "native", f"{capability}, bf16 instructions ({' and '.join(native)})"
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "avx512", f"{capability}, bf16 emulated on AVX-512 by oneDNN (no bf16 instructions)"
     return "none", f"{capability}, no bf16 instructions"
+
+
+CPUINFO = "/proc/cpuinfo"
+# The bf16 instructions: their names, torch.cpu's probe and Linux's CPU flag for each.
+BF16_INSTRUCTIONS = (("AVX512_BF16", "_is_avx512_bf16_supported", "avx512_bf16"),
+                     ("AMX", "_is_amx_tile_supported", "amx_bf16"))
+
+
+def cpu_bf16_instructions():
+    """The names of this CPU's bf16 instructions (AVX512_BF16, AMX), as torch.cpu's probes find
+    them; PyTorch 2.4 has no such probes, and there the CPU flags Linux lists in /proc/cpuinfo
+    answer (none elsewhere)."""
+    if all(hasattr(torch.cpu, probe) for _, probe, _ in BF16_INSTRUCTIONS):
+        return [name for name, probe, _ in BF16_INSTRUCTIONS if getattr(torch.cpu, probe)()]
+    try:
+        with open(CPUINFO) as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return []
+    return [name for name, _, flag in BF16_INSTRUCTIONS if flag in flags]
 
 
 def warn_slow_cpu_bf16(opt, device):

@@ -8,18 +8,21 @@ one of the methods the paper compares it to, from the same script:
 
     python wrn/main.py --depth 28 --width 10 --dataroot DATA   # or wrn_mobi/main.py, from the top folder
 
-Without --save a run goes to ./logs/<net1>_<net2>_<method>_seed<seed> under the folder it is started in.
+Without --save a run goes to ./logs/<net1>_<net2>_<method>_seed<seed> under the folder it is started in
+(wrn/logs when started inside wrn/); its first line names that folder in full.
 
 SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
 state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
-network without its auxiliary classifiers. `--amp`, `--channels_last` and `--compile` make it
-faster (training.py), `--benchmark N` measures how fast (benchmark.py). Under
+network without its auxiliary classifiers. `--amp`, `--tf32`, `--channels_last` and `--compile`
+make it faster (training.py), `--benchmark N` measures how fast (benchmark.py). Under
 `torchrun --nproc_per_node=G main.py ...` G processes share each batch (distributed.py). The
 checks of the options are in options.py. This file
 is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -45,7 +48,8 @@ def option_parser():
     parser = ArgumentParser(description="DCM: two networks trained together on CIFAR.", formatter_class=HelpFormatter)
     parser.add_argument("--save", default="", type=str,
                         help="folder for log.txt, checkpoint.pt, net1.pt and net2.pt "
-                             "(default: ./logs/<net1>_<net2>_<method>_seed<seed>)")
+                             "(default: ./logs/<net1>_<net2>_<method>_seed<seed> under the folder main.py is "
+                             "started in)")
     parser.add_argument("--depth", default=28, type=int, help="WRN depth (6n+4) of net 1 (and net 2 in wrn/)")
     parser.add_argument("--width", default=10, type=int, help="WRN width of net 1 (and net 2 in wrn/)")
     parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS, help="what to train and test on")
@@ -68,8 +72,13 @@ def option_parser():
                              "the training device, no loader workers)")
     parser.add_argument("--resume", nargs="?", const=True, default="", metavar="PATH",
                         help="continue the run in --save (no PATH), or from the checkpoint file PATH")
+    parser.add_argument("--checkpoint_interval", default=10.0, type=float, metavar="MINUTES",
+                        help="checkpoint at the end of an epoch when the next epoch would end MINUTES or more "
+                             "after the last checkpoint; the first epoch of each process, the last epoch and a stop "
+                             "by a signal are always checkpointed. 0: after every epoch (safety.py)")
     parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
-                        help="also checkpoint every N steps inside an epoch (default: at the end of each epoch)")
+                        help="also checkpoint every N steps inside an epoch, for epochs longer than you want to lose "
+                             "(default: at the ends of epochs only)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
     parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
@@ -94,6 +103,9 @@ def option_parser():
     speed = parser.add_argument_group("speed (the defaults are the reference's fp32 eager training)")
     speed.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES),
                        help="autocast the networks to bf16, or to fp16 with loss scaling (changes the numerics)")
+    speed.add_argument("--tf32", action="store_true",
+                       help="TF32 tensor cores for fp32 convolutions and matmuls on Ampere and newer GPUs "
+                            "(changes the numerics; ignored on CPUs)")
     speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for networks and batches")
     speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass and the loss")
     speed.add_argument("--eval_batch_size", default=500, type=int,
@@ -119,12 +131,13 @@ def parse_options(argv=None):
 def build_training_step(opt, num_classes, device, group):
     """Net 1 and net 2 of this folder (with auxiliary classifiers when the method uses them), the
     links they distil along, the speed settings and the processes that train them."""
+    hardware.set_fp32_precision(opt.tf32)  # process-wide, so set by every step built, before its first convolution
     torch.manual_seed(opt.seed)
     uses_aux = METHODS[opt.method][0]
     nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, uses_aux)]
-    nets = [group.sync_batchnorm(net) for net in nets] if opt.sync_bn else nets
+    nets = [group.sync_batchnorm(net, device, opt.compile) for net in nets] if opt.sync_bn else nets
     return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile, group,
-                                 opt.temperature, opt.kd_weight, opt.kl_eps)
+                                 opt.temperature, opt.kd_weight, opt.kl_eps, opt.tf32)
 
 
 def distillation_links(opt):
@@ -136,8 +149,11 @@ def distillation_links(opt):
 def create_optimizer(opt, params, lr):
     # Weight decay on every parameter (BN and biases too), as in the reference. The fused kernel
     # updates every parameter in one pass: the same update as the per-parameter loop, up to the
-    # last bit (it uses fused multiply-adds).
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    # last bit (it uses fused multiply-adds). Not under --amp fp16: its GradScaler leaves a fused
+    # optimizer to skip an overflowing step itself, and the fused SGD's first step makes the
+    # momentum buffers uninitialised (empty_like) before it skips, so the next step reads garbage;
+    # the per-parameter SGD's step the scaler skips whole, leaving no momentum behind.
+    fused = opt.amp != "fp16" and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=opt.weight_decay, fused=fused or None)
 
 
@@ -208,9 +224,11 @@ def main(argv=None):
     stop.install()
     guard = safety.RunGuard(opt, step, stop)
     run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
-    print(f"{opt.save}: {opt.method} ({step.links} links) on {opt.dataset} ({len(data.train_labels)} training, "
-          f"{len(data.test_labels)} test images), {group}, {hardware.device_name(device)}, "
-          f"{step.settings()}, from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
+    # The full path: the default --save is relative to the folder main.py was started in.
+    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.links} links) on {opt.dataset} "
+          f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {group}, "
+          f"{hardware.device_name(device)}, {step.settings()}, "
+          f"from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
           f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
 
     for epoch in range(position["epoch"] + 1, opt.epochs + 1):
@@ -241,8 +259,7 @@ def main(argv=None):
         stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
                  **published_stats, "train_kd_weight": kd_weights(total - 1),  # the KL weight of the last step
                  "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
-        guard.end_epoch(stats)
-        if stop.agreed():
+        if guard.end_epoch(stats):  # a stop was requested; the epoch is checkpointed
             return stop.report(opt, argv)
 
     if group.is_main:
@@ -253,6 +270,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Until the training loop installs its StopRequest, Ctrl-C quits at once, then goes unheard.
+    signal.signal(signal.SIGINT, safety.interrupt_at_once)
     try:
         sys.exit(main())
     except UsageError as error:
@@ -266,7 +285,8 @@ if __name__ == "__main__":
                                    f"holds checkpoint.pt, continue with\n  {safety.resume_command(sys.argv[1:])}")
         sys.exit(130)
     finally:
-        try:
-            distributed.finish()
-        except KeyboardInterrupt:  # a second Ctrl-C landing while the stopped run exits: it stays stopped
-            sys.exit(130)
+        # The run is leaving: a stop signal from here on changes neither its exit code nor its output.
+        # A Ctrl-C pending now may raise while they are ignored; it has ignored the rest first.
+        with contextlib.suppress(KeyboardInterrupt):
+            safety.ignore_stop_signals()
+        distributed.finish()

@@ -46,8 +46,13 @@ def check_options(opt):
     for flag, value in positive.items():
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise UsageError(f"{flag} must be a positive number, got {value}")
+    if opt.seed < 0:  # numpy's generators (shuffling, augmentation, --subset) take no negative seed
+        raise UsageError(f"--seed must be 0 or more, got {opt.seed}")
     if not (opt.weight_decay >= 0 and math.isfinite(opt.weight_decay)):
         raise UsageError(f"--weight_decay must be >= 0, got {opt.weight_decay}")
+    if not (opt.checkpoint_interval >= 0 and math.isfinite(opt.checkpoint_interval)):
+        raise UsageError(f"--checkpoint_interval must be >= 0 minutes (0: after every epoch), "
+                         f"got {opt.checkpoint_interval}")
     if problem := distillation.option_error(opt, has_kl=METHODS[opt.method][1] != "none"):
         raise UsageError(problem)
     lr_drop_epochs(opt)  # raises UsageError on a malformed --epoch_step

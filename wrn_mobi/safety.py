@@ -1,11 +1,15 @@
 """Keeping a run safe to interrupt: a --save folder that holds no other run, stop requests
-(SIGINT, SIGTERM), checkpoints every N steps inside an epoch, and the guard against a loss that
+(SIGINT, SIGTERM, SIGUSR1, SIGUSR2), when to checkpoint (about every --checkpoint_interval minutes at
+the end of an epoch, every --checkpoint_every steps inside one), and the guard against a loss that
 is no longer finite.
 
-SIGINT (Ctrl-C) or SIGTERM (a cluster preempting the job) lets the current step finish; the run
-then writes a checkpoint, prints the command that resumes it, and exits with 130 or 143. A second
-Ctrl-C exits at once (the last checkpoint on disk stays whole). A loss that stops being finite ends
-the run before anything is saved after it, so checkpoint.pt keeps the last good state.
+SIGINT (Ctrl-C), SIGTERM (a launcher, a cluster preempting the job) or SIGUSR1/SIGUSR2 (a
+cluster's warning before the time limit) lets the current step finish; the run then writes a
+checkpoint, prints the command that resumes it, and exits with 130 (SIGINT) or 143 (the others).
+A second Ctrl-C exits at once (the last checkpoint on disk stays whole). Once the run leaves, every
+later stop signal is ignored, so that none changes its exit code or prints a traceback. A loss that
+stops being finite ends the run before anything is saved after it, so checkpoint.pt keeps the last
+good state.
 Under torchrun every rank takes these decisions together (distributed.Group.any), and rank 0
 alone writes and prints.
 This file is identical in wrn/ and wrn_mobi/.
@@ -20,7 +24,11 @@ import distributed
 import epoch_log
 from checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# The signals that stop a run, and its exit code for each. SLURM's --signal warns with USR1 or USR2
+# before the time limit, and on some clusters it signals every process of the job, main.py too.
+# Windows has no USR signals.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143,
+              **{getattr(signal, name): 143 for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name)}}
 FINITE_CHECK_EVERY = 20  # steps; the check waits for the device, so it is not made after every step
 
 
@@ -28,8 +36,27 @@ class NonFiniteLoss(Exception):
     """The loss stopped being finite: the message names where, and what to do."""
 
 
+def ignore_stop_signals():
+    """Ignore every stop signal from here on: the run is leaving, with its exit code decided. A
+    Python handler would still run while the interpreter exits, inside its atexit callbacks, where
+    a KeyboardInterrupt prints a traceback; and the interpreter's last step restores the default
+    actions, which would kill the process by the signal (exit -2 for SIGINT) instead of its exit
+    code. An ignored signal does neither. A signal already pending runs its handler first (Python
+    checks before changing a handler): a second Ctrl-C then raises KeyboardInterrupt from here."""
+    for signum in EXIT_CODES:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def interrupt_at_once(signum=signal.SIGINT, frame=None):
+    """Ctrl-C's handler where it quits at once (main.py installs it before the training loop, and
+    a StopRequest calls it on the second Ctrl-C): raises KeyboardInterrupt, which main.py turns
+    into exit 130, after ignoring every later stop signal."""
+    ignore_stop_signals()
+    raise KeyboardInterrupt
+
+
 class StopRequest:
-    """Set by SIGINT or SIGTERM; the training loop asks agreed() after every step."""
+    """Set by SIGINT, SIGTERM, SIGUSR1 or SIGUSR2; the training loop asks agreed() after every step."""
 
     def __init__(self, group):
         self.signal = None
@@ -41,7 +68,7 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signal == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+            interrupt_at_once()  # the second Ctrl-C: stop now
         self.signal = signum
         distributed.print_on_rank0(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a "
                                    f"checkpoint (Ctrl-C again to quit at once)")
@@ -55,7 +82,9 @@ class StopRequest:
         return self.signal is not None
 
     def report(self, opt, argv):
-        """Say how to continue the stopped run; return the exit code its signal calls for."""
+        """Say how to continue the stopped run; return the exit code its signal calls for. The
+        checkpoint is written: from here on the run is leaving, and stop signals are ignored."""
+        ignore_stop_signals()
         distributed.print_on_rank0(f"stopped by {signal.Signals(self.signal).name}: checkpoint.pt in {opt.save} "
                                    f"holds the run; continue it with\n  {resume_command(argv)}")
         return EXIT_CODES[self.signal]
@@ -124,16 +153,34 @@ def resume_command(argv):
 
 
 class RunGuard:
-    """Checkpoints inside the epoch, honours stop requests, and refuses to save a broken state.
+    """Decides when to checkpoint, honours stop requests, and refuses to save a broken state.
 
     main.py calls begin_epoch() before an epoch's training, hands after_step to train_epoch, and
     calls end_epoch() with the epoch's numbers. It reads the meters summed over the ranks, and
-    only rank 0 writes."""
+    only rank 0 writes.
+
+    When: at the end of an epoch when the next epoch would end more than --checkpoint_interval
+    minutes after the last checkpoint (judged by the epoch just ended), so that checkpoints are at
+    most an interval apart and a crash loses at most an interval, or one epoch where an epoch is
+    longer (then --checkpoint_every N steps bounds the loss). Always at the end of the first epoch
+    a process trains (it shows at once that writing to --save works, and a crash soon after the
+    start loses one epoch), of the last epoch, and on a stop request. The interval, not every
+    epoch: a checkpoint costs what its size and the storage make it cost, whatever an epoch takes,
+    so per epoch it costs a share of the run that grows with the speed of the GPU; every 10
+    minutes, a write of w seconds costs at most w / 600 of the run beyond the first and the last
+    (1% for 6 s). Ends of epochs, not any step: there the log line is written, so a resume drops
+    no line the checkpoint knows, and the ranks agree on rank 0's clock once per epoch, not with a
+    collective after every step. Both rules count from the last checkpoint of either kind."""
 
     def __init__(self, opt, step, stop):
         self.opt, self.step, self.stop = opt, step, stop
         self.epoch = self.optimizer = self.log_bytes = None
         self.started = self.earlier_train_time = 0.0
+        self.epochs_ended = 0
+        # Rank 0's: when its last checkpoint was written (the state the process started from is the
+        # run's start, or the checkpoint it resumed), and what checkpoints cost since the last line.
+        self.last_checkpoint = time.time()
+        self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
 
     def begin_epoch(self, epoch, optimizer, log_bytes, earlier_train_time=0.0):
         """`earlier_train_time`: seconds this epoch trained before the run was resumed mid-epoch."""
@@ -152,7 +199,7 @@ class RunGuard:
             self.check_finite(meter)
             position = {"epoch": self.epoch - 1, "step": meter.steps, "meter": meter, "train_time": self.train_time()}
             if self.step.group.is_main:
-                save_checkpoint(self.opt, position, self.step, self.optimizer, self.log_bytes)
+                self.save(position, self.log_bytes)
         elif meter.steps % FINITE_CHECK_EVERY == 0:
             self.check_finite(meter.summed_over(self.step.group))
         return stop
@@ -168,9 +215,34 @@ class RunGuard:
                                 f"is if the cause was transient")
 
     def end_epoch(self, stats):
-        """The epoch's line in log.txt and its summary, then the checkpoint that knows about the line."""
-        if self.step.group.is_main:
-            log_bytes = epoch_log.log_epoch(self.opt, stats)
+        """The epoch's line in log.txt, with what the checkpoints since the previous line cost, and
+        its summary; then, when one is due, the checkpoint that knows about the line. Returns whether
+        a stop was requested (collective): the epoch is then checkpointed, and the run ends."""
+        group = self.step.group
+        stop = self.stop.agreed()
+        epoch_seconds = time.time() - self.started
+        # Every rank takes the same branches: stop is agreed, the epochs are the same, and rank 0's
+        # clock alone decides the rest.
+        due = (stop or self.epochs_ended == 0 or self.epoch == self.opt.epochs
+               or group.any(group.is_main and self.interval_would_pass(epoch_seconds)))
+        self.epochs_ended += 1
+        if group.is_main:
+            cost = {"checkpoint_time": self.checkpoint_seconds, "checkpoint_bytes": self.checkpoint_bytes}
+            self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
+            log_bytes = epoch_log.log_epoch(self.opt, {**stats, **cost})
             epoch_log.print_summary({**stats, "epochs": self.opt.epochs})
-            position = {"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}
-            save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)
+            if due:
+                self.save({"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}, log_bytes)
+        return stop
+
+    def interval_would_pass(self, epoch_seconds):
+        """Whether another epoch as long as the last one (`epoch_seconds`, training and testing)
+        would end --checkpoint_interval minutes or more after the last checkpoint."""
+        return time.time() - self.last_checkpoint + epoch_seconds >= self.opt.checkpoint_interval * 60
+
+    def save(self, position, log_bytes):
+        """Write the checkpoint of `position` (rank 0), and count the seconds and bytes it cost."""
+        start = time.time()
+        self.checkpoint_bytes += save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)
+        self.last_checkpoint = time.time()
+        self.checkpoint_seconds += self.last_checkpoint - start

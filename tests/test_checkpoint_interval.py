@@ -1,0 +1,183 @@
+"""--checkpoint_interval: checkpoints at ends of epochs about every MINUTES, always after the first
+and the last epoch and on a stop; the ranks agree on rank 0's clock; each log line says what the
+checkpoints since the previous line cost; a run killed after an epoch that was not checkpointed
+retrains it on --resume and ends with the uninterrupted run's weights.
+
+The schedule is tested with a stand-in clock (no timed test); the end-to-end runs use intervals of
+0 (every epoch) and of 1000 minutes (only the first and the last epoch).
+"""
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import load_folder, read_log, run_main, write_cifar100
+from test_distributed import torchrun
+from test_first_run import summarize, sweep
+from test_reliability import assert_same_run, run_args, start, weights
+
+NUM_TRAIN, NUM_TEST = 128, 24  # test_reliability's run_args: batch 16 (8 steps), 3 epochs
+SAVE_SECONDS, SAVE_BYTES = 5.0, 1000  # what the stand-in checkpoint costs
+
+
+class Clock:
+    """time.time() as safety.py reads it, moved by the test."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self):
+        return self.now
+
+
+class FakeGroup:
+    """One rank of a run; any() records the flag it is given and answers `answers` in order (rank
+    0's decisions, for a rank that is not rank 0), or the flag itself."""
+
+    def __init__(self, is_main, answers=None):
+        self.is_main, self.answers, self.flags = is_main, answers, []
+
+    def any(self, flag):
+        self.flags.append(flag)
+        return self.answers[len(self.flags) - 1] if self.answers is not None else flag
+
+
+def run_schedule(monkeypatch, tmp_path, epoch_minutes, interval, group=None, stop_at=None, epochs=6):
+    """Ends `epochs` epochs of `epoch_minutes` each through RunGuard on a stand-in clock; returns
+    (the epochs checkpointed, the logged lines, what end_epoch returned, the group)."""
+    safety = load_folder("wrn").safety
+    clock, saved, lines = Clock(), [], []
+
+    def save_checkpoint(opt, position, step, optimizer, log_bytes):
+        saved.append(position["epoch"])
+        clock.now += SAVE_SECONDS
+        return SAVE_BYTES
+
+    def log_epoch(opt, stats):
+        lines.append(stats)
+        return len(lines)
+
+    monkeypatch.setattr(safety, "time", clock)
+    monkeypatch.setattr(safety, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(safety.epoch_log, "log_epoch", log_epoch)
+    monkeypatch.setattr(safety.epoch_log, "print_summary", lambda stats: None)
+    group = group or FakeGroup(is_main=True)
+    opt = SimpleNamespace(save=str(tmp_path), epochs=epochs, checkpoint_interval=interval, checkpoint_every=None)
+    stop = SimpleNamespace(agreed=lambda: guard.epoch == stop_at)
+    guard = safety.RunGuard(opt, SimpleNamespace(group=group), stop)
+    stopped = []
+    for epoch in range(1, epochs + 1):
+        guard.begin_epoch(epoch, optimizer=None, log_bytes=0)
+        clock.now += epoch_minutes * 60
+        stopped.append(guard.end_epoch({"epoch": epoch}))
+    return saved, lines, stopped, group
+
+
+def test_checkpoints_stay_within_the_interval_and_the_first_and_last_epochs_are_kept(monkeypatch, tmp_path):
+    # 4-minute epochs, 10-minute interval: after epoch 1 (the first), then whenever the next epoch
+    # would end 10 minutes or more after the last checkpoint, and after epoch 6 (the last).
+    saved, lines, stopped, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes=4, interval=10)
+    assert saved == [1, 3, 5, 6]
+    assert stopped == [False] * 6
+    # Each line holds what the checkpoints since the previous line cost: the one after epoch k is
+    # counted in line k + 1 (it knows the line, so it is written after it).
+    assert [line["checkpoint_time"] for line in lines] == [0, SAVE_SECONDS, 0, SAVE_SECONDS, 0, SAVE_SECONDS]
+    assert [line["checkpoint_bytes"] for line in lines] == [0, SAVE_BYTES, 0, SAVE_BYTES, 0, SAVE_BYTES]
+
+
+@pytest.mark.parametrize("epoch_minutes, interval", [(4, 0), (15, 10)], ids=["interval_0", "epochs_past_interval"])
+def test_every_epoch_is_checkpointed_with_interval_0_or_epochs_longer_than_it(monkeypatch, tmp_path, epoch_minutes,
+                                                                              interval):
+    saved, _, _, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes, interval)
+    assert saved == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stop_checkpoints_the_epoch_it_ends_and_ends_the_run(monkeypatch, tmp_path):
+    saved, _, stopped, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes=1, interval=10, stop_at=4)
+    assert saved == [1, 4, 6]
+    assert stopped[3] is True
+
+
+def test_the_ranks_take_rank_0s_decision_at_the_same_collectives(monkeypatch, tmp_path):
+    # Rank 0 decides by its clock; rank 1's clock (here: other epoch lengths) must not matter, and
+    # both ranks must make the same collective calls, or a torchrun run would hang.
+    _, _, _, rank0 = run_schedule(monkeypatch, tmp_path, epoch_minutes=4, interval=10)
+    assert rank0.flags == [False, True, False, True]  # epochs 2 to 5; the first and last need no vote
+    rank1 = FakeGroup(is_main=False, answers=rank0.flags)
+    saved, lines, stopped, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes=11, interval=10, group=rank1)
+    assert rank1.flags == [False] * len(rank0.flags)  # only rank 0's clock votes
+    assert saved == [] and lines == [] and stopped == [False] * 6  # rank 0 alone writes
+
+
+def test_checkpoint_interval_is_an_option_a_resume_may_change(folder):
+    modules = load_folder(folder)
+    main, checkpoint = modules.main, modules.checkpoint
+    defaults = vars(main.option_parser().parse_args([]))
+    assert defaults["checkpoint_interval"] == 10.0
+    saved = vars(main.parse_options([]))
+    assert checkpoint.mismatched_options(main.parse_options(["--checkpoint_interval", "0"]), saved, defaults) == []
+
+
+# --- end to end: fewer checkpoints, the same run ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_cifar100(tmp_path_factory.mktemp("interval_data"), NUM_TRAIN, NUM_TEST)
+
+
+@pytest.fixture(scope="module")
+def every_epoch(tmp_path_factory, data):
+    """The uninterrupted run, checkpointed after every epoch (--checkpoint_interval 0)."""
+    save = tmp_path_factory.mktemp("every_epoch") / "save"
+    result = run_main("wrn", *run_args(save, data, "--checkpoint_interval", 0)[2:])
+    assert result.returncode == 0, result.stderr
+    return save
+
+
+def test_each_line_logs_the_seconds_and_bytes_of_the_checkpoints_before_it(every_epoch):
+    records = read_log(every_epoch)
+    size = (every_epoch / "checkpoint.pt").stat().st_size
+    assert records[0]["checkpoint_time"] == 0 and records[0]["checkpoint_bytes"] == 0  # none written yet
+    for record in records[1:]:  # the previous epoch's checkpoint, of the same size as the last one
+        assert record["checkpoint_time"] > 0 and record["checkpoint_bytes"] == size, record
+
+
+def test_summarize_and_sweep_take_the_checkpoint_keys_as_neither_recipe_nor_name(every_epoch):
+    # The interval changes no number, and the cost keys are measurements: a run's row and its
+    # comparison with the paper do not depend on them.
+    run = summarize.Run(str(every_epoch / "log.txt"), read_log(every_epoch))
+    assert not [key for key in run.row_options if key.startswith("checkpoint")], run.row_options
+    assert not [reason for reason in summarize.recipe_differences(run.row_options) if "checkpoint" in reason]
+    assert sweep.run_name("wrn", "dcm", 1, ["--checkpoint_interval", "5"]) == "wrn-28-10_wrn-28-10_dcm_seed1"
+
+
+def test_a_kill_after_an_unsaved_epoch_retrains_it_on_resume_to_the_same_weights(tmp_path, data, every_epoch):
+    save = tmp_path / "save"
+    args = run_args(save, data, "--checkpoint_interval", 1000)  # only the first and the last epoch
+    process = start("wrn", args)
+    log = save / "log.txt"
+    while process.poll() is None and not (log.exists() and len(log.read_text().splitlines()) == 2):
+        time.sleep(0.001)
+    process.kill()  # during epoch 3: epoch 2 was logged, not checkpointed
+    process.wait()
+    assert process.returncode < 0, "the run ended before it could be killed"
+    state = weights(save / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert state["log_bytes"] < log.stat().st_size  # epoch 2's line is after the checkpoint
+    result = run_main("wrn", *run_args(save, data, "--checkpoint_interval", 1000, "--resume")[2:])
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2/3" in result.stdout, result.stdout  # epoch 2 trained again, its line logged once
+    assert_same_run(every_epoch, save)
+
+
+def test_two_processes_vote_with_rank_0s_clock_and_finish(tmp_path, data):
+    # Epoch 2 is neither the first nor the last: both ranks take part in the vote on rank 0's clock
+    # (interval 0: due), rank 0 writes, and the run goes on in step to its end.
+    (tmp_path / "torchrun_tmp").mkdir()
+    save = tmp_path / "save"
+    result = torchrun(run_args(save, data, "--checkpoint_interval", 0), tmp_path / "torchrun_tmp")
+    assert result.returncode == 0, result.stderr
+    records = read_log(save)
+    assert [record["epoch"] for record in records] == [1, 2, 3]
+    assert all(record["checkpoint_bytes"] > 0 for record in records[1:])  # epochs 1 and 2 were checkpointed
+    assert weights(save / "checkpoint.pt")["epoch"] == 3
