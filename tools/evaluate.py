@@ -7,9 +7,10 @@ Each file is read with torch.load(weights_only=True) and loaded, strictly, into 
 weights describe: a WRN-d-k (depth, width and classes read off the tensors; wrn/models.py, whose
 WRN code is identical to wrn_mobi's) or the MobileNet (wrn_mobi/models.py), built without
 auxiliary classifiers. It is tested as main.py tested it at the run's last epoch: BN in eval mode,
-the whole test set of the run's dataset normalised the same way, under the run's --amp autocast
-and memory layout (--channels_last), all read off the log.txt beside the file, and read from the
-run's --dataroot there. So the error is 100 - the test_acc_net1/net2 that main.py logged last,
+the whole test set of the run's dataset normalised the same way, under the run's --amp autocast,
+fp32 precision (--tf32: TF32 tensor cores on a GPU, else IEEE fp32) and memory layout
+(--channels_last), all read off the log.txt beside the file, and read from the run's --dataroot
+there. So the error is 100 - the test_acc_net1/net2 that main.py logged last,
 and the test loss (cross-entropy of the network's final classifier) its test_loss_terms
 ce_net1_final / ce_net2_final, whatever the number of processes (their BN statistics are rank
 0's) or the resumes. A run trained with --compile is
@@ -118,10 +119,10 @@ def build_network(path, state):
 # --- measurements ----------------------------------------------------------------------------------
 
 def run_protocol(path, opt):
-    """{dataset, dataroot, amp, channels_last} main.py tested the file's network with at its last
+    """{dataset, dataroot, amp, tf32, channels_last} main.py tested the file's network with at its last
     epoch: the options of the last line of the log.txt beside it, --dataset, --dataroot and --amp
     overriding them, and `logged`: whether the dataroot is the log's."""
-    protocol = {"dataset": "CIFAR100", "dataroot": "./data", "amp": "none", "channels_last": False}
+    protocol = {"dataset": "CIFAR100", "dataroot": "./data", "amp": "none", "tf32": False, "channels_last": False}
     logged = {}
     try:
         last = (Path(path).parent / "log.txt").read_text().splitlines()[-1]
@@ -189,9 +190,11 @@ def measure(path, opt, device, datasets):
         raise EvaluateError(f"{path} classifies into {num_classes} classes, {dataset_name} has {data.num_classes}; "
                             f"give the run's dataset with --dataset")
     network.to(device)
+    load_module("wrn", "hardware").set_fp32_precision(protocol["tf32"])  # as main.py set it for the run
     accuracy, loss = test_measurements(network, dataset_module, data, opt.batch_size, protocol["amp"],
                                        protocol["channels_last"])
-    settings = ", ".join(["fp32" if protocol["amp"] == "none" else f"amp {protocol['amp']}",
+    fp32 = "tf32" if protocol["tf32"] and device.type == "cuda" else "fp32"  # main.py's settings() words
+    settings = ", ".join([fp32 if protocol["amp"] == "none" else f"amp {protocol['amp']}",
                           *(["channels_last"] if protocol["channels_last"] else [])])
     return {"network": name, "dataset": dataset_name, "test_images": len(data.test_labels), "protocol": settings,
             "accuracy": accuracy, "loss": loss, "parameters": sum(p.numel() for p in network.parameters()),
