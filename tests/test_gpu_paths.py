@@ -175,13 +175,3 @@ def test_bf16_counts_only_where_the_gpu_computes_it(folder, monkeypatch, major, 
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert hardware.cuda_bf16_support() is native
-
-
-@pytest.mark.parametrize("major,native", [(7, False), (8, True)])
-def test_bf16_on_a_torch_without_including_emulation_asks_the_compute_capability(folder, monkeypatch, major, native):
-    hardware = load_folder(folder).hardware
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # an earlier torch: emulation counts
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("Properties", (), {"major": major}))
-    monkeypatch.setattr(torch.version, "hip", None)
-    assert hardware.cuda_bf16_support() is native

@@ -76,8 +76,8 @@ def draw(pyplot, runs, opt):
         some_run = next(iter(methods.values()))[0]
         curves = {}
         for method in sorted(methods, key=method_order):
-            curves[method], _, seed_notes = one_run_per_seed(methods[method])
-            notes += [f"{' + '.join(map(display_name, some_run.net_names))} {method}: {note}" for note in seed_notes]
+            curves[method], _, seed_notes = one_run_per_seed(methods[method], some_run.net_names, method)
+            notes += seed_notes
         for net, ax in zip((1, 2), row_axes):
             for method, method_runs in curves.items():
                 counted = [run for run in method_runs if run.finished or opt.include_unfinished]

@@ -360,8 +360,8 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
         net_names = next(iter(methods.values()))[0].net_names
         cells, other_cells = {}, {}
         for method in sorted(methods, key=method_order):
-            method_runs, repeated, seed_notes = one_run_per_seed(methods[method])
-            notes += [f"{' + '.join(map(display_name, net_names))} {method}: {note}" for note in seed_notes]
+            method_runs, repeated, seed_notes = one_run_per_seed(methods[method], net_names, method)
+            notes += seed_notes
             counted_runs += method_runs
             for net in (1, 2, ENSEMBLE) if ensemble else (1, 2):
                 # A MobileNet is measured both ways; --batchstats makes the published protocol its "ours" line.
@@ -408,11 +408,12 @@ def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
     return Cell(errors, seeds, unfinished, include_unfinished, protocol), missing
 
 
-def one_run_per_seed(method_runs):
-    """(one run per seed, in order of seed; how many runs were left out; a note per repeated seed)
-    of the runs of one cell. Two logs of one seed are usually one run found twice (a copied
-    folder, a --resume PATH into another folder) or a rerun of it: counted as two seeds they would
-    shrink the std. The run that logged the furthest epoch is kept, among equals the first by path."""
+def one_run_per_seed(method_runs, net_names, method):
+    """(one run per seed, in order of seed; how many runs were left out; a note per repeated seed,
+    naming the pair and the method) of the runs of one cell. Two logs of one seed are usually one
+    run found twice (a copied folder, a --resume PATH into another folder) or a rerun of it: counted
+    as two seeds they would shrink the std. The run that logged the furthest epoch is kept, among
+    equals the first by path."""
     by_seed = defaultdict(list)
     for run in sorted(method_runs, key=lambda run: (run.seed, -run.last["epoch"], run.path)):
         by_seed[run.seed].append(run)
@@ -421,9 +422,10 @@ def one_run_per_seed(method_runs):
         kept.append(seed_runs[0])
         if len(seed_runs) > 1:
             others = ", ".join(f"{run.path} (epoch {run.last['epoch']})" for run in seed_runs[1:])
-            notes.append(f"seed {seed} has {len(seed_runs)} runs in one cell, counted once, from the one that got "
-                         f"furthest (the first by path among equals): {seed_runs[0].path} (epoch "
-                         f"{seed_runs[0].last['epoch']}); left out: {others}")
+            notes.append(f"{' + '.join(map(display_name, net_names))} {method}: seed {seed} has {len(seed_runs)} "
+                         f"runs in one cell, counted once, from the one that got furthest (the first by path "
+                         f"among equals): {seed_runs[0].path} (epoch {seed_runs[0].last['epoch']}); left out: "
+                         f"{others}")
     return kept, len(method_runs) - len(kept), notes
 
 

@@ -38,6 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import slurm
 from summarize import NOT_CELL_DEFINING, ToolError, option_value, read_log
@@ -123,9 +124,8 @@ def check_runs(opt, main_args):
     in as many processes as each run gets (torchrun over --gpus_per_run GPUs under --slurm)."""
     main = main_module()
     processes = opt.gpus_per_run if opt.slurm and opt.gpus_per_run > 1 else 1
-    world_size = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(processes)  # what main.py's checks read the process count from
-    try:
+    # WORLD_SIZE: where main.py's checks read the process count from.
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": str(processes)}):
         for method in opt.methods:
             for seed in opt.seeds:
                 try:
@@ -133,11 +133,6 @@ def check_runs(opt, main_args):
                 except main.UsageError as error:
                     flags = " ".join(run_flags(method, seed))
                     raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
-    finally:
-        if world_size is None:
-            del os.environ["WORLD_SIZE"]
-        else:
-            os.environ["WORLD_SIZE"] = world_size
 
 
 def check_gpus(opt):

@@ -196,8 +196,9 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
     ranks by SumOverRanks: --sync_bn on CPUs, where torch's SyncBatchNorm refuses to run, and under
     --compile (Group.sync_batchnorm); Dynamo maps its dist.all_reduce calls to traceable functional
     collectives, so a compiled network holds them in its graph. Two passes, the global mean first
-    and then the global sum of squared deviations from it, for accuracy. Running statistics are updated as BatchNorm2d updates them (unbiased
-    variance, momentum or cumulative average); in eval mode it is BatchNorm2d."""
+    and then the global sum of squared deviations from it, for accuracy. Running statistics are
+    updated as BatchNorm2d updates them (unbiased variance, momentum or cumulative average); in
+    eval mode it is BatchNorm2d."""
 
     @classmethod
     def convert(cls, net):

@@ -136,11 +136,8 @@ def cuda_bf16_support():
     """Whether the current CUDA GPU computes in bfloat16 natively (Ampere, sm 8.0, and newer; every
     ROCm GPU torch supports). torch.cuda.is_bf16_supported() also says yes where bf16 tensors merely
     work, emulated and slower than fp32 (Volta, Turing), unless asked with including_emulation=False
-    (torch 2.4 and later, pytorch PR 129288); for an earlier torch the compute capability decides."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # a torch without the argument
-        return bool(torch.version.hip) or torch.cuda.get_device_properties(torch.cuda.current_device()).major >= 8
+    (torch 2.4 and later, pytorch PR 129288)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_bf16_support():

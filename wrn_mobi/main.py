@@ -107,7 +107,7 @@ def option_parser():
                        help="TF32 tensor cores for fp32 convolutions and matmuls on Ampere and newer GPUs "
                             "(changes the numerics; ignored on CPUs)")
     speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for networks and batches")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the forward pass and the loss")
+    speed.add_argument("--compile", action="store_true", help="torch.compile each network's forward pass and the loss")
     speed.add_argument("--eval_batch_size", default=500, type=int,
                        help="test batch size (BN in eval mode: the numbers do not depend on it)")
     speed.add_argument("--benchmark", default=None, type=int, metavar="N",
