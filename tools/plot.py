@@ -21,8 +21,10 @@ import sys
 
 import numpy as np
 
-from summarize import (ToolError, accuracy_key, check_batchstats, display_name, group_rows, load_runs,
-                       method_header, method_order, one_run_per_seed, split_options)
+from common import ToolError
+from paper import display_name
+from summarize import (accuracy_key, check_batchstats, group_rows, load_runs, method_header, method_order,
+                       one_run_per_seed, split_options)
 
 FORMATS = (".png", ".pdf", ".svg")
 PANEL_SIZE = (6.0, 4.0)  # inches, one network of one row

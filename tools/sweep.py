@@ -28,8 +28,6 @@ exit code is 0 when every run finished, 1 otherwise. Ctrl-C stops the runs (each
 finished epoch); the same command resumes them. `python tools/summarize.py LOGDIR` makes the table.
 """
 import argparse
-import functools
-import importlib.util
 import os
 import re
 import shlex
@@ -37,14 +35,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from unittest import mock
 
 import slurm
-from summarize import NOT_CELL_DEFINING, ToolError, option_value, read_log
+from common import FOLDERS, ROOT, ToolError, last_line, load_folder, option_value, read_records
+from summarize import NOT_CELL_DEFINING
 
-ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("wrn", "wrn_mobi")
 METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
@@ -79,7 +75,8 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS,
-                        help="wrn: WRN with WRN; wrn_mobi: WRN with MobileNet (default: both)")
+                        help="the training folders, each a pair: wrn, WRN with WRN; wrn_mobi, WRN with MobileNet "
+                             "(default: all)")
     parser.add_argument("--methods", nargs="+", default=["ind", "dml", "dcm"], choices=METHODS,
                         help="default: ind dml dcm (the paper's table); dcm-LINKS is dcm with --links LINKS")
     parser.add_argument("--seeds", nargs="+", default=[1, 2, 3, 4, 5], type=int)
@@ -122,7 +119,7 @@ def check_runs(opt, main_args):
     """Refuse, before any run starts, the values main.py's own checks (options.check_options)
     would refuse in some run of the sweep: each method and seed with the flags passed to main.py,
     in as many processes as each run gets (torchrun over --gpus_per_run GPUs under --slurm)."""
-    main = main_module()
+    main = load_folder(FOLDERS[0]).main  # main.py is the same file in every folder
     processes = opt.gpus_per_run if opt.slurm and opt.gpus_per_run > 1 else 1
     # WORLD_SIZE: where main.py's checks read the process count from.
     with mock.patch.dict(os.environ, {"WORLD_SIZE": str(processes)}):
@@ -187,30 +184,10 @@ def slots(opt):
 
 # --- the runs ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def main_module():
-    """wrn/main.py as a module (its option_parser, parse_options, UsageError); wrn_mobi/main.py is
-    the same file. Its modules are imported by their plain names while it loads, and taken out of
-    sys.modules after."""
-    spec = importlib.util.spec_from_file_location("dcm_main", ROOT / "wrn" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    own_modules = {path.stem for path in (ROOT / "wrn").glob("*.py")}
-    loaded_before = {name: sys.modules[name] for name in own_modules if name in sys.modules}
-    sys.path.insert(0, str(ROOT / "wrn"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "wrn"))
-        for name in own_modules:
-            sys.modules.pop(name, None)
-        sys.modules.update(loaded_before)
-    return module
-
-
-def main_option_values(main_args):
+def main_option_values(main_args, folder=FOLDERS[0]):
     """({option: value}, {option: main.py's default}) of the flags passed to main.py, read by
     main.py's own parser: the values main.py will run with, whatever their spelling."""
-    main = main_module()
+    main = load_folder(folder).main
     parser = main.option_parser()
     try:
         return vars(parser.parse_args(main_args)), vars(parser.parse_args([]))
@@ -228,12 +205,10 @@ def value_text(value):
 
 
 def run_name(folder, method, seed, main_args):
-    """main.py's default_save_dir name, then NAME-VALUE (NAME for a flag without value) for every
-    passed option that changes what is trained and whose value is not main.py's default."""
-    values, defaults = main_option_values(main_args)
-    net1 = f"wrn-{values['depth']}-{values['width']}"
-    net2 = net1 if folder == "wrn" else "mobilenet"  # models.pair_names of each folder
-    name = f"{net1}_{net2}_{method}_seed{seed}"
+    """The folder's main.py default_save_dir name, then NAME-VALUE (NAME for a flag without value)
+    for every passed option that changes what is trained and whose value is not main.py's default."""
+    values, defaults = main_option_values(run_flags(method, seed) + main_args, folder)
+    name = os.path.basename(load_folder(folder).main.default_save_dir(argparse.Namespace(**values)))
     for option in sorted(set(values) - NAMELESS_OPTIONS):
         if option_value(values[option]) != option_value(defaults[option]):
             name += "_" + (option if values[option] is True else f"{option}-{value_text(values[option])}")
@@ -256,11 +231,11 @@ def state_of(save):
     log, checkpoint = os.path.join(save, "log.txt"), os.path.join(save, "checkpoint.pt")
     if os.path.isfile(log):
         try:
-            last = read_log(log)[-1]
+            last = read_records(log)[-1]
         except ToolError as error:
             return "blocked", str(error)
         exported = all(os.path.isfile(os.path.join(save, f"net{k}.pt")) for k in (1, 2))
-        if last["epoch"] == last["epochs"] and exported:
+        if "epochs" in last and last.get("epoch") == last["epochs"] and exported:
             return "skip", f"finished: epoch {last['epoch']} of {last['epochs']}"
     if os.path.isfile(checkpoint):
         return "resume", ""
@@ -294,13 +269,6 @@ def launch(job, main_args, gpu):
         output.flush()
         return subprocess.Popen(full_command, stdout=output, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def last_line(path):
-    """The last non-empty line of a run's output: its error message, usually."""
-    with open(path, errors="replace") as output:
-        lines = [line.strip() for line in output if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def run_jobs(jobs, main_args, gpu_slots):
