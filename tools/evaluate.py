@@ -54,7 +54,7 @@ def run_record(path):
     return record
 
 
-def read_weights(path, aux_prefixes):
+def read_weights(path):
     """The state dict of an exported network, refusing what is not one."""
     if not os.path.isfile(path):
         raise ToolError(f"{path}: no such file")
@@ -62,25 +62,25 @@ def read_weights(path, aux_prefixes):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a torch file, truncated, or holding objects weights_only refuses
         raise ToolError(f"{path} is not a file of tensors saved by main.py ({type(error).__name__}); "
-                            f"give the net1.pt or net2.pt of a finished run") from None
+                        f"give the net1.pt or net2.pt of a finished run") from None
     if isinstance(state, dict) and {"net1", "net2", "optimizer"} <= set(state):
         raise ToolError(f"{path} is a training checkpoint (both networks with auxiliary classifiers); "
-                            f"give the net1.pt or net2.pt that the run exports when it finishes "
-                            f"(finish it with main.py --resume)")
+                        f"give the net1.pt or net2.pt that the run exports when it finishes "
+                        f"(finish it with main.py --resume)")
     if not (isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values())):
         raise ToolError(f"{path} is not the state dict of a network; give the net1.pt or net2.pt of a run")
-    aux_keys = [key for key in state if key.startswith(aux_prefixes)]
-    if aux_keys:
-        raise ToolError(f"{path} holds auxiliary classifiers ({aux_keys[0]}, ...): it is not an exported "
-                            f"network; give the net1.pt or net2.pt that main.py writes at the end of a run")
     return state
 
 
-def build_network(path, state, record, models):
+def build_network(path, state, record, folder):
     """(name, the network with `state` loaded, strictly, and in eval mode)."""
+    aux_keys = [key for key in state if key.startswith(folder.checkpoint.AUX_PREFIXES)]
+    if aux_keys:
+        raise ToolError(f"{path} holds auxiliary classifiers ({aux_keys[0]}, ...): it is not an exported "
+                        f"network; give the net1.pt or net2.pt that main.py writes at the end of a run")
     index = NET_FILES.index(Path(path).name)
     name = paper.display_name(record[f"net{index + 1}"])
-    network = models.build_pair(record["depth"], record["width"], record["num_classes"], False)[index]
+    network = folder.models.build_pair(record["depth"], record["width"], record["num_classes"], False)[index]
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
@@ -109,8 +109,8 @@ def check_dataroot(path, protocol):
     if protocol["logged"]:
         relative = "" if os.path.isabs(dataroot) else " (relative to the folder the run was started in)"
         raise ToolError(f"{path}: the run's --dataroot {dataroot}{relative}, read off "
-                            f"{Path(path).parent / 'log.txt'}, is no folder here; give the dataset's folder with "
-                            f"--dataroot")
+                        f"{Path(path).parent / 'log.txt'}, is no folder here; give the dataset's folder with "
+                        f"--dataroot")
     raise ToolError(f"--dataroot {dataroot} is no folder; give the folder holding the run's dataset")
 
 
@@ -140,9 +140,10 @@ def forward_gflop(network, device):
 def measure(path, opt, device, datasets):
     """{network, dataset, test_images, protocol, accuracy, loss, parameters, gflop} of one file;
     `datasets` caches each loaded dataset by (name, dataroot)."""
+    state = read_weights(path)
     record = run_record(path)
     folder = load_folder(record["architecture"])
-    name, network = build_network(path, read_weights(path, folder.checkpoint.AUX_PREFIXES), record, folder.models)
+    name, network = build_network(path, state, record, folder)
     protocol = run_protocol(record, opt)
     dataset_name, dataroot = protocol["dataset"], protocol["dataroot"]
     check_dataroot(path, protocol)

@@ -64,6 +64,9 @@ ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and ne
 ENSEMBLE_KEY = "test_acc_ensemble"
 METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 METHOD_HEADERS = {"ind": "Ind", "dml": "DML", "ds": "DS", "dcm": "DCM"}
+LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
+                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
 
 @dataclass
 class Run:
