@@ -52,18 +52,20 @@ def models_sources():
     return ((ROOT / "wrn" / "models.py").read_text(), (ROOT / "wrn_mobi" / "models.py").read_text())
 
 
-def test_both_folders_hold_the_same_files():
-    wrn, mobi = mirror.folder_files("wrn"), mirror.folder_files("wrn_mobi")
-    assert wrn == mobi, (f"only in wrn/: {sorted(wrn - mobi)}; only in wrn_mobi/: {sorted(mobi - wrn)}; "
-                         f"write wrn_mobi/ from wrn/ with `{MIRROR_COMMAND}`")
+@pytest.mark.parametrize("copy", mirror.FOLDERS[1:])
+def test_every_folder_holds_the_same_files(copy):
+    wrn, other = mirror.folder_files("wrn"), mirror.folder_files(copy)
+    assert wrn == other, (f"only in wrn/: {sorted(wrn - other)}; only in {copy}/: {sorted(other - wrn)}; "
+                          f"write {copy}/ from wrn/ with `{MIRROR_COMMAND}`")
     assert {"main.py", "models.py", "dcm_loss.py"} <= wrn
 
 
-def test_every_file_but_models_py_is_byte_identical():
+@pytest.mark.parametrize("copy", mirror.FOLDERS[1:])
+def test_every_file_but_models_py_is_byte_identical(copy):
     differ = [name for name in sorted(mirror.folder_files("wrn") - {"models.py"})
-              if (ROOT / "wrn_mobi" / name).is_file()
-              and (ROOT / "wrn" / name).read_bytes() != (ROOT / "wrn_mobi" / name).read_bytes()]
-    assert not differ, (f"wrn/ and wrn_mobi/ differ in {', '.join(differ)}: edit wrn/, then write wrn_mobi/ "
+              if (ROOT / copy / name).is_file()
+              and (ROOT / "wrn" / name).read_bytes() != (ROOT / copy / name).read_bytes()]
+    assert not differ, (f"wrn/ and {copy}/ differ in {', '.join(differ)}: edit wrn/, then write {copy}/ "
                         f"from it with `{MIRROR_COMMAND}`")
 
 
