@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from common import FOLDERS, ROOT, setting_flags
+from common import FOLDERS, ROOT, markdown_table, setting_flags
 
 # The rows a --settings may name: `plain` is tools/plain_step.py, the others main.py with
 # common.setting_flags.
@@ -124,10 +124,7 @@ def main(argv=None):
           f"--method {opt.method}, {opt.steps} timed steps per row; {time.time() - started:.0f} s in all.")
     print(f"The last column is {EPOCHS} epochs of {TRAIN_IMAGES} images at the real epoch code's speed, "
           f"evaluation excluded.\n")
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(column) or "") for column in COLUMNS) + " |")
+    print("\n".join(markdown_table(COLUMNS, [[str(row.get(column) or "") for column in COLUMNS] for row in rows])))
     return 1 if failures else 0
 
 

@@ -72,13 +72,15 @@ def last_line(path):
 
 def option_value(value):
     """An option's value as it is compared: a list given as JSON text ('[60, 120, 160]',
-    '[60,120,160]') as the list, anything else as logged (JSON numbers are compared as numbers)."""
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            pass
-    return value
+    '[60,120,160]') as the list, anything else as logged (JSON numbers are compared as numbers).
+    main.py has refused any such text that is not JSON before a run logs it."""
+    return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+
+
+def markdown_table(header, rows):
+    """The lines of a Markdown table: the header, the separator, a line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |"
+                                                                             for row in rows]
 
 
 def setting_flags(setting):

@@ -3,25 +3,15 @@
     python tools/evaluate.py logs/wrn-28-10_mobilenet_dcm_seed1/net*.pt   # the run's dataset, from its --dataroot
     python tools/evaluate.py logs/RUN/net1.pt --dataset CIFAR10 --dataroot DATA --gpu_id ''
 
-Each file is read with torch.load(weights_only=True) and loaded, strictly, into the network that
-the run's log.txt beside it names: net1.pt into net 1, net2.pt into net 2, built without auxiliary
-classifiers by models.build_pair of the folder that trained it (architecture), with the run's
---depth, --width and classes. It is tested as main.py tested it at the run's last epoch: BN in eval
-mode, the whole test set of the run's dataset normalised the same way, under the run's --amp
-autocast, fp32 precision (--tf32: TF32 tensor cores on a GPU, else IEEE fp32) and memory layout
-(--channels_last), all read off that log, and read from the run's --dataroot. So the error is
-100 - the test_acc_net1/net2 that main.py logged last, and the test loss (cross-entropy of the
-network's final classifier) its test_loss_terms ce_net1_final / ce_net2_final, whatever the number
-of processes (their BN statistics are rank 0's) or the resumes. A run trained with --compile is
-evaluated eagerly: the same numbers up to float rounding. --dataset, --dataroot and --amp override
-the log. A relative --dataroot in the log is relative to the folder the run was started in:
-started elsewhere, give --dataroot. A --dataroot that is no folder is refused: nothing is
-downloaded there. GFLOP are 2 x multiply-adds of one 32x32 image's forward pass (torch's FLOP
-counter).
-
-Checkpoints (checkpoint.pt), networks that still carry auxiliary classifiers, files without their
-run's log.txt, and files of other networks or datasets are refused with a message. Prints a
-Markdown table.
+Each file is loaded (weights_only), strictly, into the network that the run's log.txt beside it
+names: net 1 or net 2 of models.build_pair of the folder that trained it (architecture), with the
+run's --depth, --width and classes, without auxiliary classifiers. It is tested as main.py tested
+it at the last epoch (BN in eval mode; the run's dataset, --dataroot, --amp, --tf32 and
+--channels_last, read off that log; --dataset, --dataroot and --amp override them), so the error
+is 100 - the test_acc_net1/net2 logged last. A --dataroot that is no folder here is refused:
+nothing is downloaded. GFLOP: 2 x multiply-adds of one 32x32 image's forward pass. Checkpoints,
+networks with auxiliary classifiers and files without their run's log are refused with a message.
+Prints a Markdown table. The whole story: docs/reproducing.md.
 """
 import argparse
 import os
@@ -33,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, read_records
+from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, markdown_table, read_records
 
 NET_FILES = ("net1.pt", "net2.pt")  # what main.py exports, net 1 and net 2
 IMAGE_SHAPE = (1, 3, 32, 32)
@@ -220,10 +210,7 @@ def main(argv=None):
     except ToolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print("\n".join(markdown_table(columns, rows)))
     return 0
 
 

@@ -7,34 +7,14 @@
     python tools/summarize.py 'logs/*mobilenet*' --batchstats   # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
-Arguments are log files, folders (searched for log.txt) or globs. Runs are grouped by every
-option main.py logged except those that do not change what is trained (NOT_CELL_DEFINING, listed
-at the end of --help); the seed is what varies inside a cell. A row is
-a pair of networks with its settings, a column pair is a method (ind, dml, ds, dcm, and dcm with
-other --links as dcm-same, dcm-cross, dcm-final) with net 1's and net 2's error. The networks are
-named as the run logged them (net1, net2).
-
-Each cell is the error (100 - test accuracy of the network's final classifier) after the last
-epoch (the paper's protocol; --best takes each run's best epoch), mean +/- sample std (n-1),
-with n, the number of seeds. Each seed counts once: where two runs of one seed meet in a cell (a
-copied folder, a --resume PATH into another folder, a rerun), the one that logged the furthest
-epoch is counted (among equals the first by path), the cell says "+1 repeated seed" and a note
-names every log of that seed. --ensemble adds a column per method: the error of the two
-networks' final classifiers with their softmax averaged (test_acc_ensemble), which the paper
-does not report. A run is finished when its last logged epoch is its --epochs;
-unfinished runs are flagged and left out unless --include_unfinished. Notes (unfinished runs,
-repeated seeds, missing keys) go to stderr, the table to stdout.
-
-The paper's value and our difference are printed below a row only where they compare like with
-like. The row's recipe must be the paper's in every logged option that can change the numbers:
-tools/paper.py's RECIPE lists each one's reference value (BN over the whole batch: one process, or torchrun
-with --sync_bn); a row that differs, or that logged an option this tool does not know, gets a
-"paper" line saying why instead. And the number must be measured as the paper's was: the paper's
-MobileNet cells come from the published wrn_mobi, which tested with test-batch BN statistics. A
-network whose runs logged that too (test_acc_net2_batchstats: wrn_mobi's MobileNet) gets two lines,
-the error with BN in eval mode (the proper one) and the error under the published protocol, and
-the paper's value is set beside, and differenced against, the one the paper measured.
---batchstats puts the published-protocol line first.
+A row is a pair of networks (as the runs logged them) with its settings: every logged option but
+those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
+dcm with other --links), net 1's and net 2's error after the last epoch (--best: the best one),
+mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
+are left out unless --include_unfinished. The paper's values (tools/paper.py) are set below a row
+only where its recipe is the paper's and the error is measured as the paper measured it (its
+MobileNet with test-batch BN statistics). Notes go to stderr, the table to stdout. The whole
+story: docs/reproducing.md.
 """
 import argparse
 import csv
@@ -50,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, option_value, read_records
+from common import FOLDERS, LOG_NAME, ROOT, ToolError, markdown_table, option_value, read_records
 
 # Keys of a line of main.py that this tool reads; the published code's logs lack most of them.
 REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "seed", "dataset", "depth", "width", "architecture", "net1",
@@ -419,9 +399,7 @@ def title(rows, best, batchstats):
 def markdown(rows, best, batchstats):
     lines, _ = table_lines(rows)
     out = title(rows, best, batchstats) + [""]
-    out.append("| " + " | ".join(lines[0]) + " |")
-    out.append("|" + "---|" * len(lines[0]))
-    out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+    out += markdown_table(lines[0], lines[1:])
     return "\n".join(out)
 
 

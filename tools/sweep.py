@@ -9,23 +9,13 @@
     python tools/sweep.py --slurm --partition gpu --time 720 --dataroot DATA   # one SLURM job per run (slurm.py)
     python tools/sweep.py --status --dataroot DATA             # where each run stands
 
-Options the sweep does not know are passed to every `main.py` (--depth, --epochs, --dataroot,
---amp, ...). Run folders are LOGDIR/<net1>_<net2>_<method>_seed<seed>, main.py's default name,
-followed by NAME-VALUE for each passed option that changes what is trained and whose value differs
-from main.py's default, e.g. logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30. Values are read as main.py
-reads them and written in one spelling: --lr 0.1, --lr 1e-1 and --lr=0.10 name no option (0.1 is
-the default), --epoch_step '[60, 120]' names epoch_step-60-120. Paths are relative to where the
-sweep is started, and so are the runs'. Before anything starts, the options of every run go
-through main.py's own checks, and the GPUs of --gpus are looked for on this machine: a value a
-run would refuse stops the sweep with one line and exit code 2.
-
-A run whose log reached its last epoch and that exported net1.pt and net2.pt is skipped; a run
-with a checkpoint.pt is resumed (--resume); any other starts afresh. Each run's output goes to
-SAVE/stdout.txt (appended). Runs start in order of seed, so an interrupted sweep leaves whole
-seeds; with --gpus, each GPU (--gpu_id) takes the next run as soon as one of its --jobs_per_gpu
-slots is free. A failed run is reported with the path of its output and the others go on; the
-exit code is 0 when every run finished, 1 otherwise. Ctrl-C stops the runs (each keeps its last
-finished epoch); the same command resumes them. `python tools/summarize.py LOGDIR` makes the table.
+Options the sweep does not know go to every main.py. A run's folder is LOGDIR/ + main.py's default
+name, then NAME-VALUE for each passed option that changes what is trained and is not its default
+(values read by main.py's parser, so one spelling: logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30).
+Every run's options pass main.py's checks before any starts. Finished runs are skipped, those with
+a checkpoint.pt resumed, the others started, seed by seed, each on the next free slot of --gpus;
+output in SAVE/stdout.txt. The exit code is 0 when every run finished, 1 otherwise; Ctrl-C stops
+the runs and the same command resumes them. The whole story: docs/reproducing.md.
 """
 import argparse
 import os
@@ -190,7 +180,9 @@ def main_option_values(main_args, folder=FOLDERS[0]):
     main = load_folder(folder).main
     parser = main.option_parser()
     try:
-        return vars(parser.parse_args(main_args)), vars(parser.parse_args([]))
+        values = vars(parser.parse_args(main_args))
+        main.lr_drop_epochs(argparse.Namespace(**values))  # --epoch_step's JSON, checked as main.py checks it
+        return values, vars(parser.parse_args([]))
     except main.UsageError as error:
         raise ToolError(f"main.py would refuse the flags passed to it: {error}") from None
 
