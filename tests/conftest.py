@@ -1,7 +1,7 @@
-"""Shared helpers: import either folder's modules, run main.py, write tiny datasets on disk.
+"""Shared helpers: import the tools and either folder's modules, run main.py, write tiny datasets.
 
 wrn/ and wrn_mobi/ each import their own `models`, `dcm_loss`, `dataset` by plain name, so the
-two folders are loaded one at a time and kept under separate namespaces.
+two folders are loaded as tools/common.load_folder loads them, under separate namespaces.
 """
 import gzip
 import importlib
@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,27 +19,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("wrn", "wrn_mobi")
-MODULES = ("models", "dcm_loss", "dataset", "distributed", "hardware", "training", "checkpoint", "epoch_log", "safety",
-           "distillation", "benchmark", "options", "main")
-_loaded = {}
 
 # Unit-test tensors are tiny: one thread avoids threads spin-waiting for a busy core.
 torch.set_num_threads(1)
 
 
-def load_folder(folder):
-    """The modules of wrn/ or wrn_mobi/ as a namespace: .models, .dcm_loss, .dataset, .main."""
-    if folder not in _loaded:
-        saved = {name: sys.modules.pop(name) for name in MODULES if name in sys.modules}
-        sys.path.insert(0, str(ROOT / folder))
-        try:
-            _loaded[folder] = SimpleNamespace(**{name: importlib.import_module(name) for name in MODULES})
-        finally:
-            sys.path.remove(str(ROOT / folder))
-            for name in MODULES:
-                sys.modules.pop(name, None)
-            sys.modules.update(saved)
-    return _loaded[folder]
+def import_tools(*names):
+    """tools/NAME.py modules; they import each other by plain name, as when run as scripts."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
+# The modules of wrn/ or wrn_mobi/ as a namespace: .models, .dcm_loss, .dataset, .main, ...
+load_folder = import_tools("common")[0].load_folder
 
 
 @pytest.fixture(params=FOLDERS)

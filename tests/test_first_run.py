@@ -1,7 +1,6 @@
 """What a new user meets first: defaults that fit the machine and say what they chose, short runs
 on a fixed training subset (--subset), a finished run that resume leaves alone, help texts that
 show the defaults, and messages that name runs still in their first epoch."""
-import importlib
 import os
 import re
 import subprocess
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, load_folder, read_log, run_main
+from conftest import ROOT, import_tools, load_folder, read_log, run_main
 
 # A run that trains 32 images for one step and tests the 512 synthetic test images: seconds.
 SHORT = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--method", "ind", "--epochs", "1",
@@ -19,15 +18,7 @@ SHORT = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--method", 
 CPU_ONLY = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def import_tools():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return [importlib.import_module(name) for name in ("summarize", "sweep")]
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-
-
-summarize, sweep = import_tools()
+summarize, sweep, paper = import_tools("summarize", "sweep", "paper")
 
 
 def file_states(folder):
@@ -124,10 +115,10 @@ def test_subset_is_class_balanced_fixed_by_the_seed_and_leaves_the_test_set(fold
 
 
 def test_subset_keeps_a_row_out_of_the_paper_comparison_and_names_the_sweep_folder():
-    recipe = dict(summarize.PAPER_RECIPE)
-    assert summarize.recipe_differences(recipe) == []
-    assert summarize.recipe_differences({**recipe, "subset": 10000}) == ["subset 10000 (the paper's: null)"]
-    assert summarize.recipe_differences({key: value for key, value in recipe.items() if key != "subset"}) == []
+    recipe = dict(paper.RECIPE)
+    assert paper.recipe_differences(recipe) == []
+    assert paper.recipe_differences({**recipe, "subset": 10000}) == ["subset 10000 (the paper's: null)"]
+    assert paper.recipe_differences({key: value for key, value in recipe.items() if key != "subset"}) == []
     assert sweep.run_name("wrn", "dcm", 1, ["--subset", "10000"]) == "wrn-28-10_wrn-28-10_dcm_seed1_subset-10000"
 
 

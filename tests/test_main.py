@@ -134,10 +134,15 @@ def test_dcm_log_records_hold_reference_and_per_classifier_keys(dcm_run):
     per_classifier = [f"{split}_acc_{net}{aux}" for split in ("train", "test") for net in ("net1", "net2")
                       for aux in ("", "_aux1", "_aux2")]
     for record in dcm_run["records"]:
-        missing = set(REFERENCE_KEYS + ("lr", "train_loss_terms", "test_loss_terms", *per_classifier)) - set(record)
+        logged = ("epoch_lr", "architecture", "net1", "net2", "train_loss_terms", "test_loss_terms")
+        missing = set(REFERENCE_KEYS + logged + tuple(per_classifier)) - set(record)
         assert not missing
         assert record["num_classes"] == 100
-        assert record["lr"] == pytest.approx(0.1)
+        assert record["epoch_lr"] == pytest.approx(0.1)
+        # The pair, so that tools read it instead of guessing it: the folder and its models.pair_names.
+        assert record["architecture"] == dcm_run["folder"]
+        models = load_folder(dcm_run["folder"]).models
+        assert (record["net1"], record["net2"]) == models.pair_names(record["depth"], record["width"])
         assert record["train_time"] > 0 and record["test_time"] > 0
 
 
@@ -276,7 +281,9 @@ def test_wrn_mobi_trains_on_fashion_mnist_idx_files(tmp_path):
 
 
 def test_lr_drops_at_the_start_of_the_epoch_step_epochs(dml_run):
-    assert [record["lr"] for record in read_log(dml_run)] == pytest.approx([0.1, 0.05])
+    records = read_log(dml_run)
+    assert [record["epoch_lr"] for record in records] == pytest.approx([0.1, 0.05])
+    assert [record["lr"] for record in records] == [0.1, 0.1]  # the --lr option, as given
 
 
 # --- 4. the synthetic dataset, with the default --save ---------------------------------------------

@@ -1,25 +1,22 @@
 """wrn/ and wrn_mobi/ are self-contained copies (SPEC §2): this fails as soon as they drift apart.
 
-Everything but models.py is byte-identical; in models.py every definition present in both folders
-(the Wide ResNet) is identical, except build_pair, pair_names and PUBLISHED_TEST_USES_BATCH_STATISTICS,
-which say which pair is trained and how the published code tested it.
+Everything but models.py is byte-identical (`python tools/mirror.py` writes the copies from wrn/);
+in models.py every definition present in both folders (the Wide ResNet) is identical, except
+build_pair, pair_names and PUBLISHED_TEST_USES_BATCH_STATISTICS, which say which pair is trained
+and how the published code tested it.
 """
 import ast
+import shutil
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, import_tools
 
-IGNORED_DIRS = {"__pycache__", "logs", "data"}
+mirror, = import_tools("mirror")
+MIRROR_COMMAND = "python tools/mirror.py"
 PER_FOLDER_NAMES = {"build_pair", "pair_names", "PUBLISHED_TEST_USES_BATCH_STATISTICS"}  # allowed to differ
 SHARED_WRN_NAMES = {"PreActBlock", "wrn_group", "WRNHead", "WideResNet", "init_wrn_weights", "wrn"}
 MOBILENET_NAMES = {"mobilenet", "MobileNet"}
-
-
-def folder_files(folder):
-    base = ROOT / folder
-    return {path.relative_to(base).as_posix() for path in base.rglob("*")
-            if path.is_file() and not IGNORED_DIRS.intersection(path.relative_to(base).parts)}
 
 
 def top_level_definitions(source):
@@ -55,16 +52,40 @@ def models_sources():
     return ((ROOT / "wrn" / "models.py").read_text(), (ROOT / "wrn_mobi" / "models.py").read_text())
 
 
-def test_both_folders_hold_the_same_files():
-    only_wrn, only_mobi = folder_files("wrn") - folder_files("wrn_mobi"), folder_files("wrn_mobi") - folder_files("wrn")
-    assert not only_wrn and not only_mobi, f"only in wrn/: {sorted(only_wrn)}; only in wrn_mobi/: {sorted(only_mobi)}"
-    assert {"main.py", "models.py", "dcm_loss.py"} <= folder_files("wrn")
+@pytest.mark.parametrize("copy", mirror.FOLDERS[1:])
+def test_every_folder_holds_the_same_files(copy):
+    wrn, other = mirror.folder_files("wrn"), mirror.folder_files(copy)
+    assert wrn == other, (f"only in wrn/: {sorted(wrn - other)}; only in {copy}/: {sorted(other - wrn)}; "
+                          f"write {copy}/ from wrn/ with `{MIRROR_COMMAND}`")
+    assert {"main.py", "models.py", "dcm_loss.py"} <= wrn
 
 
-@pytest.mark.parametrize("name", sorted(folder_files("wrn") - {"models.py"}))
-def test_every_file_but_models_py_is_byte_identical(name):
-    assert (ROOT / "wrn" / name).read_bytes() == (ROOT / "wrn_mobi" / name).read_bytes(), \
-        f"wrn/{name} and wrn_mobi/{name} differ: copy the fixed one over the other"
+@pytest.mark.parametrize("copy", mirror.FOLDERS[1:])
+def test_every_file_but_models_py_is_byte_identical(copy):
+    differ = [name for name in sorted(mirror.folder_files("wrn") - {"models.py"})
+              if (ROOT / copy / name).is_file()
+              and (ROOT / "wrn" / name).read_bytes() != (ROOT / copy / name).read_bytes()]
+    assert not differ, (f"wrn/ and {copy}/ differ in {', '.join(differ)}: edit wrn/, then write {copy}/ "
+                        f"from it with `{MIRROR_COMMAND}`")
+
+
+def test_the_mirror_command_writes_every_file_but_models_py_and_removes_strays(tmp_path, monkeypatch):
+    for folder in ("wrn", "wrn_mobi"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns(*mirror.IGNORED_DIRS))
+    (tmp_path / "wrn" / "dcm_loss.py").write_text("# fixed\n")
+    (tmp_path / "wrn_mobi" / "main.py").unlink()
+    (tmp_path / "wrn_mobi" / "stray.py").write_text("")
+    (tmp_path / "wrn_mobi" / "logs").mkdir()
+    (tmp_path / "wrn_mobi" / "logs" / "log.txt").write_text("a run's")
+    models = (tmp_path / "wrn_mobi" / "models.py").read_bytes()
+    monkeypatch.setattr(mirror, "ROOT", tmp_path)
+    assert mirror.mirror("wrn_mobi") == (["dcm_loss.py", "main.py"], ["stray.py"])
+    assert mirror.folder_files("wrn") == mirror.folder_files("wrn_mobi")
+    for name in mirror.folder_files("wrn") - {"models.py"}:
+        assert (tmp_path / "wrn" / name).read_bytes() == (tmp_path / "wrn_mobi" / name).read_bytes(), name
+    assert (tmp_path / "wrn_mobi" / "models.py").read_bytes() == models
+    assert (tmp_path / "wrn_mobi" / "logs" / "log.txt").read_text() == "a run's"
+    assert mirror.mirror("wrn_mobi") == ([], [])
 
 
 def test_shared_wrn_definitions_are_identical_in_both_models_py():

@@ -299,6 +299,7 @@ def test_slurm_rerun_submits_only_runs_whose_job_failed_or_vanished(fake_slurm):
 def finished_log(method):
     """A log.txt line of a finished 2-epoch run, with the keys --status and the sweep read."""
     record = {"epoch": 2, "epochs": 2, "method": method, "links": "none", "depth": 10, "width": 1, "seed": 1,
+              "architecture": "wrn", "net1": "wrn-10-1", "net2": "wrn-10-1",
               "dataset": "CIFAR100", "lr": 0.1, "epoch_step": "[60,120,160]", "lr_decay_ratio": 0.2,
               "test_acc_net1": 60.0, "test_acc_net2": 58.5, "n_parameters_net1": 1, "n_parameters_net2": 1}
     return "json_stats: " + json.dumps(record) + "\n"

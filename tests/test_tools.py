@@ -8,9 +8,9 @@ paper's columns are checked on hand-written logs with known numbers. The tools r
 """
 import contextlib
 import csv
-import importlib
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -22,18 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_folder, read_log, run_main, write_cifar100
+from conftest import ROOT, import_tools, load_folder, read_log, run_main, write_cifar100
 
-
-def import_tools():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        return [importlib.import_module(name) for name in ("summarize", "sweep", "plot", "evaluate")]
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-
-
-summarize, sweep, plot, evaluate = import_tools()
+summarize, sweep, plot, evaluate = import_tools("summarize", "sweep", "plot", "evaluate")
 
 TINY = ["--depth", "10", "--width", "1", "--epochs", "2", "--batch_size", "16", "--nthread", "1"]
 TINY_SUFFIX = "_batch_size-16_epochs-2"  # what TINY adds to a run's folder name (--nthread does not)
@@ -139,13 +130,6 @@ def test_sweep_runs_every_run_to_the_end_in_its_own_folder(swept):
         assert (save / "net1.pt").is_file() and (save / "net2.pt").is_file()
         assert "epoch 2/2" in (save / "stdout.txt").read_text()
     assert "sweep: 4 of 4 runs finished" in swept["out"]
-
-
-def test_sweep_run_names_are_main_py_default_names(folder):
-    main = load_folder(folder).main
-    for method, main_flags in (("dcm", []), ("dcm-same", ["--links", "same"]), ("ind", ["--method", "ind"])):
-        opt = main.parse_options(["--seed", "3", *main_flags])
-        assert sweep.run_name(folder, method, 3, []) == os.path.basename(main.default_save_dir(opt))
 
 
 def test_sweep_run_names_hold_option_values_not_spellings():
@@ -320,7 +304,7 @@ def test_summarize_real_logs_markdown_has_the_papers_layout(swept, mobi_run, rea
     assert rows[0][6] == f"{final_errors(swept['saves']['dml', 1], 1):.2f} (n=1, +1 unfinished)"
     assert rows[1][5] == f"{final_errors(mobi_run['save'], 2):.2f} (n=1)"
     assert rows[1][6:] == ["", ""]  # no dml run of that pair
-    batchstats_error = 100 - read_log(mobi_run["save"])[-1][summarize.BATCHSTATS_KEY]
+    batchstats_error = 100 - read_log(mobi_run["save"])[-1][BATCHSTATS_KEY]
     assert rows[2][4:] == ["", f"{batchstats_error:.2f} (n=1)", "", ""]
 
 
@@ -336,13 +320,10 @@ def test_summarize_include_unfinished_counts_the_last_logged_epoch(swept, real_l
 
 # --- summarize: hand-written logs with known numbers ------------------------------------------------
 
-# What main.py logs with its defaults (wrn_mobi/'s net 2 differs only in its parameter count).
-REFERENCE_OPTIONS = {
-    "save": "", "depth": 28, "width": 10, "dataset": "CIFAR100", "dataroot": "./data", "batch_size": 128, "lr": 0.1,
-    "epochs": 200, "weight_decay": 0.0005, "epoch_step": "[60,120,160]", "lr_decay_ratio": 0.2, "seed": 1,
-    "nthread": 4, "resume": "", "note": "", "gpu_id": "0", "method": "dcm", "links": "dense", "amp": "none",
-    "tf32": False, "channels_last": False, "compile": False, "eval_batch_size": 1000, "benchmark": None}
-N_PARAMETERS = {"wrn-28-10": 36_546_980, "mobilenet": 3_315_428}
+# What main.py logs with its defaults (the paper's recipe), read off its own parser.
+REFERENCE_OPTIONS = vars(load_folder("wrn").main.option_parser().parse_args([]))
+ARCHITECTURES = {"wrn": "wrn", "mobi": "wrn_mobi", "third": "wrn_third"}  # a pair's training folder
+BATCHSTATS_KEY = "test_acc_net2_batchstats"
 # (pair, method) -> final errors of net 1 and net 2 over seeds 1, 2, 3.
 KNOWN_ERRORS = {
     ("wrn", "ind"): ([19.0, 18.5, 19.1], [18.9, 18.4, 18.6]),
@@ -358,22 +339,18 @@ BEST_GAIN = 0.3  # epoch 199 is this much better than the last one in the hand-w
 PUBLISHED_PROTOCOL_GAP = 1.8
 
 
-def log_record(epoch, error1, error2, pair="wrn", **options):
-    """One json_stats record as main.py writes it: the options, then the epoch's numbers; main.py
-    logs the epoch's lr under the option's key."""
-    record = {**REFERENCE_OPTIONS, **options}
-    lr = record["lr"]
-    for drop_epoch in json.loads(record["epoch_step"]):
-        lr *= record["lr_decay_ratio"] if drop_epoch <= epoch else 1
-    net1 = f"wrn-{record['depth']}-{record['width']}"
-    net2 = net1 if pair == "wrn" else "mobilenet"
-    if net2 == "mobilenet":  # wrn_mobi/main.py logs its MobileNet under the published protocol too
-        record[summarize.BATCHSTATS_KEY] = 100 - error2 - PUBLISHED_PROTOCOL_GAP
+def log_record(epoch, error1, error2, pair="wrn", epoch_lr=0.0008, **options):
+    """One json_stats record as main.py writes it: the options, the pair (wrn: WRN-d-k twice, mobi:
+    with the MobileNet, third: with a network of a third folder), then the epoch's numbers."""
+    record = {**REFERENCE_OPTIONS, "world_size": 1, **options, "architecture": ARCHITECTURES[pair],
+              "net1": f"wrn-{options.get('depth', 28)}-{options.get('width', 10)}"}
+    record["net2"] = {"wrn": record["net1"], "mobi": "mobilenet", "third": "resnet-8"}[pair]
+    if pair == "mobi":  # wrn_mobi/main.py logs its MobileNet under the published protocol too
+        record[BATCHSTATS_KEY] = 100 - error2 - PUBLISHED_PROTOCOL_GAP
     return {**record, "train_loss": 1.0, "train_acc": 70.0, "test_loss": 0.8, "test_acc": 100 - error1,
             "train_acc_net1": 70.0, "train_acc_net2": 70.0, "test_acc_net1": 100 - error1,
-            "test_acc_net2": 100 - error2, "epoch": epoch, "lr": lr, "train_time": 60.0, "test_time": 5.0,
-            "num_classes": 100, "n_parameters": 0, "n_parameters_net1": N_PARAMETERS.get(net1, 1000 + record["depth"]),
-            "n_parameters_net2": N_PARAMETERS.get(net2, 1000 + record["depth"])}
+            "test_acc_net2": 100 - error2, "epoch": epoch, "epoch_lr": epoch_lr, "train_time": 60.0,
+            "test_time": 5.0, "num_classes": 100}
 
 
 def write_log(path, records):
@@ -477,7 +454,7 @@ def test_runs_differing_only_in_seed_save_note_gpu_nthread_dataroot_share_a_cell
                                    dict(note="second", gpu_id="3", nthread=8, dataroot="/b", resume=True)], start=1):
         write_run(tmp_path, "wrn", "dcm", seed, (17.0 + seed, 17.0), **others)
     write_run(tmp_path / "longer", "wrn", "dcm", 1, (15.0, 15.0), logged_epochs=(299, 300), epochs=300)
-    # A run stopped at epoch 100 logged lr 0.02 (one drop): it belongs to the same cell, unfinished.
+    # A run stopped at epoch 100: it belongs to the same cell, unfinished.
     write_log(tmp_path / "stopped", [log_record(100, 25.0, 25.0, seed=3)])
     code, out, err = call(summarize.main, tmp_path)
     assert code == 0, err
@@ -544,6 +521,32 @@ def test_options_are_grouped_by_value_not_by_spelling(tmp_path):
     assert [row[2] for row in rows] == ["ours", "paper", "ours - paper"]
 
 
+def test_the_networks_are_named_as_the_run_logged_them(tmp_path):
+    # A pair of a third training folder: its own names, no paper values, no MobileNet protocol line.
+    for seed in (1, 2):
+        write_run(tmp_path, "third", "dcm", seed, (17.0, 20.0 + seed))
+    code, out, err = call(summarize.main, tmp_path)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    assert rows == [["WRN-28-10", "RESNET-8", "17.00 ± 0.00 (n=2)", "21.50 ± 0.71 (n=2)"]]
+    code, out, _ = call(summarize.main, tmp_path, "--csv")
+    assert {(line["architecture"], line["net2"], line["network"]) for line in csv.DictReader(io.StringIO(out))} == {
+        ("wrn_third", "resnet-8", "wrn-28-10"), ("wrn_third", "resnet-8", "resnet-8")}
+
+
+def test_the_lr_is_the_option_whatever_the_epochs_lr(tmp_path):
+    # epoch_lr is the epoch's, from any schedule (here a cosine's); the row's lr is the --lr option.
+    for seed in (1, 2):
+        records = [log_record(epoch, 17.0, 17.0, seed=seed, save=str(tmp_path / str(seed)),
+                              epoch_lr=0.05 * (1 + math.cos(math.pi * epoch / 200))) for epoch in (199, 200)]
+        write_log(tmp_path / str(seed), records)
+    code, out, err = call(summarize.main, tmp_path)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    assert [row[2] for row in rows] == ["ours", "paper", "ours - paper"]  # the paper's recipe, lr 0.1
+    assert "lr 0.1," in out
+
+
 def write_repeated_seeds(base):
     """DCM runs of seeds 1, 2, 3 with seeds 1 and 3 found more than once: seed 1 finished in a/ and
     b/ (17.0 and 19.0) and stopped at epoch 100 in c/; seed 3 stopped in a/, finished in b/ (16.0).
@@ -598,9 +601,9 @@ def test_no_run_where_the_user_looked_names_the_runs_started_inside_wrn(tmp_path
 def test_batchstats_takes_the_mobilenets_test_batch_statistics_where_logged(tmp_path):
     for seed, batchstats in ((1, 70.0), (2, 72.0), (3, None)):
         record = log_record(200, 17.0, 25.0, pair="mobi", seed=seed, method="ind")
-        record[summarize.BATCHSTATS_KEY] = batchstats
+        record[BATCHSTATS_KEY] = batchstats
         if batchstats is None:
-            del record[summarize.BATCHSTATS_KEY]
+            del record[BATCHSTATS_KEY]
         write_log(tmp_path / f"mobi{seed}", [record])
     write_log(tmp_path / "wrn", [log_record(200, 17.0, 19.0, method="ind")])
     code, out, err = call(summarize.main, tmp_path, "--batchstats", "--csv")
@@ -610,13 +613,13 @@ def test_batchstats_takes_the_mobilenets_test_batch_statistics_where_logged(tmp_
     assert (float(cells["mobilenet", "2"]["mean"]), cells["mobilenet", "2"]["runs"]) == (29.0, "2")
     assert cells["mobilenet", "1"]["runs"] == "3"  # net 1 is unaffected
     assert float(cells["wrn-28-10", "2"]["mean"]) == 19.0  # a WRN net 2 keeps its eval-mode accuracy
-    assert f"lacks {summarize.BATCHSTATS_KEY}" in err and str(tmp_path / "mobi3" / "log.txt") in err
+    assert f"lacks {BATCHSTATS_KEY}" in err and str(tmp_path / "mobi3" / "log.txt") in err
 
 
 def test_batchstats_without_the_key_in_any_log_is_refused(tmp_path):
     write_run(tmp_path, "wrn", "dcm", 1, (17.0, 17.0))
     line = error_line(*call(summarize.main, tmp_path, "--batchstats")[::2])
-    assert summarize.BATCHSTATS_KEY in line and "drop --batchstats" in line
+    assert BATCHSTATS_KEY in line and "drop --batchstats" in line
 
 
 PUBLISHED_LINE = ('json_stats: {"train_loss": 2.1, "train_acc": 40.0, "test_loss": 1.9, "test_acc": 45.0, '
@@ -648,12 +651,13 @@ def test_summarize_script_exits_2_on_a_foreign_log_without_traceback(tmp_path):
     assert result.stderr.startswith("error: ") and result.stdout == ""
 
 
-@pytest.mark.parametrize("tool", ["sweep", "summarize", "plot", "evaluate"])
-def test_help_works_and_shows_usage_examples(tool):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f"python tools/{tool}.py" in result.stdout
+@pytest.mark.parametrize("tool", [sweep, summarize, plot, evaluate], ids=lambda tool: tool.__name__)
+def test_help_works_and_shows_usage_examples(tool, capsys):
+    # In this process: the scripts themselves run in the exit-code tests.
+    with pytest.raises(SystemExit) as exit_:
+        tool.parse_options(["--help"])
+    assert exit_.value.code == 0
+    assert f"python tools/{tool.__name__}.py" in capsys.readouterr().out
 
 
 # --- plot --------------------------------------------------------------------------------------
@@ -731,9 +735,9 @@ def evaluate_rows(*args):
 
 @pytest.fixture(scope="module")
 def evaluated(swept, mobi_run):
-    """{save: [row of net1.pt, row of net2.pt]} of three runs measured by one evaluate.py command,
+    """{save: [row of net1.pt, row of net2.pt]} of two runs measured by one evaluate.py command,
     each file on the test set of the --dataroot its run logged (two different sets of one name)."""
-    saves = [swept["saves"]["ind", 1], swept["saves"]["dml", 2], mobi_run["save"]]
+    saves = [swept["saves"]["ind", 1], mobi_run["save"]]
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # as cpu_only
         rows = evaluate_rows(*[save / f"net{net}.pt" for save in saves for net in (1, 2)])
@@ -751,8 +755,7 @@ def test_evaluate_reproduces_main_py_final_accuracy_and_parameter_count(evaluate
 
 
 def test_evaluate_takes_the_logged_dataroot_unless_dataroot_is_given(evaluated, swept, mobi_run, cpu_only):
-    assert [rows[0]["test set"] for rows in evaluated.values()] == ["CIFAR100 (40 images)"] * 2 + [
-        "CIFAR100 (20 images)"]
+    assert [rows[0]["test set"] for rows in evaluated.values()] == ["CIFAR100 (40 images)", "CIFAR100 (20 images)"]
     row, = evaluate_rows(swept["saves"]["ind", 1] / "net1.pt", "--dataroot", mobi_run["dataroot"])
     assert row["test set"] == "CIFAR100 (20 images)"
 
@@ -799,19 +802,32 @@ def test_evaluate_counts_the_papers_forward_gflop(evaluated, mobi_run):
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, swept):
+    """Files evaluate.py refuses, each as the net1.pt of a copy of a real run's folder (its log.txt
+    beside it) unless its case is a missing log or a file named otherwise."""
     base = tmp_path_factory.mktemp("bad_files")
     save = swept["saves"]["dml", 1]
     models = load_folder("wrn").models
-    # What a DCM checkpoint holds under "net1": the network with its auxiliary classifiers.
-    torch.save(models.wrn(16, 1, 10, aux=True).state_dict(), base / "with_aux.pt")
     net1 = torch.load(save / "net1.pt", weights_only=True)
-    torch.save({key: value for key, value in net1.items() if key != "head.bn.weight"}, base / "missing_key.pt")
-    torch.save(models.wrn(10, 1, 100, aux=False).state_dict(), base / "hundred_classes.pt")
-    torch.save({"weight": torch.zeros(3)}, base / "other_network.pt")
-    (base / "text.pt").write_text("not weights")
-    return dict(checkpoint=save / "checkpoint.pt", with_aux=base / "with_aux.pt",
-                missing_key=base / "missing_key.pt", hundred_classes=base / "hundred_classes.pt",
-                other_network=base / "other_network.pt", text=base / "text.pt", missing=base / "missing.pt")
+    records = read_log(save)
+    states = {"with_aux": models.wrn(16, 1, 10, aux=True).state_dict(),  # what a checkpoint holds under "net1"
+              "missing_key": {key: value for key, value in net1.items() if key != "head.bn.weight"},
+              "hundred_classes": models.wrn(10, 1, 100, aux=False).state_dict(),
+              "other_network": {"weight": torch.zeros(3)}, "no_log": net1}
+    files = {"checkpoint": save / "checkpoint.pt", "missing": base / "missing" / "net1.pt",
+             "text": base / "text" / "net1.pt", "renamed": base / "renamed" / "weights.pt"}
+    files.update({name: base / name / "net1.pt" for name in states})
+    for name, path in files.items():
+        path.parent.mkdir(exist_ok=True)
+        if name not in ("checkpoint", "missing", "no_log"):
+            # The hundred-class network's run logged 100 classes, as it would have.
+            classes = 100 if name == "hundred_classes" else 10
+            (path.parent / "log.txt").write_text("".join(f"json_stats: {json.dumps({**r, 'num_classes': classes})}\n"
+                                                         for r in records))
+    for name, state in states.items():
+        torch.save(state, files[name])
+    torch.save(net1, files["renamed"])
+    files["text"].write_text("not weights")
+    return files
 
 
 @pytest.mark.parametrize("name, words", [
@@ -819,7 +835,9 @@ def bad_files(tmp_path_factory, swept):
     ("with_aux", ["auxiliary classifiers", "aux1."]),
     ("missing_key", ["does not fit WRN-10-1", "head.bn.weight"]),
     ("hundred_classes", ["100 classes", "CIFAR100 has 10", "--dataset"]),
-    ("other_network", ["not a network of this repository"]),
+    ("other_network", ["does not fit WRN-10-1", "Missing key"]),
+    ("no_log", ["beside its run's log.txt", "--save folder"]),
+    ("renamed", ["not a net1.pt or net2.pt"]),
     ("text", ["not a file of tensors"]),
     ("missing", ["no such file"]),
 ])

@@ -14,25 +14,16 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {
-    "plain": None,  # tools/plain_step.py
-    "fp32": [],
-    "fp32+cl": ["--channels_last"],
-    "bf16": ["--amp", "bf16"],
-    "bf16+cl": ["--amp", "bf16", "--channels_last"],
-    "bf16+compile": ["--amp", "bf16", "--compile"],
-    "bf16+cl+compile": ["--amp", "bf16", "--channels_last", "--compile"],
-    "fp16+cl+compile": ["--amp", "fp16", "--channels_last", "--compile"],
-}
-# The WRN pair's table, and the MobileNet pair's in both memory layouts (depthwise convolutions
-# are the layers whose speed depends most on it).
-DEFAULT_SETTINGS = {
-    "wrn": ["fp32", "bf16", "bf16+cl", "bf16+cl+compile"],
-    "wrn_mobi": ["fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile"],
-}
+from common import FOLDERS, ROOT, markdown_table, setting_flags
+
+# The rows a --settings may name: `plain` is tools/plain_step.py, the others main.py with
+# common.setting_flags.
+SETTINGS = ("plain", "fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile", "fp16+cl+compile")
+# Every pair's default rows, and the MobileNet pair's in both memory layouts too (depthwise
+# convolutions are the layers whose speed depends most on it).
+DEFAULT_SETTINGS = ("fp32", "bf16", "bf16+cl", "bf16+cl+compile")
+MORE_SETTINGS = {"wrn_mobi": ("fp32+cl", "bf16+compile")}
 TRAIN_IMAGES, EPOCHS = 50_000, 200  # CIFAR-100's training set, the reference schedule
 COLUMNS = ("folder", "pair", "setting", "img/s", "ms/step", "TFLOP/s", "% of matmul peak", "peak memory",
            "pipeline efficiency", f"{EPOCHS} epochs of training")
@@ -40,8 +31,8 @@ COLUMNS = ("folder", "pair", "setting", "img/s", "ms/step", "TFLOP/s", "% of mat
 
 def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folders", nargs="+", default=["wrn", "wrn_mobi"], choices=["wrn", "wrn_mobi"])
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS),
+    parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS)
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS,
                         help="rows to run in every folder (default: fp32, bf16, bf16+cl, bf16+cl+compile; "
                              "wrn_mobi adds fp32+cl and bf16+compile)")
     parser.add_argument("--steps", default=20, type=int, help="timed steps per row (after a warm-up)")
@@ -65,11 +56,11 @@ def row_command(opt, folder, setting):
     common = ["--depth", opt.depth, "--width", opt.width, "--batch_size", opt.batch_size]
     common += ["--gpu_id", opt.gpu_id] if opt.gpu_id is not None else []
     common += ["--nthread", opt.nthread] if opt.nthread is not None else []
-    if SETTINGS[setting] is None:
+    if setting == "plain":
         command = [ROOT / "tools" / "plain_step.py", "--folder", folder, "--steps", opt.steps, *common]
     else:
         command = [ROOT / folder / "main.py", "--benchmark", opt.steps, "--method", opt.method, *common,
-                   *SETTINGS[setting]]
+                   *setting_flags(setting)]
     return [sys.executable, *map(str, command)]
 
 
@@ -117,7 +108,8 @@ def main(argv=None):
     started = time.time()
     rows, failures, device = [], 0, None
     for folder in opt.folders:
-        for setting in opt.settings or DEFAULT_SETTINGS[folder]:
+        defaults = DEFAULT_SETTINGS + MORE_SETTINGS.get(folder, ())
+        for setting in opt.settings or [setting for setting in SETTINGS if setting in defaults]:
             row_started = time.time()
             cells, error = run_row(opt, folder, setting)
             seconds = time.time() - row_started
@@ -132,10 +124,7 @@ def main(argv=None):
           f"--method {opt.method}, {opt.steps} timed steps per row; {time.time() - started:.0f} s in all.")
     print(f"The last column is {EPOCHS} epochs of {TRAIN_IMAGES} images at the real epoch code's speed, "
           f"evaluation excluded.\n")
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(column) or "") for column in COLUMNS) + " |")
+    print("\n".join(markdown_table(COLUMNS, [[str(row.get(column) or "") for column in COLUMNS] for row in rows])))
     return 1 if failures else 0
 
 

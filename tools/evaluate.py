@@ -1,32 +1,19 @@
 """Test error, parameter count and forward GFLOP of exported networks (SAVE/net1.pt, SAVE/net2.pt).
 
     python tools/evaluate.py logs/wrn-28-10_mobilenet_dcm_seed1/net*.pt   # the run's dataset, from its --dataroot
-    python tools/evaluate.py net1.pt --dataset CIFAR10 --dataroot DATA --gpu_id ''
+    python tools/evaluate.py logs/RUN/net1.pt --dataset CIFAR10 --dataroot DATA --gpu_id ''
 
-Each file is read with torch.load(weights_only=True) and loaded, strictly, into the network its
-weights describe: a WRN-d-k (depth, width and classes read off the tensors; wrn/models.py, whose
-WRN code is identical to wrn_mobi's) or the MobileNet (wrn_mobi/models.py), built without
-auxiliary classifiers. It is tested as main.py tested it at the run's last epoch: BN in eval mode,
-the whole test set of the run's dataset normalised the same way, under the run's --amp autocast,
-fp32 precision (--tf32: TF32 tensor cores on a GPU, else IEEE fp32) and memory layout
-(--channels_last), all read off the log.txt beside the file, and read from the run's --dataroot
-there. So the error is 100 - the test_acc_net1/net2 that main.py logged last,
-and the test loss (cross-entropy of the network's final classifier) its test_loss_terms
-ce_net1_final / ce_net2_final, whatever the number of processes (their BN statistics are rank
-0's) or the resumes. A run trained with --compile is
-evaluated eagerly: the same numbers up to float rounding. --dataset, --dataroot and --amp override
-the log (without one: CIFAR100 in ./data, fp32). A relative --dataroot in the log is relative to
-the folder the run was started in: started elsewhere, give --dataroot. A --dataroot that is no
-folder is refused: nothing is downloaded there. GFLOP are 2 x multiply-adds of one 32x32 image's
-forward pass (torch's FLOP counter).
-
-Checkpoints (checkpoint.pt), networks that still carry auxiliary classifiers, and files of other
-networks or datasets are refused with a message. Prints a Markdown table.
+Each file is loaded (weights_only), strictly, into the network that the run's log.txt beside it
+names: net 1 or net 2 of models.build_pair of the folder that trained it (architecture), with the
+run's --depth, --width and classes, without auxiliary classifiers. It is tested as main.py tested
+it at the last epoch (BN in eval mode; the run's dataset, --dataroot, --amp, --tf32 and
+--channels_last, read off that log; --dataset, --dataroot and --amp override them), so the error
+is 100 - the test_acc_net1/net2 logged last. A --dataroot that is no folder here is refused:
+nothing is downloaded. GFLOP: 2 x multiply-adds of one 32x32 image's forward pass. Checkpoints,
+networks with auxiliary classifiers and files without their run's log are refused with a message.
+Prints a Markdown table. The whole story: docs/reproducing.md.
 """
 import argparse
-import functools
-import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -35,103 +22,72 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
-WRN_BLOCK_KEY = "group0.{}.conv0.weight"  # one per block of group0: (depth - 4) / 6 of them
-MOBILENET_KEY = "stem.0.weight"
+import paper
+from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, markdown_table, read_records
+
+NET_FILES = ("net1.pt", "net2.pt")  # what main.py exports, net 1 and net 2
 IMAGE_SHAPE = (1, 3, 32, 32)
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # main.py's --amp (training.py)
-
-
-class EvaluateError(Exception):
-    """A file or option that cannot be evaluated: one message, exit code 2."""
-
-
-@functools.lru_cache(maxsize=None)
-def load_module(folder, name):
-    """wrn/NAME.py or wrn_mobi/NAME.py under its own module name, so that both folders' models.py
-    can be used in one process. The folder is on the path while it loads, for its own imports."""
-    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", ROOT / folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / folder))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / folder))
-    return module
 
 
 # --- the network a file holds ----------------------------------------------------------------------
 
+def run_record(path):
+    """The last line of the log.txt beside an exported network: what its run knew."""
+    log = Path(path).parent / LOG_NAME
+    if Path(path).name not in NET_FILES or not log.is_file():
+        raise ToolError(f"{path}: not a {' or '.join(NET_FILES)} beside its run's {LOG_NAME}, which names the "
+                        f"network; give the net1.pt or net2.pt of a run in its --save folder")
+    record = read_records(log)[-1]
+    if not (ROOT / record.get("architecture", "") / "models.py").is_file():
+        raise ToolError(f"{log} names no training folder of this repository (architecture "
+                        f"{record.get('architecture')}); give the net1.pt or net2.pt of a run of main.py")
+    return record
+
+
 def read_weights(path):
     """The state dict of an exported network, refusing what is not one."""
     if not os.path.isfile(path):
-        raise EvaluateError(f"{path}: no such file")
+        raise ToolError(f"{path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a torch file, truncated, or holding objects weights_only refuses
-        raise EvaluateError(f"{path} is not a file of tensors saved by main.py ({type(error).__name__}); "
-                            f"give the net1.pt or net2.pt of a finished run") from None
+        raise ToolError(f"{path} is not a file of tensors saved by main.py ({type(error).__name__}); "
+                        f"give the net1.pt or net2.pt of a finished run") from None
     if isinstance(state, dict) and {"net1", "net2", "optimizer"} <= set(state):
-        raise EvaluateError(f"{path} is a training checkpoint (both networks with auxiliary classifiers); "
-                            f"give the net1.pt or net2.pt that the run exports when it finishes "
-                            f"(finish it with main.py --resume)")
+        raise ToolError(f"{path} is a training checkpoint (both networks with auxiliary classifiers); "
+                        f"give the net1.pt or net2.pt that the run exports when it finishes "
+                        f"(finish it with main.py --resume)")
     if not (isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values())):
-        raise EvaluateError(f"{path} is not the state dict of a network; give the net1.pt or net2.pt of a run")
-    aux_keys = [key for key in state if key.startswith(AUX_PREFIXES)]
-    if aux_keys:
-        raise EvaluateError(f"{path} holds auxiliary classifiers ({aux_keys[0]}, ...): it is not an exported "
-                            f"network; give the net1.pt or net2.pt that main.py writes at the end of a run")
+        raise ToolError(f"{path} is not the state dict of a network; give the net1.pt or net2.pt of a run")
     return state
 
 
-def describe(path, state):
-    """(folder, name, architecture keyword arguments) of the network whose weights `state` holds."""
-    if "head.fc.weight" not in state:
-        raise EvaluateError(f"{path} holds no head.fc.weight: not a network of this repository")
-    num_classes = state["head.fc.weight"].shape[0]
-    if MOBILENET_KEY in state:
-        return "wrn_mobi", "MobileNet", dict(num_classes=num_classes)
-    if WRN_BLOCK_KEY.format(0) in state:
-        blocks = 0
-        while WRN_BLOCK_KEY.format(blocks) in state:
-            blocks += 1
-        depth, width = 6 * blocks + 4, state[WRN_BLOCK_KEY.format(0)].shape[0] // 16
-        return "wrn", f"WRN-{depth}-{width}", dict(depth=depth, width=width, num_classes=num_classes)
-    raise EvaluateError(f"{path} holds neither a WRN nor the MobileNet of this repository "
-                        f"(first keys: {', '.join(list(state)[:3])})")
-
-
-def build_network(path, state):
-    """(name, the network with `state` loaded, strictly, and in eval mode, num_classes)."""
-    folder, name, architecture = describe(path, state)
-    models = load_module(folder, "models")
-    network = (models.mobilenet(aux=False, **architecture) if folder == "wrn_mobi"
-               else models.wrn(aux=False, **architecture))
+def build_network(path, state, record, folder):
+    """(name, the network with `state` loaded, strictly, and in eval mode)."""
+    aux_keys = [key for key in state if key.startswith(folder.checkpoint.AUX_PREFIXES)]
+    if aux_keys:
+        raise ToolError(f"{path} holds auxiliary classifiers ({aux_keys[0]}, ...): it is not an exported "
+                        f"network; give the net1.pt or net2.pt that main.py writes at the end of a run")
+    index = NET_FILES.index(Path(path).name)
+    name = paper.display_name(record[f"net{index + 1}"])
+    network = folder.models.build_pair(record["depth"], record["width"], record["num_classes"], False)[index]
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
         detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise EvaluateError(f"{path} does not fit {name}: {detail}") from None
-    return name, network.eval(), architecture["num_classes"]
+        raise ToolError(f"{path} does not fit {name}: {detail}") from None
+    return name, network.eval()
 
 
 # --- measurements ----------------------------------------------------------------------------------
 
-def run_protocol(path, opt):
-    """{dataset, dataroot, amp, tf32, channels_last} main.py tested the file's network with at its last
-    epoch: the options of the last line of the log.txt beside it, --dataset, --dataroot and --amp
-    overriding them, and `logged`: whether the dataroot is the log's."""
-    protocol = {"dataset": "CIFAR100", "dataroot": "./data", "amp": "none", "tf32": False, "channels_last": False}
-    logged = {}
-    try:
-        last = (Path(path).parent / "log.txt").read_text().splitlines()[-1]
-        logged = json.loads(last[len("json_stats: "):])
-        protocol.update({key: logged[key] for key in protocol if key in logged})
-    except (OSError, IndexError, ValueError, TypeError):
-        pass  # no log beside the file: the defaults, main.py's
+def run_protocol(record, opt):
+    """{dataset, dataroot, amp, tf32, channels_last} main.py tested the run's networks with at its
+    last epoch, --dataset, --dataroot and --amp overriding the log's, and `logged`: whether the
+    dataroot is the log's."""
+    protocol = {key: record[key] for key in ("dataset", "dataroot", "amp", "tf32", "channels_last")}
     protocol.update({key: getattr(opt, key) for key in ("dataset", "dataroot", "amp") if getattr(opt, key)})
-    protocol["logged"] = not opt.dataroot and "dataroot" in logged
+    protocol["logged"] = not opt.dataroot
     return protocol
 
 
@@ -142,22 +98,22 @@ def check_dataroot(path, protocol):
         return
     if protocol["logged"]:
         relative = "" if os.path.isabs(dataroot) else " (relative to the folder the run was started in)"
-        raise EvaluateError(f"{path}: the run's --dataroot {dataroot}{relative}, read off "
-                            f"{Path(path).parent / 'log.txt'}, is no folder here; give the dataset's folder with "
-                            f"--dataroot")
-    raise EvaluateError(f"--dataroot {dataroot} is no folder; give the folder holding the run's dataset")
+        raise ToolError(f"{path}: the run's --dataroot {dataroot}{relative}, read off "
+                        f"{Path(path).parent / 'log.txt'}, is no folder here; give the dataset's folder with "
+                        f"--dataroot")
+    raise ToolError(f"--dataroot {dataroot} is no folder; give the folder holding the run's dataset")
 
 
 @torch.no_grad()
-def test_measurements(network, dataset_module, data, batch_size, amp, channels_last):
+def test_measurements(network, folder, data, batch_size, amp, channels_last):
     """(top-1 accuracy (%), mean cross-entropy) of the final classifier on the whole test set, as
     main.py measures them: under autocast to `amp`, the loss in fp32, summed per batch."""
     device = data.test_images.device
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     network.to(memory_format=memory_format)
     correct, loss_sum = 0, torch.zeros((), device=device)
-    for images, labels in dataset_module.test_batches(data, batch_size):
-        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
+    for images, labels in folder.dataset.test_batches(data, batch_size):
+        with torch.autocast(device.type, dtype=folder.training.AMP_DTYPES[amp], enabled=amp != "none"):
             logits = network(images.contiguous(memory_format=memory_format))[-1]
         correct += (logits.argmax(dim=1) == labels).sum().item()
         loss_sum += F.cross_entropy(logits.float(), labels) * labels.numel()
@@ -175,23 +131,24 @@ def measure(path, opt, device, datasets):
     """{network, dataset, test_images, protocol, accuracy, loss, parameters, gflop} of one file;
     `datasets` caches each loaded dataset by (name, dataroot)."""
     state = read_weights(path)
-    name, network, num_classes = build_network(path, state)
-    dataset_module = load_module("wrn", "dataset")  # identical in both folders
-    protocol = run_protocol(path, opt)
+    record = run_record(path)
+    folder = load_folder(record["architecture"])
+    name, network = build_network(path, state, record, folder)
+    protocol = run_protocol(record, opt)
     dataset_name, dataroot = protocol["dataset"], protocol["dataroot"]
     check_dataroot(path, protocol)
     if (dataset_name, dataroot) not in datasets:
         try:
-            datasets[dataset_name, dataroot] = dataset_module.load_dataset(dataset_name, dataroot, device)
-        except dataset_module.DatasetError as error:
-            raise EvaluateError(str(error)) from None
+            datasets[dataset_name, dataroot] = folder.dataset.load_dataset(dataset_name, dataroot, device)
+        except folder.dataset.DatasetError as error:
+            raise ToolError(str(error)) from None
     data = datasets[dataset_name, dataroot]
-    if data.num_classes != num_classes:
-        raise EvaluateError(f"{path} classifies into {num_classes} classes, {dataset_name} has {data.num_classes}; "
-                            f"give the run's dataset with --dataset")
+    if data.num_classes != record["num_classes"]:
+        raise ToolError(f"{path} classifies into {record['num_classes']} classes, {dataset_name} has "
+                        f"{data.num_classes}; give the run's dataset with --dataset")
     network.to(device)
-    load_module("wrn", "hardware").set_fp32_precision(protocol["tf32"])  # as main.py set it for the run
-    accuracy, loss = test_measurements(network, dataset_module, data, opt.batch_size, protocol["amp"],
+    folder.hardware.set_fp32_precision(protocol["tf32"])  # as main.py set it for the run
+    accuracy, loss = test_measurements(network, folder, data, opt.batch_size, protocol["amp"],
                                        protocol["channels_last"])
     fp32 = "tf32" if protocol["tf32"] and device.type == "cuda" else "fp32"  # main.py's settings() words
     settings = ", ".join([fp32 if protocol["amp"] == "none" else f"amp {protocol['amp']}",
@@ -216,18 +173,17 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("weights", nargs="+", help="net1.pt / net2.pt files written by main.py")
-    parser.add_argument("--dataset", default=None, choices=load_module("wrn", "dataset").DATASETS,
-                        help="default: the dataset in the log.txt beside each file, else CIFAR100")
-    parser.add_argument("--amp", default=None, choices=sorted(AMP_DTYPES),
-                        help="autocast of the test pass; default: main.py's --amp in the log.txt beside each file, "
-                             "else none (fp32)")
+    folder = load_folder(FOLDERS[0])  # for the choices and defaults, main.py's in every folder
+    parser.add_argument("--dataset", default=None, choices=folder.dataset.DATASETS,
+                        help="default: the dataset in the log.txt beside each file")
+    parser.add_argument("--amp", default=None, choices=sorted(folder.training.AMP_DTYPES),
+                        help="autocast of the test pass; default: main.py's --amp in the log.txt beside each file")
     parser.add_argument("--dataroot", default=None,
-                        help="folder holding the dataset; default: the run's --dataroot in the log.txt beside each "
-                             "file, else ./data (main.py's default)")
+                        help="the dataset's folder; default: the run's --dataroot in the log.txt beside each file")
     parser.add_argument("--batch_size", default=500, type=int, help="test batch size (BN in eval mode), as main.py's")
     parser.add_argument("--gpu_id", default=None, type=str,
                         help="the GPU to use; '' for the CPU (default: GPU 0, or the CPU where there is none)")
-    parser.add_argument("--nthread", default=load_module("wrn", "hardware").available_cores(), type=int,
+    parser.add_argument("--nthread", default=folder.hardware.available_cores(), type=int,
                         help="CPU threads for torch (default: the cores this process may use)")
     opt = parser.parse_args(argv)
     if opt.batch_size <= 0 or opt.nthread <= 0:
@@ -251,13 +207,10 @@ def main(argv=None):
     datasets = {}
     try:
         rows = [evaluate(path, opt, device, datasets) for path in opt.weights]
-    except EvaluateError as error:
+    except ToolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print("\n".join(markdown_table(columns, rows)))
     return 0
 
 

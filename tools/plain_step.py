@@ -8,19 +8,18 @@ a process that leaves the C allocator at its defaults. Prints one line: img/s an
 """
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import FOLDERS, load_folder
+
 WARMUP_STEPS = 3
 
 
 def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", default="wrn", choices=["wrn", "wrn_mobi"])
+    parser.add_argument("--folder", default=FOLDERS[0], choices=FOLDERS)
     parser.add_argument("--depth", default=28, type=int)
     parser.add_argument("--width", default=10, type=int)
     parser.add_argument("--num_classes", default=100, type=int)
@@ -35,10 +34,8 @@ def main(argv=None):
     opt = parse_options(argv)
     if opt.gpu_id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
-    sys.path.insert(0, str(ROOT / opt.folder))
-    import hardware
-    import models
-    from dcm_loss import dcm_loss
+    folder = load_folder(opt.folder)
+    hardware, models, dcm_loss = folder.hardware, folder.models, folder.dcm_loss.dcm_loss
 
     torch.set_num_threads(opt.nthread or hardware.available_cores())
     hardware.set_fp32_precision(False)  # IEEE fp32 convolutions, as main.py's default

@@ -4,15 +4,10 @@
     python tools/plot.py 'logs/*mobilenet*' --out mobilenet.pdf
     python tools/plot.py 'logs/*mobilenet*' --batchstats --out figure2_batchstats.png
 
-Reads logs as tools/summarize.py does (files, folders searched for log.txt, globs) and groups
-them into the same rows: one row of panels per pair of networks and settings, net 1 on the left,
-net 2 on the right, one curve per method. Each panel's title names the dataset and --subset
-(or "all training images"), and the settings that differ between rows. At each epoch the line is
-the mean error of the runs that reached it and the band spans their min and max; n in the legend
-counts seeds. A seed with two runs in one curve is drawn once, from the run summarize.py counts
-(the one that got furthest), and a note on stderr names both. Unfinished runs are left out unless
---include_unfinished. The format follows --out: .png, .pdf or .svg. Needs matplotlib
-(`pip install -r requirements-tools.txt`).
+Reads and groups logs as tools/summarize.py does: a row of panels per row of its table, net 1 on
+the left, net 2 on the right, one curve per method, each seed once; the panels' titles name the
+dataset and --subset. Unfinished runs are left out unless --include_unfinished. The format follows
+--out: .png, .pdf or .svg. Needs matplotlib (`pip install -r requirements-tools.txt`).
 """
 import argparse
 import json
@@ -21,8 +16,10 @@ import sys
 
 import numpy as np
 
-from summarize import (ToolError, accuracy_key, check_batchstats, display_name, group_rows, load_runs,
-                       method_header, method_order, one_run_per_seed, split_options)
+from common import ToolError
+from paper import display_name
+from summarize import (accuracy_key, check_batchstats, group_rows, load_runs, method_header, method_order,
+                       one_run_per_seed, split_options)
 
 FORMATS = (".png", ".pdf", ".svg")
 PANEL_SIZE = (6.0, 4.0)  # inches, one network of one row

@@ -7,36 +7,14 @@
     python tools/summarize.py 'logs/*mobilenet*' --batchstats   # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
-Arguments are log files, folders (searched for log.txt) or globs. Runs are grouped by every
-option main.py logged except those that do not change what is trained (NOT_CELL_DEFINING, listed
-at the end of --help); the seed is what varies inside a cell. A row is
-a pair of networks with its settings, a column pair is a method (ind, dml, ds, dcm, and dcm with
-other --links as dcm-same, dcm-cross, dcm-final) with net 1's and net 2's error.
-
-Each cell is the error (100 - test accuracy of the network's final classifier) after the last
-epoch (the paper's protocol; --best takes each run's best epoch), mean +/- sample std (n-1),
-with n, the number of seeds. Each seed counts once: where two runs of one seed meet in a cell (a
-copied folder, a --resume PATH into another folder, a rerun), the one that logged the furthest
-epoch is counted (among equals the first by path), the cell says "+1 repeated seed" and a note
-names every log of that seed. --ensemble adds a column per method: the error of the two
-networks' final classifiers with their softmax averaged (test_acc_ensemble), which the paper
-does not report. A run is finished when its last logged epoch is its --epochs;
-unfinished runs are flagged and left out unless --include_unfinished. Notes (unfinished runs,
-repeated seeds, missing keys) go to stderr, the table to stdout.
-
-The paper's value and our difference are printed below a row only where they compare like with
-like. The row's recipe must be the paper's in every logged option that can change the numbers:
-PAPER_RECIPE lists each one's reference value (BN over the whole batch: one process, or torchrun
-with --sync_bn); a row that differs, or that logged an option this tool does not know, gets a
-"paper" line saying why instead. And the number must be measured as the paper's was: the paper's
-MobileNet cells come from the published wrn_mobi, which tested with test-batch BN statistics, so
-a MobileNet row shows two lines, the error with BN in eval mode (the proper one) and the error
-under the published protocol (test_acc_net2_batchstats), and the paper's MobileNet value is set
-beside, and differenced against, the second. --batchstats puts the published-protocol line first.
-
-Which folder a log came from is not logged: net 2 is wrn/'s WRN-d-k when its parameter count
-(n_parameters_net2) equals net 1's, and wrn_mobi/'s MobileNet otherwise. --save names are free
-text, so they are not used.
+A row is a pair of networks (as the runs logged them) with its settings: every logged option but
+those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
+dcm with other --links), net 1's and net 2's error after the last epoch (--best: the best one),
+mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
+are left out unless --include_unfinished. The paper's values (tools/paper.py) are set below a row
+only where its recipe is the paper's and the error is measured as the paper measured it (its
+MobileNet with test-batch BN statistics). Notes go to stderr, the table to stdout. The whole
+story: docs/reproducing.md.
 """
 import argparse
 import csv
@@ -48,56 +26,26 @@ import sys
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-LOG_NAME = "log.txt"
-LOG_PREFIX = "json_stats: "
-# Keys every line of this repository's main.py holds; the published code's logs lack most of them.
-REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "depth", "width", "seed", "dataset", "lr", "epoch_step",
-                 "lr_decay_ratio", "test_acc_net1", "test_acc_net2", "n_parameters_net1", "n_parameters_net2")
+import paper
+from common import FOLDERS, LOG_NAME, ROOT, ToolError, markdown_table, option_value, read_records
+
+# Keys of a line of main.py that this tool reads; the published code's logs lack most of them.
+REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "seed", "dataset", "depth", "width", "architecture", "net1",
+                 "net2", "test_acc_net1", "test_acc_net2")
 # Options that do not change what is trained: runs that differ only in these share a cell
 # (channels_last and compile change only the float rounding; --amp and --tf32 change the numerics and count).
 NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
                      "checkpoint_every", "checkpoint_interval", "deterministic", "eval_batch_size", "channels_last",
                      "compile")
-BATCHSTATS_KEY = "test_acc_net2_batchstats"
 ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
 ENSEMBLE_KEY = "test_acc_ensemble"
 METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 METHOD_HEADERS = {"ind": "Ind", "dml": "DML", "ds": "DS", "dcm": "DCM"}
-
-# The paper's Table (CIFAR-100 test error %, mean, std of 5 runs), SPEC section 6:
-# (net 1, net 2) -> method -> ((net 1 mean, std), (net 2 mean, std)).
-PAPER = {
-    ("wrn-28-10", "wrn-28-10"): {"ind": ((18.72, 0.24), (18.72, 0.24)), "dml": ((17.89, 0.26), (17.95, 0.07)),
-                                 "dcm": ((16.61, 0.24), (16.65, 0.22))},
-    ("wrn-28-10", "mobilenet"): {"ind": ((18.72, 0.24), (26.30, 0.35)), "dml": ((17.24, 0.13), (23.91, 0.22)),
-                                 "dcm": ((16.83, 0.07), (21.43, 0.20))},
-}
-# The paper's numbers are comparable only with runs of its recipe: the reference value of every
-# option main.py logs that can change the numbers (the networks are the row's names, the method its
-# column, and NOT_CELL_DEFINING lists the rest). A logged option missing here keeps a row away
-# from the paper's values until its reference value is added; one missing from a log is taken at
-# its reference value (main.py's default, logged by every run since the option exists).
-PAPER_RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
-                "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "tf32": False, "world_size": 1,
-                "sync_bn": False, "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8,
-                "subset": None}
-# BN's statistics in the paper are those of the whole batch of 128 on one GPU: one process
-# (world_size 1), or any number with --sync_bn, which computes them over the global batch.
-BN_BATCH_OPTIONS = ("world_size", "sync_bn")
-# What the paper measured its MobileNet cells with (the published wrn_mobi never switched it to
-# eval mode), and our two lines for it.
-PROTOCOL_NAMES = {"eval": "BN in eval mode", "batchstats": "test-batch BN (published protocol)"}
 LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
                   "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
-
-
-class ToolError(Exception):
-    """A problem the user can fix (a path, a foreign log, a flag): one message, exit code 2."""
 
 
 @dataclass
@@ -120,11 +68,8 @@ class Run:
 
     @property
     def net_names(self):
-        """(net 1, net 2) as models.pair_names spells them. The log does not name the folder: net 2
-        is wrn/'s WRN-d-k when it has net 1's parameter count, wrn_mobi/'s MobileNet otherwise."""
-        depth, width = self.last["depth"], self.last["width"]
-        same_size = self.last["n_parameters_net2"] == self.last["n_parameters_net1"]
-        return f"wrn-{depth}-{width}", f"wrn-{depth}-{width}" if same_size else "mobilenet"
+        """(net 1, net 2) as the run logged them (models.pair_names)."""
+        return self.last["net1"], self.last["net2"]
 
     @property
     def method(self):
@@ -134,40 +79,17 @@ class Run:
 
     @property
     def row_options(self):
-        """The options that define the run's row: all of the cell's but the method and links."""
-        options = {key: option_value(value) for key, value in self.last.items()
-                   if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
-        options["lr"] = base_lr(self.last)
-        # An option added to main.py after a run was logged was trained at its default, the paper's
-        # value: that run shares a row with the runs that log it.
-        options = {**PAPER_RECIPE, **options}
-        options["net2"] = self.net_names[1]
-        return options
-
-
-def option_value(value):
-    """An option's value as it is compared: a list given as JSON text ('[60, 120, 160]',
-    '[60,120,160]') as the list, anything else as logged (JSON numbers are compared as numbers)."""
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            pass
-    return value
+        """The options that define the run's row (the pair's names included): all of the cell's but
+        the method and links."""
+        return {key: option_value(value) for key, value in self.last.items()
+                if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
 
 
 def is_measurement(key):
     """Keys main.py adds to the options: accuracies, losses, counts, times, the checkpoints' bytes,
     the epoch and its lr."""
     return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith(("_time", "_bytes"))
-            or key in ("epoch", "num_classes", "lr"))
-
-
-def base_lr(record):
-    """The --lr option. main.py logs the epoch's lr under the same key, so the option is that
-    lr undone by the drops of --epoch_step so far (rounded: the drops were float products)."""
-    drops = sum(1 for drop_epoch in option_value(record["epoch_step"]) if drop_epoch <= record["epoch"])
-    return float(f"{record['lr'] / record['lr_decay_ratio'] ** drops:.10g}")
+            or key in ("epoch", "num_classes", "epoch_lr"))
 
 
 # --- reading logs ------------------------------------------------------------------------------------
@@ -202,7 +124,7 @@ def runs_elsewhere():
     """Where runs may be when none is where the user looked: main.py started inside wrn/ or
     wrn_mobi/ without --save writes to that folder's logs/, not to the top folder's. '' when
     neither holds a log."""
-    folders = [ROOT / folder / "logs" for folder in ("wrn", "wrn_mobi")]
+    folders = [ROOT / folder / "logs" for folder in FOLDERS]
     counts = {folder: sum(LOG_NAME in files for _, _, files in os.walk(folder)) for folder in folders}
     found = [f"{os.path.relpath(folder)} ({count} {LOG_NAME})" for folder, count in counts.items() if count]
     if not found:
@@ -212,25 +134,8 @@ def runs_elsewhere():
 
 
 def read_log(path):
-    """The json_stats records of one log.txt of wrn/main.py or wrn_mobi/main.py."""
-    try:
-        with open(path, encoding="utf-8") as log:
-            lines = log.read().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ToolError(f"{path} is not a readable text file ({type(error).__name__}); "
-                        f"give the log.txt of a run") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.startswith(LOG_PREFIX):
-            raise ToolError(f"{path}, line {number}: not a '{LOG_PREFIX}{{...}}' line; "
-                            f"give the log.txt written by wrn/main.py or wrn_mobi/main.py")
-        try:
-            records.append(json.loads(line[len(LOG_PREFIX):]))
-        except json.JSONDecodeError:
-            raise ToolError(f"{path}, line {number}: the JSON is cut off or malformed; "
-                            f"repair or remove that line") from None
-    if not records:
-        raise ToolError(f"{path} holds no epoch; give the log.txt of a run that finished one")
+    """The json_stats records of one log.txt of a training folder's main.py."""
+    records = read_records(path)
     missing = [key for key in REQUIRED_KEYS if key not in records[-1]]
     if missing:
         raise ToolError(f"{path} lacks {', '.join(missing)}: it was not written by this repository's main.py "
@@ -251,7 +156,7 @@ class Cell:
     seeds: list
     unfinished: int  # unfinished runs in the cell
     unfinished_counted: bool  # whether they are among `errors` (--include_unfinished)
-    protocol: str = "eval"  # how the errors were measured: a key of PROTOCOL_NAMES
+    protocol: str = "eval"  # how the errors were measured: a key of paper.PROTOCOLS
     paper: tuple = None  # (mean, std) reported in the paper, where it measured this cell the same way
     repeated: int = 0  # runs left out because another run of their seed is counted
 
@@ -271,9 +176,9 @@ class Cell:
 @dataclass
 class Row:
     net_names: tuple
-    options: dict  # the row's options (net2 included)
+    options: dict  # the row's options (the networks' names included)
     cells: dict  # (method, net index 1 or 2) -> Cell, the "ours" line
-    other_cells: dict  # (method, 2) -> the MobileNet's Cell under the other protocol (MobileNet rows only)
+    other_cells: dict  # (method, net) -> the Cell under the other protocol, where the runs logged both
     paper_note: str = ""  # why the row has no paper values although the paper has the networks
 
     def paper_cell(self, key):
@@ -285,15 +190,16 @@ class Row:
 
 
 def accuracy_key(run, net, batchstats):
-    """The logged accuracy of network `net` (1 or 2) of `run` that the "ours" line (and plot.py) uses."""
-    return protocol_key(net, "batchstats" if net == 2 and batchstats and run.net_names[1] == "mobilenet" else "eval")
+    """The logged accuracy of network `net` (1 or 2) of `run` that the "ours" line (and plot.py) uses:
+    with --batchstats, the published protocol's where the run logged it."""
+    return protocol_key(net, "batchstats" if batchstats and protocol_key(net, "batchstats") in run.last else "eval")
 
 
 def protocol_key(net, protocol):
     """The logged accuracy of network `net` (1, 2 or ENSEMBLE) measured by `protocol`."""
     if net == ENSEMBLE:
         return ENSEMBLE_KEY
-    return BATCHSTATS_KEY if protocol == "batchstats" else f"test_acc_net{net}"
+    return f"test_acc_net{net}" + ("_batchstats" if protocol == "batchstats" else "")
 
 
 def run_error(run, key, best):
@@ -304,36 +210,6 @@ def run_error(run, key, best):
     return 100 - run.last[key] if key in run.last else None
 
 
-def recipe_differences(row_options):
-    """Why a row's recipe is not the paper's, as phrases ([] when it is): the options whose value
-    differs from PAPER_RECIPE's, and the logged options PAPER_RECIPE does not know."""
-    options = {key: value for key, value in row_options.items() if key not in ("depth", "width", "net2")}
-    reasons = [f"{key} {json.dumps(options[key])} (the paper's: {json.dumps(reference)})"
-               for key, reference in PAPER_RECIPE.items()
-               if key in options and key not in BN_BATCH_OPTIONS and options[key] != reference]
-    world_size, sync_bn = options.get("world_size", 1), options.get("sync_bn", False)
-    if world_size != 1 and sync_bn is not True:
-        reasons.append(f"world_size {world_size} without sync_bn (BN statistics of each process's slice, the "
-                       f"paper's: of the whole batch)")
-    unknown = sorted(set(options) - set(PAPER_RECIPE))
-    if unknown:
-        reasons.append(f"{', '.join(unknown)} logged, which this tool cannot compare with the paper's recipe")
-    return reasons
-
-
-def paper_value(row_options, net_names, method, net):
-    """The paper's (mean, std) for this cell, or None where it has none or the recipe differs."""
-    if method not in PAPER.get(net_names, {}) or net == ENSEMBLE or recipe_differences(row_options):
-        return None
-    return PAPER[net_names][method][net - 1]
-
-
-def paper_protocol(net_name):
-    """How the paper measured a network's error: the published wrn_mobi tested its MobileNet with
-    test-batch BN statistics, every WRN in eval mode."""
-    return "batchstats" if net_name == "mobilenet" else "eval"
-
-
 def group_rows(runs):
     """{row key (the row's options as JSON): {method: [runs]}}, rows in the paper's order."""
     groups = defaultdict(lambda: defaultdict(list))
@@ -342,7 +218,7 @@ def group_rows(runs):
 
     def row_order(item):
         options = json.loads(item[0])
-        return options["depth"], options["width"], options["net2"] == "mobilenet", item[0]
+        return options["depth"], options["width"], options["architecture"], item[0]
 
     return dict(sorted(groups.items(), key=row_order))
 
@@ -364,30 +240,37 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
             notes += seed_notes
             counted_runs += method_runs
             for net in (1, 2, ENSEMBLE) if ensemble else (1, 2):
-                # A MobileNet is measured both ways; --batchstats makes the published protocol its "ours" line.
-                protocols = ["eval"] + (["batchstats"] if net != ENSEMBLE and net_names[net - 1] == "mobilenet" else [])
+                # A network whose runs logged the published protocol too is measured both ways;
+                # --batchstats makes that its "ours" line.
+                protocols = ["eval"] + (["batchstats"] if net != ENSEMBLE and logged_both(methods, net) else [])
                 if batchstats:
                     protocols.reverse()
                 for index, protocol in enumerate(protocols):
                     cell, missing = measure_cell(method_runs, net, best, include_unfinished, protocol)
                     cell.repeated = repeated
-                    compared = net != ENSEMBLE and protocol == paper_protocol(net_names[net - 1])
-                    paper = paper_value(options, net_names, method, net) if compared else None
-                    cell.paper = paper if cell.errors else None
+                    compared = net != ENSEMBLE and protocol == paper.protocol(net_names[net - 1])
+                    paper_value = paper.value(options, method, net) if compared else None
+                    cell.paper = paper_value if cell.errors else None
                     (other_cells if index else cells)[method, net] = cell
-                    if index == 0 or paper:  # the "ours" line, or the one the paper is compared with
+                    if index == 0 or paper_value:  # the "ours" line, or the one the paper is compared with
                         notes += [f"{path} lacks {key}: left out of {method} net {net}" for path, key in missing]
-        reasons = recipe_differences(options) if net_names in PAPER else []
+        reasons = paper.recipe_differences(options) if net_names in paper.TABLE else []
         paper_note = f"not comparable: {'; '.join(reasons)}" if reasons else ""
         rows.append(Row(net_names, options, cells, other_cells, paper_note))
         if reasons:
-            notes.append(f"{' + '.join(map(display_name, net_names))}: no paper values beside a row whose recipe "
+            notes.append(f"{' + '.join(map(paper.display_name, net_names))}: no paper values beside a row whose recipe "
                          f"is not the paper's: {'; '.join(reasons)}")
     for run in counted_runs:
         if not run.finished:
             counted = "counted (--include_unfinished)" if include_unfinished else "left out"
             notes.append(f"unfinished, {counted}: {run.path} (epoch {run.last['epoch']} of {run.last['epochs']})")
     return rows, notes
+
+
+def logged_both(methods, net):
+    """Whether a run of the row ({method: [runs]}) logged network `net`'s accuracy under the
+    published protocol too (wrn_mobi's MobileNet)."""
+    return any(protocol_key(net, "batchstats") in run.last for runs in methods.values() for run in runs)
 
 
 def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
@@ -422,7 +305,7 @@ def one_run_per_seed(method_runs, net_names, method):
         kept.append(seed_runs[0])
         if len(seed_runs) > 1:
             others = ", ".join(f"{run.path} (epoch {run.last['epoch']})" for run in seed_runs[1:])
-            notes.append(f"{' + '.join(map(display_name, net_names))} {method}: seed {seed} has {len(seed_runs)} "
+            notes.append(f"{' + '.join(map(paper.display_name, net_names))} {method}: seed {seed} has {len(seed_runs)} "
                          f"runs in one cell, counted once, from the one that got furthest (the first by path "
                          f"among equals): {seed_runs[0].path} (epoch {seed_runs[0].last['epoch']}); left out: "
                          f"{others}")
@@ -431,11 +314,6 @@ def one_run_per_seed(method_runs, net_names, method):
 
 # --- output ------------------------------------------------------------------------------------------
 
-def display_name(net_name):
-    """The paper's spelling: WRN-28-10, MobileNet."""
-    return "MobileNet" if net_name == "mobilenet" else net_name.upper()
-
-
 def method_header(method):
     name, _, links = method.partition("-")
     return METHOD_HEADERS.get(name, name) + (f"-{links}" if links else "")
@@ -443,8 +321,8 @@ def method_header(method):
 
 def split_options(row_options):
     """(names of the options that differ between rows, {name: value} of those shared by all), from
-    each row's options. Depth, width and net 2 are left out: the networks' names show them."""
-    names = sorted({key for options in row_options for key in options} - {"depth", "width", "net2"})
+    each row's options. The pair's keys are left out: the networks' names show them."""
+    names = sorted({key for options in row_options for key in options} - set(paper.PAIR_KEYS))
     varying = [key for key in names if len({json.dumps(options.get(key)) for options in row_options}) > 1]
     shared = {key: row_options[0][key] for key in names if key not in varying}
     return varying, shared
@@ -480,13 +358,13 @@ def table_lines(rows):
     label_columns = len(header)
     lines = [header + [f"{method_header(method)} {net}" for method, net in keys]]
     for row in rows:
-        label = [display_name(row.net_names[0]), display_name(row.net_names[1]),
+        label = [paper.display_name(row.net_names[0]), paper.display_name(row.net_names[1]),
                  *(str(row.options.get(key, "")) for key in varying)]
         blank = [""] * len(label)
         lines.append(label + (["ours"] if labelled else []) + [cell_text(row.cells.get(key)) for key in keys])
         if row.other_cells:
             protocol = next(iter(row.other_cells.values())).protocol
-            lines.append(blank + [f"ours, {PROTOCOL_NAMES[protocol]}"] + [cell_text(row.other_cells.get(key))
+            lines.append(blank + [f"ours, {paper.PROTOCOLS[protocol]}"] + [cell_text(row.other_cells.get(key))
                                                                           for key in keys])
         compared = [row.paper_cell(key) for key in keys]
         if any(compared):
@@ -506,11 +384,11 @@ def title(rows, best, batchstats):
     if any(row.other_cells for row in rows):
         first, second = ("batchstats", "eval") if batchstats else ("eval", "batchstats")
         measured = {"eval": "BN in eval mode (the proper measurement, test_acc_net2)",
-                    "batchstats": f"BN normalising each test batch by its own statistics ({BATCHSTATS_KEY}), as "
-                                  f"the published wrn_mobi tested it"}
-        compared = "'ours'" if batchstats else f"'ours, {PROTOCOL_NAMES['batchstats']}'"
+                    "batchstats": "BN normalising each test batch by its own statistics (test_acc_net2_batchstats), "
+                                  "as the published wrn_mobi tested it"}
+        compared = "'ours'" if batchstats else f"'ours, {paper.PROTOCOLS['batchstats']}'"
         lines.append(f"MobileNet (net 2): 'ours' is its error with {measured[first]}; 'ours, "
-                     f"{PROTOCOL_NAMES[second]}' with {measured[second]}. The paper's MobileNet values come from "
+                     f"{paper.PROTOCOLS[second]}' with {measured[second]}. The paper's MobileNet values come from "
                      f"the published wrn_mobi: they are set beside, and differenced against, the {compared} line.")
     if any(net == ENSEMBLE for row in rows for _, net in row.cells):
         lines.append(f"{ENSEMBLE}: the two networks' final classifiers with their softmax averaged ({ENSEMBLE_KEY}).")
@@ -521,9 +399,7 @@ def title(rows, best, batchstats):
 def markdown(rows, best, batchstats):
     lines, _ = table_lines(rows)
     out = title(rows, best, batchstats) + [""]
-    out.append("| " + " | ".join(lines[0]) + " |")
-    out.append("|" + "---|" * len(lines[0]))
-    out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
+    out += markdown_table(lines[0], lines[1:])
     return "\n".join(out)
 
 
@@ -546,7 +422,7 @@ def latex(rows, best, batchstats):
 
 def csv_text(rows):
     """One line per cell with plain numbers, for scripts and spreadsheets."""
-    option_names = sorted({key for row in rows for key in row.options} - {"net2"})
+    option_names = sorted({key for row in rows for key in row.options} - {"net1", "net2"})
     columns = ["net1", "net2", *option_names, "method", "net", "network", "protocol", "runs", "unfinished", "repeated",
                "mean", "std", "paper_mean", "paper_std", "difference", "paper_note", "seeds"]
     buffer = io.StringIO()
@@ -585,8 +461,8 @@ def parse_options(argv=None):
     parser.add_argument("--include_unfinished", action="store_true",
                         help="count unfinished runs (at their last logged epoch) in the means")
     parser.add_argument("--batchstats", action="store_true",
-                        help=f"the MobileNet's 'ours' line from {BATCHSTATS_KEY} (BN with test-batch statistics, "
-                             f"the published code's protocol), the eval-mode one second")
+                        help="the 'ours' line from test_acc_net2_batchstats, the MobileNet's error with test-batch BN "
+                             "statistics (the published code's protocol), the eval-mode one second")
     parser.add_argument("--ensemble", action="store_true",
                         help=f"a column per method: the pair as an ensemble (final softmax averaged, {ENSEMBLE_KEY})")
     output = parser.add_mutually_exclusive_group()
@@ -596,15 +472,9 @@ def parse_options(argv=None):
 
 
 def check_batchstats(runs):
-    if not any(BATCHSTATS_KEY in run.last for run in runs):
-        raise ToolError(f"--batchstats: none of the {len(runs)} logs holds {BATCHSTATS_KEY} (wrn_mobi/main.py "
-                        f"logs it for its MobileNet; older logs and wrn/ runs do not); drop --batchstats")
-
-
-def check_ensemble(runs):
-    if not any(ENSEMBLE_KEY in run.last for run in runs):
-        raise ToolError(f"--ensemble: none of the {len(runs)} logs holds {ENSEMBLE_KEY} (logs written before "
-                        f"main.py logged the ensemble lack it); drop --ensemble")
+    if not any(protocol_key(net, "batchstats") in run.last for run in runs for net in (1, 2)):
+        raise ToolError(f"--batchstats: none of the {len(runs)} logs holds {protocol_key(2, 'batchstats')} "
+                        f"(wrn_mobi/main.py logs it for its MobileNet, wrn/ runs do not); drop --batchstats")
 
 
 def main(argv=None):
@@ -613,8 +483,6 @@ def main(argv=None):
         runs = load_runs(opt.logs)
         if opt.batchstats:
             check_batchstats(runs)
-        if opt.ensemble:
-            check_ensemble(runs)
     except ToolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

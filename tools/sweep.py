@@ -9,27 +9,15 @@
     python tools/sweep.py --slurm --partition gpu --time 720 --dataroot DATA   # one SLURM job per run (slurm.py)
     python tools/sweep.py --status --dataroot DATA             # where each run stands
 
-Options the sweep does not know are passed to every `main.py` (--depth, --epochs, --dataroot,
---amp, ...). Run folders are LOGDIR/<net1>_<net2>_<method>_seed<seed>, main.py's default name,
-followed by NAME-VALUE for each passed option that changes what is trained and whose value differs
-from main.py's default, e.g. logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30. Values are read as main.py
-reads them and written in one spelling: --lr 0.1, --lr 1e-1 and --lr=0.10 name no option (0.1 is
-the default), --epoch_step '[60, 120]' names epoch_step-60-120. Paths are relative to where the
-sweep is started, and so are the runs'. Before anything starts, the options of every run go
-through main.py's own checks, and the GPUs of --gpus are looked for on this machine: a value a
-run would refuse stops the sweep with one line and exit code 2.
-
-A run whose log reached its last epoch and that exported net1.pt and net2.pt is skipped; a run
-with a checkpoint.pt is resumed (--resume); any other starts afresh. Each run's output goes to
-SAVE/stdout.txt (appended). Runs start in order of seed, so an interrupted sweep leaves whole
-seeds; with --gpus, each GPU (--gpu_id) takes the next run as soon as one of its --jobs_per_gpu
-slots is free. A failed run is reported with the path of its output and the others go on; the
-exit code is 0 when every run finished, 1 otherwise. Ctrl-C stops the runs (each keeps its last
-finished epoch); the same command resumes them. `python tools/summarize.py LOGDIR` makes the table.
+Options the sweep does not know go to every main.py. A run's folder is LOGDIR/ + main.py's default
+name, then NAME-VALUE for each passed option that changes what is trained and is not its default
+(values read by main.py's parser, so one spelling: logs/wrn-16-1_wrn-16-1_dcm_seed1_epochs-30).
+Every run's options pass main.py's checks before any starts. Finished runs are skipped, those with
+a checkpoint.pt resumed, the others started, seed by seed, each on the next free slot of --gpus;
+output in SAVE/stdout.txt. The exit code is 0 when every run finished, 1 otherwise; Ctrl-C stops
+the runs and the same command resumes them. The whole story: docs/reproducing.md.
 """
 import argparse
-import functools
-import importlib.util
 import os
 import re
 import shlex
@@ -37,14 +25,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from unittest import mock
 
 import slurm
-from summarize import NOT_CELL_DEFINING, ToolError, option_value, read_log
+from common import FOLDERS, ROOT, ToolError, last_line, load_folder, option_value, read_records
+from summarize import NOT_CELL_DEFINING
 
-ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("wrn", "wrn_mobi")
 METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
@@ -79,7 +65,8 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS,
-                        help="wrn: WRN with WRN; wrn_mobi: WRN with MobileNet (default: both)")
+                        help="the training folders, each a pair: wrn, WRN with WRN; wrn_mobi, WRN with MobileNet "
+                             "(default: all)")
     parser.add_argument("--methods", nargs="+", default=["ind", "dml", "dcm"], choices=METHODS,
                         help="default: ind dml dcm (the paper's table); dcm-LINKS is dcm with --links LINKS")
     parser.add_argument("--seeds", nargs="+", default=[1, 2, 3, 4, 5], type=int)
@@ -122,7 +109,7 @@ def check_runs(opt, main_args):
     """Refuse, before any run starts, the values main.py's own checks (options.check_options)
     would refuse in some run of the sweep: each method and seed with the flags passed to main.py,
     in as many processes as each run gets (torchrun over --gpus_per_run GPUs under --slurm)."""
-    main = main_module()
+    main = load_folder(FOLDERS[0]).main  # main.py is the same file in every folder
     processes = opt.gpus_per_run if opt.slurm and opt.gpus_per_run > 1 else 1
     # WORLD_SIZE: where main.py's checks read the process count from.
     with mock.patch.dict(os.environ, {"WORLD_SIZE": str(processes)}):
@@ -187,33 +174,15 @@ def slots(opt):
 
 # --- the runs ------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def main_module():
-    """wrn/main.py as a module (its option_parser, parse_options, UsageError); wrn_mobi/main.py is
-    the same file. Its modules are imported by their plain names while it loads, and taken out of
-    sys.modules after."""
-    spec = importlib.util.spec_from_file_location("dcm_main", ROOT / "wrn" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    own_modules = {path.stem for path in (ROOT / "wrn").glob("*.py")}
-    loaded_before = {name: sys.modules[name] for name in own_modules if name in sys.modules}
-    sys.path.insert(0, str(ROOT / "wrn"))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "wrn"))
-        for name in own_modules:
-            sys.modules.pop(name, None)
-        sys.modules.update(loaded_before)
-    return module
-
-
-def main_option_values(main_args):
+def main_option_values(main_args, folder=FOLDERS[0]):
     """({option: value}, {option: main.py's default}) of the flags passed to main.py, read by
     main.py's own parser: the values main.py will run with, whatever their spelling."""
-    main = main_module()
+    main = load_folder(folder).main
     parser = main.option_parser()
     try:
-        return vars(parser.parse_args(main_args)), vars(parser.parse_args([]))
+        values = vars(parser.parse_args(main_args))
+        main.lr_drop_epochs(argparse.Namespace(**values))  # --epoch_step's JSON, checked as main.py checks it
+        return values, vars(parser.parse_args([]))
     except main.UsageError as error:
         raise ToolError(f"main.py would refuse the flags passed to it: {error}") from None
 
@@ -228,12 +197,10 @@ def value_text(value):
 
 
 def run_name(folder, method, seed, main_args):
-    """main.py's default_save_dir name, then NAME-VALUE (NAME for a flag without value) for every
-    passed option that changes what is trained and whose value is not main.py's default."""
-    values, defaults = main_option_values(main_args)
-    net1 = f"wrn-{values['depth']}-{values['width']}"
-    net2 = net1 if folder == "wrn" else "mobilenet"  # models.pair_names of each folder
-    name = f"{net1}_{net2}_{method}_seed{seed}"
+    """The folder's main.py default_save_dir name, then NAME-VALUE (NAME for a flag without value)
+    for every passed option that changes what is trained and whose value is not main.py's default."""
+    values, defaults = main_option_values(run_flags(method, seed) + main_args, folder)
+    name = os.path.basename(load_folder(folder).main.default_save_dir(argparse.Namespace(**values)))
     for option in sorted(set(values) - NAMELESS_OPTIONS):
         if option_value(values[option]) != option_value(defaults[option]):
             name += "_" + (option if values[option] is True else f"{option}-{value_text(values[option])}")
@@ -256,11 +223,11 @@ def state_of(save):
     log, checkpoint = os.path.join(save, "log.txt"), os.path.join(save, "checkpoint.pt")
     if os.path.isfile(log):
         try:
-            last = read_log(log)[-1]
+            last = read_records(log)[-1]
         except ToolError as error:
             return "blocked", str(error)
         exported = all(os.path.isfile(os.path.join(save, f"net{k}.pt")) for k in (1, 2))
-        if last["epoch"] == last["epochs"] and exported:
+        if "epochs" in last and last.get("epoch") == last["epochs"] and exported:
             return "skip", f"finished: epoch {last['epoch']} of {last['epochs']}"
     if os.path.isfile(checkpoint):
         return "resume", ""
@@ -294,13 +261,6 @@ def launch(job, main_args, gpu):
         output.flush()
         return subprocess.Popen(full_command, stdout=output, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def last_line(path):
-    """The last non-empty line of a run's output: its error message, usually."""
-    with open(path, errors="replace") as output:
-        lines = [line.strip() for line in output if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def run_jobs(jobs, main_args, gpu_slots):

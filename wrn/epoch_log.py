@@ -13,6 +13,9 @@ from checkpoint import AUX_PREFIXES
 from dcm_loss import classifier_names
 
 LOG = "log.txt"
+# The training folder this file is in (wrn, wrn_mobi): which models.py built the pair. Logged, so
+# that tools rebuild a run's networks from its own folder instead of guessing it.
+ARCHITECTURE = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
 
 
 def accuracy_stats(prefix, accuracies, suffix=""):
@@ -63,10 +66,16 @@ def run_info(nets, num_classes, world_size):
             "n_parameters_net2": count_parameters(net2, with_aux=False)}
 
 
+def pair_info(opt):
+    """What every line names: the architecture (the training folder) and its two networks."""
+    net1, net2 = models.pair_names(opt.depth, opt.width)
+    return {"architecture": ARCHITECTURE, "net1": net1, "net2": net2}
+
+
 def log_epoch(opt, stats):
-    """Append one `json_stats: {...}` line (every option and this epoch's numbers) to SAVE/log.txt,
-    whole (one write) and durably; return the log's new size in bytes."""
-    line = ("json_stats: " + json.dumps({**vars(opt), **stats}) + "\n").encode()
+    """Append one `json_stats: {...}` line (every option, the pair and this epoch's numbers) to
+    SAVE/log.txt, whole (one write) and durably; return the log's new size in bytes."""
+    line = ("json_stats: " + json.dumps({**vars(opt), **pair_info(opt), **stats}) + "\n").encode()
     descriptor = os.open(os.path.join(opt.save, LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(descriptor, line)
@@ -93,7 +102,7 @@ def drop_lines_after(opt, size):
 
 
 def print_summary(stats):
-    line = (f"epoch {stats['epoch']}/{stats['epochs']}  lr {stats['lr']:.4g}  "
+    line = (f"epoch {stats['epoch']}/{stats['epochs']}  lr {stats['epoch_lr']:.4g}  "
             f"train: loss {stats['train_loss']:.3f}, acc net 1 {stats['train_acc_net1']:.2f}%, "
             f"net 2 {stats['train_acc_net2']:.2f}%  "
             f"test: loss {stats['test_loss']:.3f}, acc net 1 {stats['test_acc_net1']:.2f}%, "

@@ -258,7 +258,7 @@ def main(argv=None):
 
         stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
                  **published_stats, "train_kd_weight": kd_weights(total - 1),  # the KL weight of the last step
-                 "epoch": epoch, "lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
+                 "epoch": epoch, "epoch_lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
         if guard.end_epoch(stats):  # a stop was requested; the epoch is checkpointed
             return stop.report(opt, argv)
 

@@ -1,0 +1,92 @@
+"""What the tools share: the training folders, importing one, reading a run's log, a setting's flags.
+
+A training folder (wrn/, wrn_mobi/: a copy of wrn/ with its own models.py) is registered once, in
+FOLDERS. Everything else a tool needs to know about a run (its folder, its networks' names, its
+options) is read off its log.txt, where main.py writes it.
+"""
+import functools
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("wrn", "wrn_mobi")  # the training folders, each a pair of networks: a new one is added here
+LOG_NAME = "log.txt"
+LOG_PREFIX = "json_stats: "
+
+
+class ToolError(Exception):
+    """A problem the user can fix (a path, a foreign file, a flag): one message, exit code 2."""
+
+
+@functools.cache
+def load_folder(folder):
+    """The modules of a training folder as a namespace (.models, .main, .training, ...), imported
+    from ROOT/folder. They import each other by plain name (`import models`), so while they load the
+    folder leads sys.path and those names are free in sys.modules; sys.modules is restored after, so
+    that several folders can be used in one process."""
+    path = ROOT / folder
+    names = sorted(file.stem for file in path.glob("*.py"))
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    sys.path.insert(0, str(path))
+    try:
+        return SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+    finally:
+        sys.path.remove(str(path))
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def read_records(path):
+    """The json_stats records of a log.txt of main.py, in order; ToolError for anything else."""
+    try:
+        with open(path, encoding="utf-8") as log:
+            lines = log.read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ToolError(f"{path} is not a readable text file ({type(error).__name__}); "
+                        f"give the {LOG_NAME} of a run") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.startswith(LOG_PREFIX):
+            raise ToolError(f"{path}, line {number}: not a '{LOG_PREFIX}{{...}}' line; "
+                            f"give the {LOG_NAME} written by a training folder's main.py")
+        try:
+            records.append(json.loads(line[len(LOG_PREFIX):]))
+        except json.JSONDecodeError:
+            raise ToolError(f"{path}, line {number}: the JSON is cut off or malformed; "
+                            f"repair or remove that line") from None
+    if not records:
+        raise ToolError(f"{path} holds no epoch; give the {LOG_NAME} of a run that finished one")
+    return records
+
+
+def last_line(path):
+    """The last non-empty line of a text file (a run's output: its error message, usually)."""
+    with open(path, errors="replace") as text:
+        lines = [line.strip() for line in text if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def option_value(value):
+    """An option's value as it is compared: a list given as JSON text ('[60, 120, 160]',
+    '[60,120,160]') as the list, anything else as logged (JSON numbers are compared as numbers).
+    main.py has refused any such text that is not JSON before a run logs it."""
+    return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+
+
+def markdown_table(header, rows):
+    """The lines of a Markdown table: the header, the separator, a line per row of cells."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |"
+                                                                             for row in rows]
+
+
+def setting_flags(setting):
+    """main.py's flags of a speed setting such as 'bf16+cl+compile': the number format first (fp32:
+    IEEE fp32, tf32: fp32 on TF32 cores, bf16 or fp16: autocast), then cl (--channels_last) and
+    compile (--compile)."""
+    dtype, *extras = setting.split("+")
+    return ((["--amp", dtype] if dtype in ("bf16", "fp16") else []) + (["--tf32"] if dtype == "tf32" else [])
+            + (["--channels_last"] if "cl" in extras else []) + (["--compile"] if "compile" in extras else []))
