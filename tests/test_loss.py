@@ -207,12 +207,12 @@ def test_unknown_link_set_is_rejected(folder):
 def test_terms_of_each_method(folder, method, links, num_ce, num_kl):
     modules = load_folder(folder)
     opt = SimpleNamespace(method=method, links=links)
-    uses_aux, _ = modules.main.METHODS[method]
+    uses_aux = modules.options.METHODS[method].uses_aux
     num_classifiers = 3 if uses_aux else 1
     generator = torch.Generator().manual_seed(10)
     terms = modules.dcm_loss.loss_terms(random_outputs(generator, count=num_classifiers),
                                         random_outputs(generator, count=num_classifiers),
-                                        torch.tensor([0, 1, 2, 3]), modules.main.distillation_links(opt))
+                                        torch.tensor([0, 1, 2, 3]), modules.options.distillation_links(opt))
     assert len(ce_term_names(terms)) == num_ce
     assert len(kl_term_names(terms)) == num_kl
     if method == "dml":
@@ -220,8 +220,8 @@ def test_terms_of_each_method(folder, method, links, num_ce, num_kl):
 
 
 def test_methods_use_aux_classifiers_as_in_the_paper(folder):
-    main = load_folder(folder).main
-    assert {method: uses_aux for method, (uses_aux, _) in main.METHODS.items()} == {
+    options = load_folder(folder).options
+    assert {name: method.uses_aux for name, method in options.METHODS.items()} == {
         "ind": False, "dml": False, "ds": True, "dcm": True}
 
 

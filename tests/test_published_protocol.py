@@ -69,9 +69,11 @@ def trained_mobi_step():
     data = modules.dataset.random_image_data(16, 10, device, seed=5)
     data.test_images, data.test_labels = data.train_images[:10], data.train_labels[:10]
     torch.manual_seed(0)
-    step = modules.training.TrainingStep(modules.models.build_pair(16, 1, 10, aux=True), "dense", device)
+    step = modules.training.TrainingStep(modules.models.build_pair(16, 1, 10, aux=True),
+                                         modules.training.StepSettings("dense"), device)
     optimizer = torch.optim.SGD(step.parameters(), 0.1)
-    modules.training.train_epoch(step, optimizer, modules.dataset.train_batches(data, 8, 1, 1), 2, "train")
+    modules.training.train_epoch(step, optimizer, modules.dataset.train_batches(data, 8, 1, 1), 2, "train",
+                                 lambda index: 1.0)
     return modules, step, data
 
 

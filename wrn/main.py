@@ -39,7 +39,7 @@ import safety
 import training
 from checkpoint import CheckpointError, export_networks, load_checkpoint
 from dcm_loss import LINKS
-from options import METHODS, ArgumentParser, HelpFormatter, UsageError, check_options, default_save_dir, lr_drop_epochs
+from options import METHODS, ArgumentParser, distillation_links, HelpFormatter, UsageError, check_options, default_save_dir, lr_drop_epochs
 
 # --- options -------------------------------------------------------------------------------------
 
@@ -133,15 +133,9 @@ def build_training_step(opt, num_classes, device, group):
     links they distil along, the speed settings and the processes that train them."""
     hardware.set_fp32_precision(opt.tf32)  # process-wide, so set by every step built, before its first convolution
     torch.manual_seed(opt.seed)
-    uses_aux = METHODS[opt.method][0]
-    nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, uses_aux)]
+    nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, METHODS[opt.method].uses_aux)]
     nets = [group.sync_batchnorm(net, device, opt.compile) for net in nets] if opt.sync_bn else nets
-    return training.TrainingStep(nets, distillation_links(opt), device, opt.amp, opt.channels_last, opt.compile, group,
-                                 opt.temperature, opt.kd_weight, opt.kl_eps, opt.tf32)
-
-
-def distillation_links(opt):
-    return METHODS[opt.method][1] or opt.links
+    return training.TrainingStep(nets, training.StepSettings.from_options(opt, distillation_links(opt)), device, group)
 
 
 # --- optimisation: one SGD over both networks, step lr --------------------------------------------
@@ -225,9 +219,9 @@ def main(argv=None):
     guard = safety.RunGuard(opt, step, stop)
     run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
     # The full path: the default --save is relative to the folder main.py was started in.
-    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.links} links) on {opt.dataset} "
+    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.settings.links} links) on {opt.dataset} "
           f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {group}, "
-          f"{hardware.device_name(device)}, {step.settings()}, "
+          f"{hardware.device_name(device)}, {step.describe_settings()}, "
           f"from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
           f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
 
@@ -239,9 +233,9 @@ def main(argv=None):
         guard.begin_epoch(epoch, optimizer, epoch_log.log_size(opt), position["train_time"])
         batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch, first_batch=position["step"])
         total = dataset.num_batches(len(data.train_labels), opt.batch_size)
-        kd_weights = lambda index: distillation.kd_weight_at(opt.kd_weight, opt.kd_warmup, epoch, index, total)
+        kd_weight_at = lambda index: distillation.kd_weight_at(opt.kd_weight, opt.kd_warmup, epoch, index, total)
         train_meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}",
-                                           meter=position["meter"], after_step=guard.after_step, kd_weights=kd_weights)
+                                           kd_weight_at, meter=position["meter"], after_step=guard.after_step)
         guard.check_finite(train_meter)
         if train_meter.steps < total:  # a stop request ended the epoch; after_step saved the checkpoint
             return stop.report(opt, argv)
@@ -257,7 +251,7 @@ def main(argv=None):
         test_time = time.time() - start
 
         stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
-                 **published_stats, "train_kd_weight": kd_weights(total - 1),  # the KL weight of the last step
+                 **published_stats, "train_kd_weight": kd_weight_at(total - 1),  # the KL weight of the last step
                  "epoch": epoch, "epoch_lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
         if guard.end_epoch(stats):  # a stop was requested; the epoch is checkpointed
             return stop.report(opt, argv)

@@ -7,13 +7,19 @@ import argparse
 import json
 import math
 import os
+from typing import NamedTuple, Optional
 
 import distillation
 import distributed
 import models
 
-# method -> (auxiliary classifiers?, distillation links); dcm takes its links from --links.
-METHODS = {"ind": (False, "none"), "dml": (False, "final"), "ds": (True, "none"), "dcm": (True, None)}
+class Method(NamedTuple):
+    uses_aux: bool  # auxiliary classifiers on both networks
+    links: Optional[str]  # the distillation links (dcm_loss.LINKS); None: those of --links
+
+
+METHODS = {"ind": Method(uses_aux=False, links="none"), "dml": Method(uses_aux=False, links="final"),
+           "ds": Method(uses_aux=True, links="none"), "dcm": Method(uses_aux=True, links=None)}
 
 
 class UsageError(Exception):
@@ -33,7 +39,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def check_options(opt):
     """Raise a UsageError naming the first option that main.py cannot train with, and the fix."""
-    uses_aux = METHODS[opt.method][0]
+    uses_aux = METHODS[opt.method].uses_aux
     if opt.depth < 10 or (opt.depth - 4) % 6 != 0:
         raise UsageError(f"--depth {opt.depth} is not a WRN depth: use 6n+4 (10, 16, 22, 28, 40, ...)")
     if uses_aux and opt.depth < 16:
@@ -53,7 +59,7 @@ def check_options(opt):
     if not (opt.checkpoint_interval >= 0 and math.isfinite(opt.checkpoint_interval)):
         raise UsageError(f"--checkpoint_interval must be >= 0 minutes (0: after every epoch), "
                          f"got {opt.checkpoint_interval}")
-    if problem := distillation.option_error(opt, has_kl=METHODS[opt.method][1] != "none"):
+    if problem := distillation.option_error(opt, has_kl=distillation_links(opt) != "none"):
         raise UsageError(problem)
     lr_drop_epochs(opt)  # raises UsageError on a malformed --epoch_step
     if opt.method != "dcm" and opt.links != "dense":
@@ -69,6 +75,11 @@ def check_options(opt):
     if ranks > 1 and (opt.gpu_id not in (None, "0", "") or opt.benchmark):
         raise UsageError("under torchrun each process trains on GPU LOCAL_RANK (choose the GPUs with "
                          "CUDA_VISIBLE_DEVICES, or --gpu_id '' for the CPU), and --benchmark runs without torchrun")
+
+
+def distillation_links(opt):
+    """The classifier pairs the run distils between (dcm_loss.LINKS): its method's, or --links for dcm."""
+    return METHODS[opt.method].links or opt.links
 
 
 def lr_drop_epochs(opt):

@@ -35,13 +35,13 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
     announce("counting the FLOPs of one step")
     flops_per_step = training_step_flops(step, images, targets)
 
-    announce(f"warm-up, {WARMUP_STEPS} steps" + (" (compiling the step)" if step.compiled else ""))
+    announce(f"warm-up, {WARMUP_STEPS} steps" + (" (compiling the step)" if step.settings.compile else ""))
     for _ in steps(WARMUP_STEPS, "warm-up"):
-        step.train(images, targets, optimizer)
+        step.train(images, targets, optimizer, step.settings.kd_weight)
     hardware.synchronize(device)
     hardware.reset_peak_memory(device)
     announce(f"timing {opt.benchmark} bare steps")
-    bare_seconds = timed(device, lambda: [step.train(images, targets, optimizer)
+    bare_seconds = timed(device, lambda: [step.train(images, targets, optimizer, step.settings.kd_weight)
                                           for _ in steps(opt.benchmark, "bare step")])
 
     announce(f"timing {WARMUP_STEPS} + {opt.benchmark} steps of the epoch code")
@@ -53,15 +53,15 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
     memory, memory_kind = hardware.peak_memory(device)
 
     announce(f"timing the matmul peak ({MATMUL_SECONDS} s)")
-    peak_name, peak_flops = matmul_peak(device, step.amp_dtype, step.tf32)
+    peak_name, peak_flops = matmul_peak(device, step.amp_dtype, step.settings.tf32 and device.type == "cuda")
     seconds_per_step = bare_seconds / opt.benchmark
     achieved = flops_per_step / seconds_per_step
     fields = [
         "benchmark",
         pair_name,
-        f"{opt.method} ({step.links} links)",
+        f"{opt.method} ({step.settings.links} links)",
         f"batch {opt.batch_size}",
-        step.settings(),
+        step.describe_settings(),
         hardware.device_name(device),
         f"{opt.batch_size / seconds_per_step:.1f} img/s",
         f"{seconds_per_step * 1e3:.2f} ms/step",
@@ -111,7 +111,7 @@ def training_step_flops(step, images, targets):
     step.set_mode(training=True)
     custom = {torch.ops.aten.convolution_backward: convolution_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        *_, loss = step.eager_forward_and_loss(images.contiguous(memory_format=step.memory_format), targets)
+        *_, loss = step.forward_and_loss(images, targets, step.settings.kd_weight, eager=True)
         loss.backward()
     for net in step.nets:
         net.zero_grad(set_to_none=True)

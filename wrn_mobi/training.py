@@ -5,7 +5,7 @@ The speed settings live here and change nothing else in the program:
                       loss with a GradScaler so that small gradients do not underflow
   --tf32              fp32 convolutions and matmuls on TF32 tensor cores (Ampere and newer GPUs;
                       a process-wide setting: main.build_training_step sets it with
-                      hardware.set_fp32_precision, this class names it in settings())
+                      hardware.set_fp32_precision, StepSettings.tf32 names it in the run's words)
   --channels_last     NHWC memory layout for the networks and their input batches
   --compile           torch.compile of the forward pass of each network and of the loss; autograd
                       compiles the backward pass with it
@@ -19,6 +19,7 @@ import contextlib
 import functools
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,32 +29,42 @@ import distributed
 from dcm_loss import SMOOTHING, loss_terms
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-AMP_NAMES = {dtype: name for name, dtype in AMP_DTYPES.items()}
 BAR_SECONDS = 2.0  # how often the progress bar's loss and accuracies are refreshed
 
 
-class TrainingStep:
-    """Both networks, the links they distil along, the distillation settings and the speed settings:
-    train() makes one SGD step on a batch, evaluate() one forward pass in eval mode. `nets` stay the
-    plain modules (checkpoints and exports hold their state dicts, whatever the number of ranks);
-    training runs them under DistributedDataParallel when `group` has several ranks."""
+@dataclass(frozen=True)
+class StepSettings:
+    """What one training step computes (the distillation of dcm_loss.loss_terms) and how fast (the
+    speed settings); main.py fills it from its options of the same names."""
+    links: str = "dense"  # dcm_loss.LINKS: which classifier pairs distil each other
+    temperature: float = 1.0
+    kd_weight: float = 1.0  # the KL weight once any --kd_warmup is over; test batches use it
+    kl_eps: float = SMOOTHING
+    amp: str = "none"  # a key of AMP_DTYPES
+    tf32: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
-    def __init__(self, nets, links, device, amp="none", channels_last=False, compile=False, group=None,
-                 temperature=1.0, kd_weight=1.0, kl_eps=SMOOTHING, tf32=False):
-        self.nets = nets
+    @classmethod
+    def from_options(cls, opt, links):
+        return cls(links, opt.temperature, opt.kd_weight, opt.kl_eps, opt.amp, opt.tf32, opt.channels_last,
+                   opt.compile)
+
+
+class TrainingStep:
+    """Both networks with their StepSettings: train() makes one SGD step on a batch, evaluate() one
+    forward pass in eval mode, both through forward_and_loss(). `nets` stay the plain modules
+    (checkpoints and exports hold their state dicts, whatever the number of ranks); training runs
+    them under DistributedDataParallel when `group` has several ranks."""
+
+    def __init__(self, nets, settings, device, group=None):
+        self.nets, self.settings, self.device = nets, settings, device
         self.group = group or distributed.Group()
-        self.links = links
-        self.temperature, self.kd_weight, self.kl_eps = temperature, kd_weight, kl_eps
+        self.amp_dtype = AMP_DTYPES[settings.amp]
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self._kd_weight = None  # (value, its 0-dim tensor on the device) of the last training step
-        self.device = device
-        self.device_type = device.type
-        self.amp_dtype = AMP_DTYPES[amp]
-        self.tf32 = tf32 and device.type == "cuda"  # CPUs have no TF32: their fp32 stays fp32
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.compiled = compile
-        if channels_last:
-            for net in nets:
-                net.to(memory_format=torch.channels_last)
+        for net in nets:
+            net.to(memory_format=self.memory_format)
         # --compile compiles each network and the loss apart, and DistributedDataParallel wraps the
         # compiled network: compiled around DDP, Dynamo breaks the graph in DDP's forward pass (its
         # hooks and buffer broadcast), while DDP around a compiled network runs its own part eagerly
@@ -61,46 +72,41 @@ class TrainingStep:
         # pass overlaps with the gradient all-reduce (PyTorch's "Where to apply torch.compile").
         # dynamic=False: one graph per batch shape (the full batch, the last partial one, the
         # evaluation batch), each compiled once, rather than slower shape-generic kernels.
-        self.run_nets = [torch.compile(net, dynamic=False) for net in nets] if compile else nets
+        self.run_nets = [torch.compile(net, dynamic=False) for net in nets] if settings.compile else nets
         self.trained_nets = [self.group.wrap(net, device) for net in self.run_nets]
-        self.loss = torch.compile(self.eager_loss, dynamic=False) if compile else self.eager_loss
+        self.loss = torch.compile(self.eager_loss, dynamic=False) if settings.compile else self.eager_loss
         # A disabled scaler passes the loss and the optimizer step through unchanged.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def forward_and_loss(self, images, targets, training, kd_weight=None):
+    def forward_and_loss(self, images, targets, kd_weight, training=True, eager=False):
         """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch, the KL
-        terms weighted by `kd_weight` (default: --kd_weight), compiled under --compile."""
-        # Evaluation runs the networks without DDP: DDP's forward pass is a collective (it
-        # broadcasts the BN buffers), which ranks evaluating shards of different sizes cannot all join.
-        nets = self.trained_nets if training else self.run_nets
-        return self.run_pair(nets, self.loss, images, targets, kd_weight)
-
-    def eager_forward_and_loss(self, images, targets, kd_weight=None):
-        """forward_and_loss() in training mode of the plain modules, uncompiled and without DDP:
-        the step whose FLOPs benchmark.py counts."""
-        return self.run_pair(self.nets, self.eager_loss, images, targets, kd_weight)
-
-    def run_pair(self, nets, loss, images, targets, kd_weight):
-        """Both `nets` on `images`, then `loss` of their outputs, under autocast."""
+        terms weighted by `kd_weight` (a number or a 0-dim tensor), under autocast. Training runs the
+        networks as they train (compiled under --compile, under DDP with several ranks); evaluation
+        runs them without DDP, whose forward pass is a collective (it broadcasts the BN buffers)
+        that ranks testing shards of different sizes cannot all join; `eager` runs the plain
+        modules and loss, uncompiled: the step whose FLOPs benchmark.py counts."""
+        nets = self.nets if eager else self.trained_nets if training else self.run_nets
+        loss = self.eager_loss if eager else self.loss
+        images = images.contiguous(memory_format=self.memory_format)
         with self.autocast():
             outputs_net1, outputs_net2 = nets[0](images), nets[1](images)
-            terms, total = loss(outputs_net1, outputs_net2, targets, self.kd_weight if kd_weight is None else kd_weight)
+            terms, total = loss(outputs_net1, outputs_net2, targets, kd_weight)
         return outputs_net1, outputs_net2, terms, total
 
     def eager_loss(self, outputs_net1, outputs_net2, targets, kd_weight):
         """(every loss term, their sum) of the two networks' outputs."""
-        terms = loss_terms(outputs_net1, outputs_net2, targets, self.links, self.temperature, kd_weight, self.kl_eps)
+        s = self.settings
+        terms = loss_terms(outputs_net1, outputs_net2, targets, s.links, s.temperature, kd_weight, s.kl_eps)
         return terms, sum(terms.values())
 
-    def train(self, images, targets, optimizer, loss_weight=1.0, kd_weight=None):
-        """One SGD step on the batch; `loss_weight` scales its gradient (distributed.Group.shard),
-        `kd_weight` is this step's KL weight (default: --kd_weight; the warm-up passes its own)."""
-        outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(
-            images.contiguous(memory_format=self.memory_format), targets, True,
-            self.kd_weight_tensor(self.kd_weight if kd_weight is None else kd_weight))
+    def train(self, images, targets, optimizer, kd_weight, loss_weight=1.0):
+        """One SGD step on the batch, the KL terms weighted by `kd_weight` (this step's, in a
+        warm-up); `loss_weight` scales its gradient (distributed.Group.shard)."""
+        outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(images, targets,
+                                                                        self.kd_weight_tensor(kd_weight))
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * loss_weight).backward()
         self.scaler.step(optimizer)
@@ -119,8 +125,8 @@ class TrainingStep:
     def evaluate(self, images, targets):
         """Outputs and loss terms of a test batch; the KL terms are weighted by the full --kd_weight
         (the objective the warm-up leads to)."""
-        outputs_net1, outputs_net2, terms, _ = self.forward_and_loss(
-            images.contiguous(memory_format=self.memory_format), targets, False, self.kd_weight)
+        outputs_net1, outputs_net2, terms, _ = self.forward_and_loss(images, targets, self.settings.kd_weight,
+                                                                     training=False)
         return outputs_net1, outputs_net2, terms
 
     def set_mode(self, training):
@@ -130,12 +136,14 @@ class TrainingStep:
     def parameters(self):
         return [p for net in self.nets for p in net.parameters()]
 
-    def settings(self):
+    def describe_settings(self):
         """The speed settings in words, e.g. 'amp bf16, channels_last, compile', 'tf32, eager' or
-        'fp32, eager' (IEEE fp32)."""
-        words = [f"amp {AMP_NAMES[self.amp_dtype]}" if self.amp_dtype else "tf32" if self.tf32 else "fp32"]
-        words += ["channels_last"] if self.memory_format == torch.channels_last else []
-        words += ["compile"] if self.compiled else ["eager"]
+        'fp32, eager' (IEEE fp32). CPUs have no TF32: their fp32 stays fp32."""
+        s = self.settings
+        tf32 = s.tf32 and self.device.type == "cuda"
+        words = [f"amp {s.amp}" if s.amp != "none" else "tf32" if tf32 else "fp32"]
+        words += ["channels_last"] if s.channels_last else []
+        words += ["compile"] if s.compile else ["eager"]
         return ", ".join(words)
 
 
@@ -239,23 +247,22 @@ def ensemble_predictions(final_logits_1, final_logits_2):
     return ((probs_1 + probs_2) / 2).argmax(dim=1)
 
 
-def train_epoch(step, optimizer, batches, total_batches, description, meter=None, after_step=None, kd_weights=None):
+def train_epoch(step, optimizer, batches, total_batches, description, kd_weight_at, meter=None, after_step=None):
     """Train on `batches`; return the epoch's meter. `meter` continues an epoch resumed part-way;
     `after_step(meter)` runs after every step and ends the epoch early by returning True;
-    `kd_weights(index)` is the KL weight of the epoch's step `index` (0-based; default: the step's
-    own --kd_weight). Each rank trains on its slice of every batch and meters it; the meter returned
+    `kd_weight_at(index)` is the KL weight of the epoch's step `index` (0-based). Each rank trains on its slice of every batch and meters it; the meter returned
     is summed over the ranks."""
     step.set_mode(training=True)
     meter = meter or EpochMeter()
     progress = tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
                     dynamic_ncols=True, disable=not sys.stdout.isatty())
-    if step.compiled and not progress.disable:
+    if step.settings.compile and not progress.disable:
         progress.set_postfix_str("compiling the step")
     shown = None  # when the bar's numbers were last read
     for images, targets in progress:
         images, targets, loss_weight = step.group.shard(images, targets)
-        kd_weight = kd_weights(meter.steps) if kd_weights else None
-        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, loss_weight, kd_weight)
+        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, kd_weight_at(meter.steps),
+                                                       loss_weight)
         meter.update(terms, outputs_net1, outputs_net2, targets)
         # Reading the meter waits for the device: done every BAR_SECONDS, not every step. The bar
         # (rank 0's) shows rank 0's slices.
