@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, load_folder, read_log, run_main, write_cifar100
-from test_tools import call, error_line, log_record, markdown_rows, summarize, sweep, write_log, write_run
+from test_tools import call, log_record, markdown_rows, summarize, sweep, write_log, write_run
 
 DISTILLATION_FLAGS = ("--temperature", "--kd_weight", "--kd_warmup", "--kl_eps")
 
