@@ -101,7 +101,7 @@ def two_ranks(tmp_path_factory, data):
 
 
 def test_two_processes_with_sync_bn_make_the_single_process_update(data, single, two_ranks):
-    # Measured: 1e-6 (a gradient without the batch statistics' share: 0.4).
+    # Measured on torch 2.14.1 and 2.11: 4e-7 (with the batch statistics detached: 0.27 and 0.37).
     _, save, _ = two_ranks
     distributed, reference = weights(save), weights(single)
     assert (distributed["epoch"], distributed["step"]) == (EPOCHS, 0)
@@ -232,7 +232,8 @@ def test_a_compiled_two_process_run_with_sync_bn_has_no_graph_break(tmp_path, da
     breaks = [line for line in result.stderr.splitlines() if "Graph break" in line]
     assert breaks == [], "\n".join(breaks)
     # BN over the global batch: the single process's eager update, up to Inductor's rounding.
-    # Measured: 4e-4 (the in-place all_reduce's compiled backward on torch 2.11: 1.7).
+    # Measured on torch 2.14.1 and 2.11: 4e-4 (the in-place all_reduce's compiled backward on torch
+    # 2.11: 0.13 and 0.32).
     errors = update_errors(weights(save), weights(single_eager), depth=10, aux=False)
     assert max(errors.values()) < 1e-2, errors
     record, reference = read_log(save)[0], read_log(single_eager)[0]
