@@ -235,7 +235,7 @@ def test_a_compiled_two_process_run_with_sync_bn_has_no_graph_break(tmp_path, da
     # Measured on torch 2.14.1 and 2.11: 4e-4 (the in-place all_reduce's compiled backward on torch
     # 2.11: 0.13 and 0.32).
     errors = update_errors(weights(save), weights(single_eager), depth=10, aux=False)
-    assert max(errors.values()) < 1e-2, errors
+    assert max(errors.values()) < 3e-3, errors
     record, reference = read_log(save)[0], read_log(single_eager)[0]
     assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-4)
 
