@@ -255,6 +255,23 @@ def test_sync_bn_on_gpus_is_torchs_sync_batchnorm_in_eager_mode_and_global_batch
     assert norms("cuda", compiled=True) == norms("cpu", compiled=False) == {distributed.GlobalBatchNorm2d}
 
 
+def test_compile_with_sync_bn_is_refused_where_the_functional_all_reduce_has_no_gradient(tmp_path, data):
+    # Older torch releases; a stand-in flag here.
+    (tmp_path / "torchrun_tmp").mkdir()
+    runner = tmp_path / "no_gradient.py"
+    runner.write_text("import runpy, sys\nsys.path.insert(0, sys.argv[1])\nimport distributed\n"
+                      "distributed.SUM_IS_DIFFERENTIABLE = False\nsys.argv = sys.argv[1:]\n"
+                      "runpy.run_path(sys.argv[0] + '/main.py', run_name='__main__')\n")
+    args = run_args(tmp_path / "save", data, "--sync_bn", "--compile")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(runner),
+               str(ROOT / "wrn"), *args]
+    result = subprocess.run(command, cwd=ROOT / "wrn", env=torchrun_env(tmp_path / "torchrun_tmp"),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--compile --sync_bn needs a torch" in errors[0], result.stderr[-3000:]
+    assert "exitcode: 2" in result.stderr and not (tmp_path / "save").exists()
+
+
 # --- the collectives of --sync_bn, and the wait for rank 0's checkpoint -------------------------------
 
 class CollectiveCalls(TorchDispatchMode):
