@@ -309,6 +309,24 @@ def test_sync_bn_makes_one_all_reduce_per_bn_layer_forward_and_one_backward(one_
     assert (forward.all_reduces, backward.all_reduces, forward.from_host) == (layers, layers, 0)
 
 
+def test_sync_bn_statistics_of_two_ranks_keep_the_accuracy_of_two_passes(monkeypatch):
+    # Two ranks' slices of a batch far from zero mean (1000 + N(0, 1)): the global mean and variance
+    # as float64 gives them; a sum of squares minus a squared sum in fp32 is off by about 1e-1.
+    distributed = load_folder("wrn").distributed
+    torch.manual_seed(0)
+    batch = 1000 + torch.randn(8, 3, 4, 4)
+    rank1 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=1, ranks=2)  # momentum None: this batch's statistics
+    rank0 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=0, ranks=2)
+    rank1_rows = []
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda rows: rank1_rows.append(rows) or rows)
+    rank1(batch[5:])
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda rows: rows + rank1_rows[0])  # both rows
+    rank0(batch[:5])
+    exact = batch.double()
+    torch.testing.assert_close(rank0.running_mean, exact.mean((0, 2, 3)).float(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rank0.running_var, exact.var((0, 2, 3)).float(), rtol=1e-5, atol=0)
+
+
 # Rank 0's checkpoint takes SLOW_SAVE seconds, the training collectives time out after
 # COLLECTIVE_TIMEOUT (stand-ins for a checkpoint on slow storage and NCCL's 10-minute watchdog).
 SLOW_SAVE, COLLECTIVE_TIMEOUT = 6, 3
