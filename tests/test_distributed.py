@@ -327,7 +327,7 @@ def test_sync_bn_statistics_of_two_ranks_keep_the_accuracy_of_two_passes(monkeyp
     torch.testing.assert_close(rank0.running_var, exact.var((0, 2, 3)).float(), rtol=1e-5, atol=0)
 
 
-# Rank 0's checkpoint takes SLOW_SAVE seconds, the training collectives time out after
+# Rank 0's first checkpoint takes SLOW_SAVE seconds, the training collectives time out after
 # COLLECTIVE_TIMEOUT (stand-ins for a checkpoint on slow storage and NCCL's 10-minute watchdog).
 SLOW_SAVE, COLLECTIVE_TIMEOUT = 6, 3
 SLOW_SAVE_RUNNER = f"""
@@ -339,22 +339,24 @@ dist.init_process_group = lambda *args, **kwargs: init_process_group(
     *args, **kwargs, timeout=datetime.timedelta(seconds={COLLECTIVE_TIMEOUT}))
 import safety
 save_checkpoint = safety.save_checkpoint
-def slow_save_checkpoint(*args):
+def slow_first_save(*args):
     time.sleep({SLOW_SAVE})
+    safety.save_checkpoint = save_checkpoint
     return save_checkpoint(*args)
-safety.save_checkpoint = slow_save_checkpoint
+safety.save_checkpoint = slow_first_save
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0] + "/main.py", run_name="__main__")
 """
 
 
 def test_the_other_ranks_wait_for_a_slow_checkpoint_without_timing_out(tmp_path, data):
-    # Rank 0 saves after step 2 of 3 and at the end of the epoch. Without --sync_bn, the first
-    # training collective after the first save is DDP's buffer broadcast in the next step.
+    # Rank 0 saves after step 1 of 2 (slowly), after step 2 and at the end of the epoch. Without
+    # --sync_bn, the first training collective after the slow save is DDP's buffer broadcast in
+    # step 2.
     (tmp_path / "torchrun_tmp").mkdir()
     runner = tmp_path / "slow_save.py"
     runner.write_text(SLOW_SAVE_RUNNER)
-    args = run_args(tmp_path / "save", data, "--epochs", 1, "--checkpoint_every", 2)
+    args = run_args(tmp_path / "save", data, "--checkpoint_every", 1)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(runner),
                str(ROOT / "wrn"), *args]
     result = subprocess.run(command, cwd=ROOT / "wrn", env=torchrun_env(tmp_path / "torchrun_tmp"),
