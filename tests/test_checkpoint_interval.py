@@ -41,6 +41,9 @@ class FakeGroup:
         self.flags.append(flag)
         return self.answers[len(self.flags) - 1] if self.answers is not None else flag
 
+    def barrier(self):
+        """Where the other ranks wait for rank 0's checkpoint: nothing to wait for here."""
+
 
 def run_schedule(monkeypatch, tmp_path, epoch_minutes, interval, group=None, stop_at=None, epochs=6):
     """Ends `epochs` epochs of `epoch_minutes` each through RunGuard on a stand-in clock; returns

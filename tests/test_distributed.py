@@ -1,16 +1,15 @@
 """torchrun on the CPU (gloo): two processes train what one process trains, rank 0 alone writes,
 sharded evaluation counts every test image once, checkpoints move between process counts where
-BN's batches stay the same, a global batch that the processes cannot share is refused, and a
-compiled step has no graph break.
+BN's batches stay the same, a global batch that the processes cannot share is refused, a compiled
+step has no graph break, --sync_bn makes one all-reduce per BN layer in each direction, and the
+other ranks wait for a slow checkpoint.
 
-The tiny training set (101 images, batches of 16) ends each epoch with a batch of 5, which two
-processes split 3 + 2; the 25 test images split 13 + 12.
-
-Why a small --lr: these tiny runs are chaotic at lr 0.1, so float rounding alone (one process
-with --nthread 2 against --nthread 1 differs as much) drives the weights apart by percents within
-a few steps. At lr 1e-5 the steps are well-conditioned: the weights must agree to 1e-5, and the
-update each network made (weights minus initial weights) must agree to 1e-3 in norm, which a
-wrongly weighted or unsynchronised slice would miss by far more.
+The runs are short (WRN-16-1 pairs, WRN-10-1 when compiled; 21 training images: a batch of 16,
+then one of 5 that two processes split 3 + 2) at the recipe's lr 0.1, where a wrong gradient shows: a
+path that claims to compute what one process computes must make the same weight update (weights
+minus initial weights), to a relative error far below what a gradient without the batch statistics'
+share gives (about 1e-1 and up). Longer runs at lr 0.1 are chaotic: float rounding alone then
+drives the weights apart (two processes against one: 2e-5 relative after 2 steps, 2e-3 after 4).
 """
 import os
 import signal
@@ -20,17 +19,19 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, load_folder, read_log, run_main, write_cifar100
 
-NUM_TRAIN, NUM_TEST, BATCH, EPOCHS, LR = 101, 25, 16, 2, 1e-5
+NUM_TRAIN, NUM_TEST, SUBSET, BATCH, EPOCHS, LR, DEPTH = 101, 25, 21, 16, 1, 0.1, 16
 TIMEOUT = 300
 
 
 def run_args(save, dataroot, *extra):
-    return ["--gpu_id", "", "--nthread", "1", "--save", str(save), "--dataroot", str(dataroot), "--depth", "16",
-            "--width", "1", "--batch_size", str(BATCH), "--epochs", str(EPOCHS), "--lr", str(LR), "--deterministic",
-            *map(str, extra)]
+    return ["--gpu_id", "", "--nthread", "1", "--save", str(save), "--dataroot", str(dataroot), "--depth", str(DEPTH),
+            "--width", "1", "--subset", str(SUBSET), "--batch_size", str(BATCH), "--epochs", str(EPOCHS), "--lr",
+            str(LR), "--deterministic", *map(str, extra)]
 
 
 def torchrun_command(args, processes=2):
@@ -51,6 +52,21 @@ def torchrun(args, tmp, processes=2):
 
 def weights(save):
     return torch.load(save / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def update_errors(state, reference_state, depth=DEPTH, aux=True):
+    """Per network, |update - reference update| / |reference update|, the updates being the
+    checkpointed floating-point weights minus the initial ones."""
+    torch.manual_seed(1)  # --seed 1: the initial weights of both runs
+    initial_weights = [net.state_dict() for net in load_folder("wrn").models.build_pair(depth, 1, 100, aux)]
+    errors = {}
+    for initial, name in zip(initial_weights, ("net1", "net2")):
+        assert state[name].keys() == reference_state[name].keys()  # plain state dicts: no "module." prefix
+        keys = [key for key, value in reference_state[name].items() if value.is_floating_point()]
+        update = torch.cat([(state[name][key] - initial[key]).flatten() for key in keys])
+        reference = torch.cat([(reference_state[name][key] - initial[key]).flatten() for key in keys])
+        errors[name] = ((update - reference).norm() / reference.norm()).item()
+    return errors
 
 
 def accuracies(record):
@@ -79,27 +95,19 @@ def two_ranks(tmp_path_factory, data):
     """(folder the run was started in, its save folder, the CompletedProcess)."""
     folder = tmp_path_factory.mktemp("two_ranks")
     (folder / "torchrun_tmp").mkdir()
-    result = torchrun(run_args(folder / "save", data, "--sync_bn", "--checkpoint_every", 3), folder / "torchrun_tmp")
+    result = torchrun(run_args(folder / "save", data, "--sync_bn", "--checkpoint_every", 1), folder / "torchrun_tmp")
     assert result.returncode == 0, result.stderr
     return folder, folder / "save", result
 
 
-def test_two_processes_with_sync_bn_train_the_single_process_weights(data, single, two_ranks):
+def test_two_processes_with_sync_bn_make_the_single_process_update(data, single, two_ranks):
+    # Measured on torch 2.14.1 and 2.11: 4e-7 (with the batch statistics detached: 0.27 and 0.37).
     _, save, _ = two_ranks
-    torch.manual_seed(1)  # --seed 1: the initial weights of both runs
-    initial = [net.state_dict() for net in load_folder("wrn").models.build_pair(16, 1, 100, aux=True)]
-    reference, distributed = weights(single), weights(save)
+    distributed, reference = weights(save), weights(single)
     assert (distributed["epoch"], distributed["step"]) == (EPOCHS, 0)
-    for index, name in enumerate(("net1", "net2")):
-        assert distributed[name].keys() == reference[name].keys()  # plain state dicts: no "module." prefix
-        for key, value in reference[name].items():
-            torch.testing.assert_close(distributed[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
-        keys = [key for key, value in initial[index].items() if value.is_floating_point()]
-        update = torch.cat([(distributed[name][key] - initial[index][key]).flatten() for key in keys])
-        reference_update = torch.cat([(reference[name][key] - initial[index][key]).flatten() for key in keys])
-        assert (update - reference_update).norm() <= 1e-3 * reference_update.norm(), name
+    errors = update_errors(distributed, reference)
+    assert max(errors.values()) < 1e-4, errors
     records, reference_records = read_log(save), read_log(single)
-    assert [accuracies(r) for r in records] == [accuracies(r) for r in reference_records]
     for record, reference_record in zip(records, reference_records):
         assert record["world_size"] == 2 and reference_record["world_size"] == 1
         assert record["train_loss"] == pytest.approx(reference_record["train_loss"], rel=1e-5)
@@ -111,7 +119,7 @@ def test_only_rank_0_prints_and_writes(single, two_ranks):
     assert files_under(save) == files_under(single)  # log.txt, checkpoint.pt, net1.pt, net2.pt
     created = [name for name in files_under(folder) if not name.startswith("torchrun_tmp")]
     assert created == ["save"] + [f"save/{name}" for name in files_under(single)]
-    assert result.stdout.count("epoch 1/2 ") == 1 and result.stdout.count("done: ") == 1, result.stdout
+    assert result.stdout.count("epoch 1/1 ") == 1 and result.stdout.count("done: ") == 1, result.stdout
 
 
 def test_sharded_test_accuracy_is_that_of_the_whole_test_set(data, two_ranks):
@@ -121,7 +129,7 @@ def test_sharded_test_accuracy_is_that_of_the_whole_test_set(data, two_ranks):
     modules = load_folder("wrn")
     device = torch.device("cpu")
     state = weights(save)
-    nets = modules.models.build_pair(16, 1, 100, aux=True)
+    nets = modules.models.build_pair(DEPTH, 1, 100, aux=True)
     for net, name in zip(nets, ("net1", "net2")):
         net.load_state_dict(state[name])
     step = modules.training.TrainingStep(nets, "dense", device)
@@ -157,28 +165,24 @@ def test_a_resume_that_would_change_bn_batches_is_refused_by_every_process(tmp_p
     assert not (tmp_path / "save").exists()
 
 
-def test_sigterm_stops_every_rank_at_one_step_and_the_checkpoint_resumes_in_one_process(tmp_path, data, two_ranks):
+def test_sigterm_stops_every_rank_at_one_step_and_the_checkpoint_resumes_in_one_process(tmp_path, data):
     # torchrun forwards SIGTERM to both processes; they agree on the step to stop after, rank 0
-    # writes the checkpoint with the epoch's partial sums of both, and one process finishes the
-    # run: its epochs log the numbers of the uninterrupted two-process run.
+    # writes the checkpoint, and one process finishes the run (10 steps).
     (tmp_path / "torchrun_tmp").mkdir()
     save = tmp_path / "save"
-    process = subprocess.Popen(torchrun_command(run_args(save, data, "--sync_bn", "--checkpoint_every", 1)),
-                               cwd=ROOT / "wrn", env=torchrun_env(tmp_path / "torchrun_tmp"),
+    args = run_args(save, data, "--sync_bn", "--checkpoint_every", 1, "--epochs", 5)
+    process = subprocess.Popen(torchrun_command(args), cwd=ROOT / "wrn", env=torchrun_env(tmp_path / "torchrun_tmp"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while process.poll() is None and not (save / "checkpoint.pt").exists():  # training is under way
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=TIMEOUT)
     state = weights(save)
-    assert (state["epoch"], state["step"]) < (EPOCHS, 0), "the run ended before the signal"
+    assert (state["epoch"], state["step"]) < (5, 0), "the run ended before the signal"
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr, stderr
-    result = run_main("wrn", *run_args(save, data, "--sync_bn", "--checkpoint_every", 1, "--resume")[2:])
+    result = run_main("wrn", *args[2:], "--resume")
     assert result.returncode == 0, result.stderr
-    records, reference_records = read_log(save), read_log(two_ranks[1])
-    assert [accuracies(r) for r in records] == [accuracies(r) for r in reference_records]
-    for record, reference_record in zip(records, reference_records):
-        assert record["train_loss"] == pytest.approx(reference_record["train_loss"], rel=1e-5)
+    assert [record["epoch"] for record in read_log(save)] == [1, 2, 3, 4, 5]
 
 
 def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path, data):
@@ -216,7 +220,7 @@ def single_eager(tmp_path_factory, data):
 
 def test_a_compiled_two_process_run_with_sync_bn_has_no_graph_break(tmp_path, data, single_eager):
     # Compiled around DDP, Dynamo broke the graph in DDP's forward pass, twice per network; each
-    # network is compiled inside DDP instead, and GlobalBatchNorm2d's all-reduces are traced. Every
+    # network is compiled inside DDP instead, and GlobalBatchNorm2d's all-reduce is traced. Every
     # graph is compiled afresh (Inductor's cache lives in the new temporary folder): minutes on a CPU.
     (tmp_path / "torchrun_tmp").mkdir()
     save = tmp_path / "save"
@@ -227,14 +231,13 @@ def test_a_compiled_two_process_run_with_sync_bn_has_no_graph_break(tmp_path, da
     assert result.returncode == 0, result.stderr[-3000:]
     breaks = [line for line in result.stderr.splitlines() if "Graph break" in line]
     assert breaks == [], "\n".join(breaks)
-    # BN over the global batch: the single process's eager run, up to float rounding.
+    # BN over the global batch: the single process's eager update, up to Inductor's rounding.
+    # Measured on torch 2.14.1 and 2.11: 4e-4 (the in-place all_reduce's compiled backward on torch
+    # 2.11: 0.13 and 0.32).
+    errors = update_errors(weights(save), weights(single_eager), depth=10, aux=False)
+    assert max(errors.values()) < 3e-3, errors
     record, reference = read_log(save)[0], read_log(single_eager)[0]
-    assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
-    assert record["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-5)
-    state, reference_state = weights(save), weights(single_eager)
-    for name in ("net1", "net2"):
-        for key, value in reference_state[name].items():
-            torch.testing.assert_close(state[name][key], value, rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+    assert record["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-4)
 
 
 def test_sync_bn_on_gpus_is_torchs_sync_batchnorm_in_eager_mode_and_global_batchnorm_when_compiled():
@@ -250,3 +253,113 @@ def test_sync_bn_on_gpus_is_torchs_sync_batchnorm_in_eager_mode_and_global_batch
 
     assert norms("cuda", compiled=False) == {torch.nn.SyncBatchNorm}
     assert norms("cuda", compiled=True) == norms("cpu", compiled=False) == {distributed.GlobalBatchNorm2d}
+
+
+def test_compile_with_sync_bn_is_refused_where_the_functional_all_reduce_has_no_gradient(tmp_path, data):
+    # Older torch releases; a stand-in flag here.
+    (tmp_path / "torchrun_tmp").mkdir()
+    runner = tmp_path / "no_gradient.py"
+    runner.write_text("import runpy, sys\nsys.path.insert(0, sys.argv[1])\nimport distributed\n"
+                      "distributed.SUM_IS_DIFFERENTIABLE = False\nsys.argv = sys.argv[1:]\n"
+                      "runpy.run_path(sys.argv[0] + '/main.py', run_name='__main__')\n")
+    args = run_args(tmp_path / "save", data, "--sync_bn", "--compile")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(runner),
+               str(ROOT / "wrn"), *args]
+    result = subprocess.run(command, cwd=ROOT / "wrn", env=torchrun_env(tmp_path / "torchrun_tmp"),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--compile --sync_bn needs a torch" in errors[0], result.stderr[-3000:]
+    assert "exitcode: 2" in result.stderr and not (tmp_path / "save").exists()
+
+
+# --- the collectives of --sync_bn, and the wait for rank 0's checkpoint -------------------------------
+
+class CollectiveCalls(TorchDispatchMode):
+    """The all-reduces (in-place c10d or functional) dispatched while it is active, and whether a
+    tensor was made from Python numbers (a host-to-device copy on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.all_reduces, self.from_host = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.all_reduces += func.namespace in ("c10d", "_c10d_functional") and "reduce" in func.__name__
+        self.from_host += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def one_rank_process_group(tmp_path):
+    # A process group of this process alone: the collectives run (and sum one rank).
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sync_bn_makes_one_all_reduce_per_bn_layer_forward_and_one_backward(one_rank_process_group):
+    modules = load_folder("wrn")
+    net = modules.models.wrn(10, 1, 10, aux=False)
+    net = modules.distributed.Group(rank=0, size=2).sync_batchnorm(net, torch.device("cpu"))
+    layers = sum(isinstance(module, modules.distributed.GlobalBatchNorm2d) for module in net.modules())
+    with CollectiveCalls() as forward:
+        outputs = net(torch.randn(4, 3, 32, 32))
+    with CollectiveCalls() as backward:
+        sum(output.sum() for output in outputs).backward()
+    assert layers == 7
+    assert (forward.all_reduces, backward.all_reduces, forward.from_host) == (layers, layers, 0)
+
+
+def test_sync_bn_statistics_of_two_ranks_keep_the_accuracy_of_two_passes(monkeypatch):
+    # Two ranks' slices of a batch far from zero mean (1000 + N(0, 1)): the global mean and variance
+    # as float64 gives them; a sum of squares minus a squared sum in fp32 is off by about 1e-1.
+    distributed = load_folder("wrn").distributed
+    torch.manual_seed(0)
+    batch = 1000 + torch.randn(8, 3, 4, 4)
+    rank1 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=1, ranks=2)  # momentum None: this batch's statistics
+    rank0 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=0, ranks=2)
+    rank1_rows = []
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda rows: rank1_rows.append(rows) or rows)
+    rank1(batch[5:])
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda rows: rows + rank1_rows[0])  # both rows
+    rank0(batch[:5])
+    exact = batch.double()
+    torch.testing.assert_close(rank0.running_mean, exact.mean((0, 2, 3)).float(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(rank0.running_var, exact.var((0, 2, 3)).float(), rtol=1e-5, atol=0)
+
+
+# Rank 0's first checkpoint takes SLOW_SAVE seconds, the training collectives time out after
+# COLLECTIVE_TIMEOUT (stand-ins for a checkpoint on slow storage and NCCL's 10-minute watchdog).
+SLOW_SAVE, COLLECTIVE_TIMEOUT = 6, 3
+SLOW_SAVE_RUNNER = f"""
+import datetime, runpy, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+init_process_group = dist.init_process_group
+dist.init_process_group = lambda *args, **kwargs: init_process_group(
+    *args, **kwargs, timeout=datetime.timedelta(seconds={COLLECTIVE_TIMEOUT}))
+import safety
+save_checkpoint = safety.save_checkpoint
+def slow_first_save(*args):
+    time.sleep({SLOW_SAVE})
+    safety.save_checkpoint = save_checkpoint
+    return save_checkpoint(*args)
+safety.save_checkpoint = slow_first_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0] + "/main.py", run_name="__main__")
+"""
+
+
+def test_the_other_ranks_wait_for_a_slow_checkpoint_without_timing_out(tmp_path, data):
+    # Rank 0 saves after step 1 of 2 (slowly), after step 2 and at the end of the epoch. Without
+    # --sync_bn, the first training collective after the slow save is DDP's buffer broadcast in
+    # step 2.
+    (tmp_path / "torchrun_tmp").mkdir()
+    runner = tmp_path / "slow_save.py"
+    runner.write_text(SLOW_SAVE_RUNNER)
+    args = run_args(tmp_path / "save", data, "--checkpoint_every", 1)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(runner),
+               str(ROOT / "wrn"), *args]
+    result = subprocess.run(command, cwd=ROOT / "wrn", env=torchrun_env(tmp_path / "torchrun_tmp"),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert weights(tmp_path / "save")["epoch"] == 1

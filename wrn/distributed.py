@@ -14,14 +14,23 @@ Without torchrun (WORLD_SIZE unset or 1) the run is one process: no process grou
 every method here reduces to the single-process behaviour.
 This file is identical in wrn/ and wrn_mobi/.
 """
+import datetime
 import os
 import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.distributed.nn.functional
 from torch.nn.parallel import DistributedDataParallel
 
 from dataset import DatasetError
+
+
+# How long the other ranks wait for rank 0 to write a checkpoint (Group.barrier after each save):
+# gigabytes written and fsynced to network storage can take longer than the training collectives'
+# timeout (NCCL's default: 10 minutes), which would end the run.
+WRITE_WAIT = datetime.timedelta(minutes=60)
 
 
 def launched_ranks():
@@ -51,8 +60,9 @@ class Group:
 
     def __init__(self, rank=0, size=1, control=None):
         self.rank, self.size = rank, size
-        # A gloo group for the decisions every rank takes together: a CPU flag reduced there does
-        # not wait for the GPU, which keeps queuing the next step's work.
+        # A gloo group for the decisions every rank takes together and for waiting on rank 0's
+        # writes: a CPU flag reduced there does not wait for the GPU, which keeps queuing the next
+        # step's work, and its collectives time out after WRITE_WAIT.
         self.control = control
 
     @property
@@ -93,12 +103,17 @@ class Group:
         SyncBatchNorm (fused CUDA kernels) on GPUs in eager mode; GlobalBatchNorm2d on CPUs, where
         SyncBatchNorm refuses to run, and when the network is `compiled`, since Dynamo breaks the
         graph at every SyncBatchNorm (pytorch issues 107372, 161302) while it traces
-        GlobalBatchNorm2d's all-reduces into the graph. Unchanged in a single process."""
+        GlobalBatchNorm2d's all-reduce into the graph. Unchanged in a single process. Raises
+        UsageError for `compiled` on a torch whose functional all_reduce has no gradient."""
         if self.size == 1:
             return net
         if device.type == "cuda" and not compiled:
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        return GlobalBatchNorm2d.convert(net)
+        if compiled and not SUM_IS_DIFFERENTIABLE:
+            from options import UsageError  # options imports this module
+            raise UsageError(f"--compile --sync_bn needs a torch whose functional all_reduce has a gradient "
+                             f"(this is {torch.__version__}); upgrade torch, or drop --compile")
+        return GlobalBatchNorm2d.convert(net, self.rank, self.size)
 
     def wrap(self, net, device):
         """`net` under DistributedDataParallel (gradients averaged over the ranks at each
@@ -138,7 +153,8 @@ class Group:
         return tensor
 
     def barrier(self):
-        """Wait until every rank is here (collective)."""
+        """Wait until every rank is here (collective), on the CPU, for up to WRITE_WAIT: where the
+        other ranks wait while rank 0 writes a checkpoint or the exported networks."""
         if self.size > 1:
             dist.barrier(group=self.control)
 
@@ -159,10 +175,9 @@ def start(device):
         return Group()
     if device.type == "cuda":
         dist.init_process_group("nccl", device_id=device)
-        control = dist.new_group(backend="gloo")
     else:
         dist.init_process_group("gloo")
-        control = None  # the default group is gloo already
+    control = dist.new_group(backend="gloo", timeout=WRITE_WAIT)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return Group(dist.get_rank(), dist.get_world_size(), control)
@@ -174,60 +189,60 @@ def finish():
         dist.destroy_process_group()
 
 
-class SumOverRanks(torch.autograd.Function):
-    """all_reduce (sum) that autograd differentiates: every rank's output depends on every rank's
-    input, so a rank's input gradient is the sum of the ranks' output gradients."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        total = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(total)
-        return total
+# torch.distributed's differentiable all_reduce (sum) that Dynamo traces into the graph: out of place,
+# so the compiled backward sums the ranks' gradients as eager autograd does. The in-place dist.all_reduce
+# inside an autograd.Function (torch.distributed.nn.functional.all_reduce) gives a compiled backward
+# whose gradients are zeros on torch 2.11 (pytorch issue 141111). Older torch releases have no
+# gradient for the functional all_reduce.
+SUM_IS_DIFFERENTIABLE = torch._C._dispatch_has_kernel_for_dispatch_key("_c10d_functional::all_reduce", "Autograd")
 
 
 class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
-    """BatchNorm2d whose training-mode statistics are those of the global batch, summed over the
-    ranks by SumOverRanks: --sync_bn on CPUs, where torch's SyncBatchNorm refuses to run, and under
-    --compile (Group.sync_batchnorm); Dynamo maps its dist.all_reduce calls to traceable functional
-    collectives, so a compiled network holds them in its graph. Two passes, the global mean first
-    and then the global sum of squared deviations from it, for accuracy. Running statistics are
-    updated as BatchNorm2d updates them (unbiased variance, momentum or cumulative average); in
+    """BatchNorm2d whose training-mode statistics are those of the global batch: --sync_bn on CPUs,
+    where torch's SyncBatchNorm refuses to run, and under --compile (Group.sync_batchnorm), whose
+    graph holds its collective. One all-reduce per layer in the forward pass and one (its gradient)
+    in the backward pass: each rank writes its slice's count, mean and sum of squared deviations
+    from that mean (two-pass, for accuracy) into its own row of a [ranks, 2C+1] zero tensor, the
+    sum over the ranks gathers all rows, and Chan et al.'s parallel formula combines them ("Updating
+    formulae and a pairwise algorithm for computing sample variances", 1979). Running statistics
+    are updated as BatchNorm2d updates them (unbiased variance, momentum or cumulative average); in
     eval mode it is BatchNorm2d."""
 
+    def __init__(self, *args, rank=0, ranks=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank, self.ranks = rank, ranks
+
     @classmethod
-    def convert(cls, net):
-        """`net` with every BatchNorm2d replaced by a GlobalBatchNorm2d holding the same parameters
-        and buffers (the state dict keeps its keys)."""
+    def convert(cls, net, rank, ranks):
+        """`net` with every BatchNorm2d replaced by a GlobalBatchNorm2d of rank `rank` among `ranks`
+        processes, holding the same parameters and buffers (the state dict keeps its keys)."""
         for name, child in net.named_children():
             if type(child) is torch.nn.BatchNorm2d:
                 norm = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats,
-                           device=child.weight.device)
+                           device=child.weight.device, rank=rank, ranks=ranks)
                 norm.load_state_dict(child.state_dict())
                 setattr(net, name, norm)
             else:
-                cls.convert(child)
+                cls.convert(child, rank, ranks)
         return net
 
     def forward(self, input):
         if not self.training:
             return super().forward(input)
         x = input.float()  # statistics in fp32 under autocast, as BatchNorm2d keeps them
-        channels = (0, 2, 3)
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device)
-        totals = SumOverRanks.apply(torch.cat([x.sum(channels), count]))
-        total_count = totals[-1]
-        mean = totals[:-1] / total_count
-        squares = SumOverRanks.apply(((x - mean[None, :, None, None]) ** 2).sum(channels))
-        var = squares / total_count
+        channels, width = (0, 2, 3), 2 * self.num_features + 1
+        local_mean = x.mean(channels)
+        local_m2 = ((x - local_mean[None, :, None, None]) ** 2).sum(channels)
+        row = torch.cat([x.new_full((1,), x.numel() // x.shape[1]), local_mean, local_m2])
+        rows = torch.nn.functional.pad(row, (self.rank * width, (self.ranks - 1 - self.rank) * width))
+        rows = all_reduce_sum(rows).view(self.ranks, width)
+        counts, means, m2s = rows[:, :1], rows[:, 1:width - self.num_features], rows[:, width - self.num_features:]
+        count = counts.sum()
+        mean = (counts * means).sum(0) / count
+        m2 = m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)
         if self.track_running_stats:
-            self.update_running_stats(mean.detach(), squares.detach() / (total_count - 1))
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+            self.update_running_stats(mean.detach(), m2.detach() / (count - 1))
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(m2 / count + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(input.dtype)
@@ -238,3 +253,11 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
         momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
         self.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         self.running_var.mul_(1 - momentum).add_(unbiased_var, alpha=momentum)
+
+
+def all_reduce_sum(tensor):
+    """`tensor` summed over the ranks, out of place; autograd sums the ranks' gradients (on a torch
+    without SUM_IS_DIFFERENTIABLE in eager mode only: Group.sync_batchnorm refuses to compile it)."""
+    if SUM_IS_DIFFERENTIABLE:
+        return funcol.all_reduce(tensor, "sum", dist.group.WORLD)
+    return torch.distributed.nn.functional.all_reduce(tensor)

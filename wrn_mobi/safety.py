@@ -200,6 +200,7 @@ class RunGuard:
             position = {"epoch": self.epoch - 1, "step": meter.steps, "meter": meter, "train_time": self.train_time()}
             if self.step.group.is_main:
                 self.save(position, self.log_bytes)
+            self.step.group.barrier()  # the other ranks wait for the checkpoint, on the CPU
         elif meter.steps % FINITE_CHECK_EVERY == 0:
             self.check_finite(meter.summed_over(self.step.group))
         return stop
@@ -233,6 +234,8 @@ class RunGuard:
             epoch_log.print_summary({**stats, "epochs": self.opt.epochs})
             if due:
                 self.save({"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}, log_bytes)
+        if due:
+            group.barrier()  # the other ranks wait for the checkpoint, on the CPU
         return stop
 
     def interval_would_pass(self, epoch_seconds):
