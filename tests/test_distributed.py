@@ -132,7 +132,7 @@ def test_sharded_test_accuracy_is_that_of_the_whole_test_set(data, two_ranks):
     nets = modules.models.build_pair(DEPTH, 1, 100, aux=True)
     for net, name in zip(nets, ("net1", "net2")):
         net.load_state_dict(state[name])
-    step = modules.training.TrainingStep(nets, "dense", device)
+    step = modules.training.TrainingStep(nets, modules.training.StepSettings("dense"), device)
     test_data = modules.dataset.load_dataset("CIFAR100", str(data), device)
     meter = modules.training.evaluate(step, modules.dataset.test_batches(test_data, 7))
     assert meter.count == NUM_TEST
