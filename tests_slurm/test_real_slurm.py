@@ -1,0 +1,301 @@
+"""The sweep on a real SLURM (`tests_slurm/run.sh` brings one up with .ci/slurm/setup.sh).
+
+Each scenario submits one tiny CPU run (WRN-10-1 pair, synthetic data, one CPU, --deterministic),
+interrupts it the way a cluster does, and checks that it ends with net1.pt and net2.pt byte-identical
+to the uninterrupted run of the local sweep. The scenarios run at the same time (SLURM's own waits
+dominate: a requeued job waits for its credential to expire, 30 s here); the node-down scenario
+alone runs last, as it takes the node from every job. Each prints its wall time.
+"""
+import concurrent.futures
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
+    pytest.exit("tests_slurm: no SLURM answers here (sinfo failed); start one with .ci/slurm/setup.sh (root on "
+                "Debian), or run this on a cluster", returncode=1)
+
+TINY = ["--depth", "10", "--width", "1", "--dataset", "synthetic", "--subset", "512", "--batch_size", "16",
+        "--nthread", "1", "--deterministic"]
+EPOCHS = 4  # time for an interruption after epoch 1, in an epoch that is not the last
+LONG_EPOCHS = 16  # longer than one job of --time 2 (the time-limit scenario)
+SCENARIO_SECONDS = 1200  # the longest a scenario may take on the 2 shared cores
+FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+TIMES = {}  # scenario -> wall seconds
+
+
+def sweep(*args):
+    """(exit code, stdout + stderr) of tools/sweep.py ARGS run from the repository's top folder."""
+    result = subprocess.run([sys.executable, "tools/sweep.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                            text=True)
+    return result.returncode, result.stdout + result.stderr
+
+
+def slurm(*command):
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True)
+    assert result.returncode == 0, f"{shlex.join(map(str, command))}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def job_state(job_id):
+    """The job's state (squeue, else sacct), e.g. RUNNING, PENDING, COMPLETED, CANCELLED."""
+    states = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.split()
+    if not states:
+        states = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "state"], capture_output=True,
+                                text=True).stdout.split()
+    return states[0] if states else "UNKNOWN"
+
+
+def wait_for(condition, what, seconds=SCENARIO_SECONDS):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(1)
+
+
+def text(path):
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def epochs_logged(save):
+    return text(save / "log.txt").count("json_stats:")
+
+
+def job_starts(save):
+    """main.py's command lines in the run's output: one per job start."""
+    return [line for line in text(save / "stdout.txt").splitlines() if re.match(r"# .* slurm job \d+: ", line)]
+
+
+def assert_same_weights(save, reference, details=""):
+    for name in ("net1.pt", "net2.pt"):
+        assert (save / name).is_file(), f"{save} has no {name}\n{details}{text(save / 'stdout.txt')}"
+        assert (save / name).read_bytes() == (reference / name).read_bytes(), f"{save / name} differs from {reference}"
+
+
+class Run:
+    """One run of the sweep submitted to SLURM, in a --logdir of its own."""
+
+    def __init__(self, base, name, epochs=EPOCHS, minutes=10, signal_delay=30):
+        self.logdir = base / name
+        self.args = ["--folders", "wrn", "--methods", "ind", "--seeds", 1, "--logdir", self.logdir, *TINY,
+                     "--epochs", epochs, "--gpus_per_run", 0, "--cpus_per_run", 1, "--mem_gb", 1,
+                     "--time", minutes, "--signal_delay", signal_delay]
+
+    def submit(self):
+        code, out = sweep("--slurm", *self.args)
+        assert code == 0 and "submitted job" in out, out
+        return out
+
+    @property
+    def save(self):
+        saves = [path for path in self.logdir.iterdir() if path.is_dir()]
+        assert len(saves) == 1, saves
+        return saves[0]
+
+    @property
+    def job_id(self):
+        return json.loads((self.save / "slurm_job.json").read_text())["job_id"]
+
+    def status(self):
+        return sweep("--status", *self.args)
+
+    def wait_until_trained(self, epochs=1):
+        wait_for(lambda: epochs_logged(self.save) >= epochs, f"{epochs} epochs of {self.save}")
+
+    def wait_until_finished(self):
+        def finished():
+            code, out = self.status()
+            assert "failed" not in out, out
+            return code == 0
+        wait_for(finished, f"{self.save} to finish")
+
+    def details(self):
+        logs = "".join(text(path) for path in (self.save / "slurm").glob("*_log.*"))
+        return f"--status:\n{self.status()[1]}\nsubmitit's log:\n{logs}\nstdout.txt:\n"
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("slurm_tier")
+
+
+@pytest.fixture(scope="session")
+def pool():
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as executor:
+        yield executor
+    print("\nscenario wall times (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in TIMES.items()))
+
+
+def timed(name, function, *args):
+    def scenario():
+        start = time.time()
+        try:
+            return function(*args)
+        finally:
+            TIMES[name] = time.time() - start
+    return scenario
+
+
+@pytest.fixture(scope="session")
+def references(base, pool):
+    """{epochs: run folder} of the uninterrupted runs, trained by the local sweep (no SLURM)."""
+    def local(epochs):
+        logdir = base / f"reference_{epochs}"
+        code, out = sweep("--folders", "wrn", "--methods", "ind", "--seeds", 1, "--logdir", logdir, *TINY,
+                          "--epochs", epochs, "--gpus", "")
+        assert code == 0, out
+        return next(path for path in logdir.iterdir() if path.is_dir())
+    return {epochs: pool.submit(local, epochs) for epochs in (EPOCHS, LONG_EPOCHS)}
+
+
+# --- the scenarios --------------------------------------------------------------------------------
+
+def submit_status_resubmit(base, references):
+    run = Run(base, "submit")
+    out = run.submit()
+    code, status = run.status()
+    assert code == 1 and re.search(r"^(queued|running) ", status, re.MULTILINE), status
+    wait_for(lambda: job_state(run.job_id) == "RUNNING" and job_starts(run.save), "the job to start")
+    code, out = sweep("--slurm", *run.args)  # while running: no second job
+    assert code == 0 and "submitted job" not in out and "1 queued or running (not submitted again)" in out, out
+    run.wait_until_finished()
+    code, status = run.status()
+    assert status.startswith("finished ") and "# 1 runs: 1 finished" in status, status
+    code, out = sweep("--slurm", *run.args)  # finished: skipped
+    assert code == 0 and "submitted job" not in out and "# skipped: " in out, out
+    assert len(job_starts(run.save)) == 1
+    assert_same_weights(run.save, references[EPOCHS].result(), run.details())
+
+
+def scontrol_requeue_mid_run(base, references):
+    run = Run(base, "requeue")
+    run.submit()
+    run.wait_until_trained(1)
+    slurm("scontrol", "requeue", run.job_id)
+    run.wait_until_finished()
+    starts = job_starts(run.save)
+    assert len(starts) == 2 and starts[1].endswith("--gpu_id ''") and "--resume" in starts[1], run.details()
+    assert_same_weights(run.save, references[EPOCHS].result(), run.details())
+
+
+def time_limit(base, references):
+    # USR2 arrives 30 to 90 s into each 2-minute job (SLURM's 60 s resolution): at any moment of the
+    # run, its start included; each job trains for a while, is requeued, and the next resumes.
+    run = Run(base, "time_limit", epochs=LONG_EPOCHS, minutes=2, signal_delay=30)
+    run.submit()
+    run.wait_until_finished()
+    assert len(job_starts(run.save)) >= 2, run.details()
+    assert_same_weights(run.save, references[LONG_EPOCHS].result(), run.details())
+
+
+def usr2_at_job_start(base, references):
+    # The warning as soon as main.py is started (it is still importing torch): it must not fail the job.
+    run = Run(base, "usr2_start")
+    run.submit()
+    wait_for(lambda: (run.save / "stdout.txt").exists(), "main.py to start")
+    slurm("scancel", "--signal=USR2", run.job_id)
+    run.wait_until_finished()
+    output = text(run.save / "stdout.txt")
+    assert len(job_starts(run.save)) == 2 and "from epoch 1 step 0" in output, run.details()
+    assert_same_weights(run.save, references[EPOCHS].result(), run.details())
+
+
+def usr2_to_every_process_mid_run(base, references):
+    # scancel --signal signals every process of the job's step (proctrack/linuxproc): submitit and main.py.
+    run = Run(base, "usr2_mid_run")
+    run.submit()
+    run.wait_until_trained(1)
+    slurm("scancel", "--signal=USR2", run.job_id)
+    run.wait_until_finished()
+    output = text(run.save / "stdout.txt")
+    assert "SIGUSR2: finishing the current step" in output and len(job_starts(run.save)) == 2, run.details()
+    assert_same_weights(run.save, references[EPOCHS].result(), run.details())
+
+
+def scancel_then_resubmit(base, references):
+    run = Run(base, "scancel")
+    run.submit()
+    run.wait_until_trained(1)
+    cancelled = run.job_id
+    slurm("scancel", cancelled)
+    wait_for(lambda: job_state(cancelled).startswith("CANCELLED"), "the job to be cancelled")
+    code, status = run.status()
+    assert code == 1 and status.startswith("failed ") and f"job {cancelled}, CANCELLED" in status, status
+    assert "stdout.txt:" in status, status  # why, from the run's output
+    code, out = sweep("--slurm", *run.args)
+    assert code == 0 and f"resume {run.save}" in out, out
+    run.wait_until_finished()
+    assert run.job_id != cancelled and "--resume" in job_starts(run.save)[-1], run.details()
+    assert_same_weights(run.save, references[EPOCHS].result(), run.details())
+
+
+def docs_job_script(base, references):
+    """The hand-written job script of docs/slurm.md, as given, with tiny options; stopped mid-run by the
+    TERM its --signal=B:TERM@120 sends before the time limit, it requeues itself and resumes."""
+    docs = (ROOT / "docs" / "slurm.md").read_text()
+    script = re.search(r"```bash\n(#!/bin/bash\n# sbatch .*?)```", docs, re.DOTALL).group(1)
+    command = re.search(r"^# (sbatch [^:]*):", script, re.MULTILINE).group(1).split()
+    script = script.replace("--gres=gpu:1 ", "").replace("--depth 28 --width 10 --dataroot DATA",
+                                                         shlex.join([*TINY, "--epochs", str(EPOCHS), "--method", "ind"]))
+    folder = base / "docs_script"
+    folder.mkdir()
+    (folder / "wrn").symlink_to(ROOT / "wrn")
+    (folder / command[-1]).write_text(script)
+    submitted = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"\d+", submitted.stdout).group()
+    seed = re.search(r"SEED=(\d+)", " ".join(command)).group(1)
+    save = folder / "logs" / f"seed{seed}"
+    output = folder / f"slurm-{job_id}.out"
+    wait_for(lambda: epochs_logged(save) >= 1 or job_state(job_id) not in ("PENDING", "RUNNING"),
+             "the job script's first epoch")
+    assert epochs_logged(save) >= 1, f"job {job_id}: {job_state(job_id)}\n{text(output)}"
+    slurm("scancel", "--batch", "--signal=TERM", job_id)  # what --signal=B:TERM@120 does
+    wait_for(lambda: (save / "net2.pt").exists() or job_state(job_id) in FAILED, "the job script's run to end")
+    wait_for(lambda: job_state(job_id) not in ("PENDING", "RUNNING", "COMPLETING"), "the job to end")
+    assert job_state(job_id) == "COMPLETED", f"job {job_id}: {job_state(job_id)}\n{text(output)}"
+    assert "stopped by SIGTERM" in text(output) and text(output).count("from epoch") == 2, text(output)
+    assert_same_weights(save, references[EPOCHS].result(), text(output))
+
+
+CONCURRENT = {"submit_status_resubmit": submit_status_resubmit, "scontrol_requeue": scontrol_requeue_mid_run,
+              "time_limit": time_limit, "usr2_at_job_start": usr2_at_job_start,
+              "usr2_to_every_process": usr2_to_every_process_mid_run, "scancel_then_resubmit": scancel_then_resubmit,
+              "docs_job_script": docs_job_script}
+
+
+@pytest.fixture(scope="session")
+def scenarios(base, references, pool):
+    return {name: pool.submit(timed(name, function, base, references)) for name, function in CONCURRENT.items()}
+
+
+@pytest.mark.parametrize("name", list(CONCURRENT))
+def test_scenario(scenarios, name):
+    scenarios[name].result()
+    print(f"\n{name}: {TIMES[name]:.0f} s", end="")
+
+
+def node_down(base, references):
+    run = Run(base, "node_down")
+    run.submit()
+    run.wait_until_trained(1)
+    job_id, node = run.job_id, slurm("squeue", "-h", "-j", run.job_id, "-o", "%N").strip()
+    slurm("scontrol", "update", f"nodename={node}", "state=down", "reason=tests_slurm node down")
+    wait_for(lambda: job_state(job_id) != "RUNNING", "SLURM to take the job off the down node")
+    slurm("scontrol", "update", f"nodename={node}", "state=resume")
+    run.wait_until_finished()
+    assert len(job_starts(run.save)) == 2, run.details()
+    assert_same_weights(run.save, references[EPOCHS].result(), run.details())
+
+
+def test_node_down_last_alone(scenarios, references, base):
+    concurrent.futures.wait(scenarios.values())  # it takes the node from every job
+    timed("node_down", node_down, base, references)()
+    print(f"\nnode_down: {TIMES['node_down']:.0f} s", end="")
