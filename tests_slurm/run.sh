@@ -20,7 +20,7 @@ if ! sinfo >/dev/null 2>&1; then
     fi
     started=1
 fi
-python -m pytest -q -p no:xdist -p no:cacheprovider -s tests_slurm
+python -u -m pytest -q -p no:xdist -p no:cacheprovider -s tests_slurm
 status=$?
 [ "$started" = 1 ] && .ci/slurm/stop.sh >/dev/null
 exit "$status"

@@ -25,7 +25,7 @@ if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
 TINY = ["--depth", "10", "--width", "1", "--dataset", "synthetic", "--subset", "512", "--batch_size", "16",
         "--nthread", "1", "--deterministic"]
 EPOCHS = 4  # time for an interruption after epoch 1, in an epoch that is not the last
-LONG_EPOCHS = 16  # longer than one job of --time 2 (the time-limit scenario)
+LONG_EPOCHS = 24  # longer than one job of --time 2 (the time-limit scenario) even on an idle CPU
 SCENARIO_SECONDS = 1200  # the longest a scenario may take on the 2 shared cores
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 TIMES = {}  # scenario -> wall seconds

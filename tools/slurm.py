@@ -36,7 +36,8 @@ MAX_TIMEOUTS = 100
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "CONFIGURING"}
 RUNNING = {"RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
 # The lines of submitit's log (stdout and stderr of the job's step) that say why a job failed.
-REASON = re.compile(r"error|exception|killed|cancelled|time limit|not requeued|exit code|out of memory|oom",
+# Not a traceback's indented source lines: its last line says it.
+REASON = re.compile(r"^\S.*(error|exception|killed|cancelled|time limit|not requeued|exit code|out of memory|oom)",
                     re.IGNORECASE)
 # SLURM may send --signal's warning up to this many seconds earlier than asked (sbatch's manual).
 SIGNAL_RESOLUTION = 60
@@ -198,18 +199,18 @@ def failure_lines(save, record):
                                    for suffix in ("out", "err"))):
         found = last_lines(path, count, pattern)
         if found:
-            lines += [f"{os.path.relpath(path)}:", *(f"| {line}" for line in found)]
+            lines += [f"{os.path.join(save, os.path.relpath(path, save))}:", *(f"| {line}" for line in found)]
     return lines or ["no output: neither main.py nor submitit wrote anything"]
 
 
 def last_lines(path, count, pattern=None):
-    """The last `count` non-empty lines of a file (those matching `pattern`), or [] without it."""
+    """The last `count` different non-empty lines of a file (those matching `pattern`), or [] without it."""
     try:
         with open(path, errors="replace") as output:
             lines = [line.rstrip() for line in output if line.strip() and (not pattern or pattern.search(line))]
     except OSError:
         return []
-    return lines[-count:]
+    return list(dict.fromkeys(lines))[-count:]  # submitit logs its error twice
 
 
 def status(jobs):

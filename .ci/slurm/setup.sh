@@ -116,7 +116,9 @@ sacctmgr -n list assoc format=cluster,account,user | grep -q "$CLUSTER.*default.
     sacctmgr -i add user root Account=default Cluster="$CLUSTER"
 
 # --- 6. slurmctld and slurmd -------------------------------------------------------------------------
-if ! running slurmctld; then
+if running slurmctld; then
+    scontrol reconfigure   # the configuration rendered above
+else
     say "starting slurmctld"
     /usr/sbin/slurmctld -D -i >>$LOG/slurmctld.out 2>&1 &
     echo $! > $RUN/slurmctld.pid
