@@ -27,7 +27,9 @@ TINY = ["--depth", "10", "--width", "1", "--dataset", "synthetic", "--subset", "
 EPOCHS = 4  # time for an interruption after epoch 1, in an epoch that is not the last
 LONG_EPOCHS = 24  # longer than one job of --time 2 (the time-limit scenario) even on an idle CPU
 SCENARIO_SECONDS = 1200  # the longest a scenario may take on the 2 shared cores
+DOCS_SEED = 3  # docs/slurm.md's job script is submitted with SEED=3
 FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "UNKNOWN"}
 TIMES = {}  # scenario -> wall seconds
 
 
@@ -110,11 +112,15 @@ class Run:
         wait_for(lambda: epochs_logged(self.save) >= epochs, f"{epochs} epochs of {self.save}")
 
     def wait_until_finished(self):
+        """Until net2.pt is written and the job has ended (cheap checks: --status imports PyTorch), then
+        --status must say finished."""
         def finished():
-            code, out = self.status()
-            assert "failed" not in out, out
-            return code == 0
+            state = job_state(self.job_id)
+            assert state not in FAILED, f"job {self.job_id} {state}\n{self.details()}{text(self.save / 'stdout.txt')}"
+            return (self.save / "net2.pt").exists() and state not in ACTIVE
         wait_for(finished, f"{self.save} to finish")
+        code, out = self.status()
+        assert code == 0 and out.startswith("finished "), out
 
     def details(self):
         logs = "".join(text(path) for path in (self.save / "slurm").glob("*_log.*"))
@@ -145,33 +151,36 @@ def timed(name, function, *args):
 
 @pytest.fixture(scope="session")
 def references(base, pool):
-    """{epochs: run folder} of the uninterrupted runs, trained by the local sweep (no SLURM)."""
-    def local(epochs):
-        logdir = base / f"reference_{epochs}"
-        code, out = sweep("--folders", "wrn", "--methods", "ind", "--seeds", 1, "--logdir", logdir, *TINY,
+    """{epochs or (epochs, seed): run folder} of the uninterrupted runs (seed 1 unless given), trained by
+    the local sweep (no SLURM)."""
+    def local(epochs, seed):
+        logdir = base / f"reference_{epochs}_{seed}"
+        code, out = sweep("--folders", "wrn", "--methods", "ind", "--seeds", seed, "--logdir", logdir, *TINY,
                           "--epochs", epochs, "--gpus", "")
         assert code == 0, out
         return next(path for path in logdir.iterdir() if path.is_dir())
-    return {epochs: pool.submit(local, epochs) for epochs in (EPOCHS, LONG_EPOCHS)}
+    return {EPOCHS: pool.submit(local, EPOCHS, 1), LONG_EPOCHS: pool.submit(local, LONG_EPOCHS, 1),
+            (EPOCHS, DOCS_SEED): pool.submit(local, EPOCHS, DOCS_SEED)}
 
 
 # --- the scenarios --------------------------------------------------------------------------------
 
 def submit_status_resubmit(base, references):
-    run = Run(base, "submit")
-    out = run.submit()
+    # The long run: time for --status and a second submission while it runs.
+    run = Run(base, "submit", epochs=LONG_EPOCHS)
+    run.submit()
     code, status = run.status()
     assert code == 1 and re.search(r"^(queued|running) ", status, re.MULTILINE), status
-    wait_for(lambda: job_state(run.job_id) == "RUNNING" and job_starts(run.save), "the job to start")
+    wait_for(lambda: epochs_logged(run.save) >= 1, "the first epoch")
+    code, status = run.status()
+    assert code == 1 and status.startswith(f"running      {run.save} (job {run.job_id}, epoch "), status
     code, out = sweep("--slurm", *run.args)  # while running: no second job
     assert code == 0 and "submitted job" not in out and "1 queued or running (not submitted again)" in out, out
     run.wait_until_finished()
-    code, status = run.status()
-    assert status.startswith("finished ") and "# 1 runs: 1 finished" in status, status
     code, out = sweep("--slurm", *run.args)  # finished: skipped
     assert code == 0 and "submitted job" not in out and "# skipped: " in out, out
     assert len(job_starts(run.save)) == 1
-    assert_same_weights(run.save, references[EPOCHS].result(), run.details())
+    assert_same_weights(run.save, references[LONG_EPOCHS].result(), run.details())
 
 
 def scontrol_requeue_mid_run(base, references):
@@ -251,18 +260,18 @@ def docs_job_script(base, references):
     submitted = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = re.search(r"\d+", submitted.stdout).group()
-    seed = re.search(r"SEED=(\d+)", " ".join(command)).group(1)
+    seed = int(re.search(r"SEED=(\d+)", " ".join(command)).group(1))
     save = folder / "logs" / f"seed{seed}"
     output = folder / f"slurm-{job_id}.out"
-    wait_for(lambda: epochs_logged(save) >= 1 or job_state(job_id) not in ("PENDING", "RUNNING"),
+    wait_for(lambda: epochs_logged(save) >= 1 or job_state(job_id) in FAILED | {"COMPLETED"},
              "the job script's first epoch")
-    assert epochs_logged(save) >= 1, f"job {job_id}: {job_state(job_id)}\n{text(output)}"
+    assert epochs_logged(save) >= 1 and not (save / "net2.pt").exists(), f"job {job_id}: {job_state(job_id)}\n{text(output)}"
     slurm("scancel", "--batch", "--signal=TERM", job_id)  # what --signal=B:TERM@120 does
     wait_for(lambda: (save / "net2.pt").exists() or job_state(job_id) in FAILED, "the job script's run to end")
     wait_for(lambda: job_state(job_id) not in ("PENDING", "RUNNING", "COMPLETING"), "the job to end")
     assert job_state(job_id) == "COMPLETED", f"job {job_id}: {job_state(job_id)}\n{text(output)}"
     assert "stopped by SIGTERM" in text(output) and text(output).count("from epoch") == 2, text(output)
-    assert_same_weights(save, references[EPOCHS].result(), text(output))
+    assert_same_weights(save, references[EPOCHS, seed].result(), text(output))
 
 
 CONCURRENT = {"submit_status_resubmit": submit_status_resubmit, "scontrol_requeue": scontrol_requeue_mid_run,
