@@ -6,7 +6,9 @@ is no longer finite.
 SIGINT (Ctrl-C), SIGTERM (a launcher, a cluster preempting the job) or SIGUSR1/SIGUSR2 (a
 cluster's warning before the time limit) lets the current step finish; the run then writes a
 checkpoint, prints the command that resumes it, and exits with 130 (SIGINT) or 143 (the others).
-A second Ctrl-C exits at once (the last checkpoint on disk stays whole). Once the run leaves, every
+A second Ctrl-C exits at once (the last checkpoint on disk stays whole). A stop signal that came
+before the training loop listened (main.py records them from its first line) stops the run before
+its first step, with nothing written and the same exit code. Once the run leaves, every
 later stop signal is ignored, so that none changes its exit code or prints a traceback. A loss that
 stops being finite ends the run before anything is saved after it, so checkpoint.pt keeps the last
 good state.
