@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -185,6 +186,58 @@ def test_a_torchrun_job_whose_every_process_gets_usr2_stops_with_a_checkpoint(tm
     assert "main.py exited with code 1" in str(failure[0])  # torchrun's code for stopped ranks
 
 
+def loaded(pid, library):
+    """Whether process `pid` has mapped a shared library whose name contains `library`."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches the import of torch in /proc (Linux)")
+@pytest.mark.parametrize("folder", ["wrn", "wrn_mobi"])
+def test_a_warning_signal_while_main_py_imports_torch_stops_it_cleanly(tmp_path, cifar, folder):
+    # SLURM may send its warning up to 60 s early, at the job's start: main.py must not die of it
+    # (the job would fail) but stop as it does on a stop signal, with nothing to save yet.
+    save = tmp_path / "run"
+    main_py = subprocess.Popen([sys.executable, str(ROOT / folder / "main.py"), "--save", str(save), "--method",
+                                "ind", *TINY, "--dataroot", str(cifar)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + WAIT_SECONDS
+    while not loaded(main_py.pid, "libtorch"):  # in `import torch`, long before the training loop
+        assert main_py.poll() is None and time.time() < deadline, main_py.communicate()[0]
+        time.sleep(0.01)
+    main_py.send_signal(signal.SIGUSR2)
+    output = main_py.communicate(timeout=WAIT_SECONDS)[0]
+    assert main_py.returncode == 143, output
+    assert "stopped by SIGUSR2 before training began; nothing new to save" in output, output
+    assert not save.exists()  # nothing written: the same command starts it over
+
+
+def stopped_run(tmp_path, child):
+    """A TrainingRun whose main.py is the Python code `child`, started, then checkpoint()ed (as on
+    SLURM's USR2 to the job): returns checkpoint()'s answer."""
+    (tmp_path / "child.py").write_text(child)
+    run = slurm_job.TrainingRun([sys.executable, "child.py", "--save", "run"], "run", str(tmp_path), 0, 1)
+    run.process = subprocess.Popen([sys.executable, str(tmp_path / "child.py")], start_new_session=True)
+    time.sleep(0.5)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run.checkpoint()
+
+
+@pytest.mark.parametrize("child, requeued", [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGUSR2)", True),  # killed before it handled signals
+    ("import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\ntime.sleep(60)", True),
+    ("import time\ntime.sleep(60)", True),  # killed by the job's SIGTERM
+    ("import sys\nsys.exit(1)", False),  # failed with an error
+    ("import sys\nsys.exit(2)", False),  # refused its options
+], ids=["killed_by_usr2", "stopped_143", "killed_by_sigterm", "error_1", "usage_error_2"])
+def test_a_job_is_requeued_when_a_signal_stopped_main_py_even_without_a_checkpoint(tmp_path, child, requeued):
+    answer = stopped_run(tmp_path, child)
+    assert (answer is not None) == requeued, answer
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # requeued, the run starts over
+
+
 # --- the SLURM submission, against stand-in SLURM commands ----------------------------------------
 
 FAKE_COMMANDS = {
@@ -322,6 +375,14 @@ def test_status_says_where_each_run_stands(fake_slurm):
     save["dml", 2].mkdir(parents=True)
     (save["dml", 2] / "checkpoint.pt").write_bytes(b"")  # stopped in its first epoch by a local sweep
     (save["ds", 1] / "stdout.txt").write_text("epoch 1/2 ...\nerror: --depth 10 is too shallow for ds\n")
+    # submitit's log of the job's step: its own lines, the traceback, srun's verdict.
+    (save["ds", 1] / "slurm").mkdir()
+    (save["ds", 1] / "slurm" / "202_0_log.out").write_text(
+        "submitit INFO (2026-01-01 10:00:00,000) - Starting with JobEnvironment(job_id=202)\n"
+        "submitit ERROR (2026-01-01 10:00:09,000) - Submitted job triggered an exception\n"
+        "Traceback (most recent call last):\n  File \"submitit/core/_submit.py\", line 11, in <module>\n"
+        "RuntimeError: main.py exited with code 2: error: --depth 10 is too shallow for ds\n"
+        "srun: error: node1: task 0: Exited with exit code 1\n")
     fake_slurm["set_states"]([("201", "RUNNING"), ("202", "FAILED"), ("203", "PENDING")])
 
     code, out, _ = call(*args, "--status")
@@ -329,12 +390,17 @@ def test_status_says_where_each_run_stands(fake_slurm):
     lines = out.splitlines()
     assert lines[0] == f"finished     {save['ind', 1]} (epoch 2 of 2, test error 40.00 / 41.50 %)"
     assert lines[1] == f"running      {save['dml', 1]} (job 201, epoch 1 of 2, test error 40.00 / 41.50 %)"
-    assert lines[2] == f"failed       {save['ds', 1]} (job 202, FAILED; output in {save['ds', 1] / 'stdout.txt'})"
-    assert lines[3:5] == ["    | epoch 1/2 ...", "    | error: --depth 10 is too shallow for ds"]
-    assert lines[5] == f"queued       {save['ind', 2]} (job 203, PENDING)"
-    assert lines[6:8] == [f"stopped      {save['dml', 2]} (in epoch 1; no job: --slurm resumes it)",
-                          f"not started  {save['ds', 2]}"]
-    assert lines[8] == "# 6 runs: 1 finished, 1 running, 1 queued, 1 failed, 1 stopped, 1 not started"
+    # A failed run: why, from main.py's output and from submitit's log.
+    assert lines[2] == f"failed       {save['ds', 1]} (job 202, FAILED)"
+    assert lines[3:10] == [f"    {save['ds', 1] / 'stdout.txt'}:", "    | epoch 1/2 ...",
+                           "    | error: --depth 10 is too shallow for ds", f"    {save['ds', 1] / 'slurm' / '202_0_log.out'}:",
+                           "    | submitit ERROR (2026-01-01 10:00:09,000) - Submitted job triggered an exception",
+                           "    | RuntimeError: main.py exited with code 2: error: --depth 10 is too shallow for ds",
+                           "    | srun: error: node1: task 0: Exited with exit code 1"], lines
+    assert lines[10] == f"queued       {save['ind', 2]} (job 203, PENDING)"
+    assert lines[11:13] == [f"stopped      {save['dml', 2]} (in epoch 1; no job: --slurm resumes it)",
+                            f"not started  {save['ds', 2]}"]
+    assert lines[13] == "# 6 runs: 1 finished, 1 running, 1 queued, 1 failed, 1 stopped, 1 not started"
     assert fake_slurm["calls"]("sbatch") == []
     # Once every run finished, the exit code is 0.
     for key in list(save)[1:]:
@@ -354,7 +420,9 @@ def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch):
     (["--slurm_param", "exclude"], ["--slurm_param", "KEY=VALUE", "'exclude'"]),
     (["--gpus_per_run", "-1"], ["--gpus_per_run", "at least 0"]),
     (["--time", "2", "--signal_delay", "120"], ["--signal_delay", "--time"]),
-], ids=["slurm_param", "gpus_per_run", "signal_delay"])
+    # SLURM may send the warning 60 s early: at the job's start, every time it is requeued.
+    (["--time", "2", "--signal_delay", "60"], ["--signal_delay", "60 s", "--time 3 or more"]),
+], ids=["slurm_param", "gpus_per_run", "signal_delay", "signal_resolution"])
 def test_slurm_refuses_bad_options_before_submitting(tmp_path, args, words):
     code, out, err = call("--slurm", "--logdir", tmp_path / "logs", *args)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,6 +35,12 @@ MAX_TIMEOUTS = 100
 # SLURM job states (sacct, squeue) of a job that is not over.
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "CONFIGURING"}
 RUNNING = {"RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+# The lines of submitit's log (stdout and stderr of the job's step) that say why a job failed.
+# Not a traceback's indented source lines: its last line says it.
+REASON = re.compile(r"^\S.*(error|exception|killed|cancelled|time limit|not requeued|exit code|out of memory|oom)",
+                    re.IGNORECASE)
+# SLURM may send --signal's warning up to this many seconds earlier than asked (sbatch's manual).
+SIGNAL_RESOLUTION = 60
 INSTALL = "sweep.py --slurm needs submitit: pip install -r requirements-tools.txt"
 _submitted = {}  # job id -> submitit job of this process (a local job's state needs its process)
 
@@ -80,9 +87,10 @@ def check_options(opt):
                              ("--signal_delay", opt.signal_delay, 1)):
         if value < low:
             raise ToolError(f"{flag} must be at least {low}, got {value}")
-    if opt.signal_delay >= 60 * opt.time:
-        raise ToolError(f"--signal_delay {opt.signal_delay} s leaves no time to train in --time {opt.time} min; "
-                        f"use a longer --time or a shorter --signal_delay")
+    if opt.signal_delay + SIGNAL_RESOLUTION >= 60 * opt.time:
+        raise ToolError(f"--signal_delay {opt.signal_delay} s plus the {SIGNAL_RESOLUTION} s SLURM may send the "
+                        f"signal early leave no time to train in --time {opt.time} min; use --time "
+                        f"{(opt.signal_delay + SIGNAL_RESOLUTION) // 60 + 1} or more, or a shorter --signal_delay")
     for param in opt.slurm_param:
         key, equals, _ = param.partition("=")
         if not equals or not key or key.startswith("-"):
@@ -167,8 +175,7 @@ def standing(job, record, state):
         return "queued", f"job {record['job_id']}, {state}", []
     if state in RUNNING:
         return "running", f"job {record['job_id']}, {progress(job.save) or 'starting'}", []
-    output = output_file(job.save, record)
-    return "failed", f"job {record['job_id']}, {state}; output in {output}", last_lines(output)
+    return "failed", f"job {record['job_id']}, {state}", failure_lines(job.save, record)
 
 
 def progress(save):
@@ -181,21 +188,29 @@ def progress(save):
             f"{100 - last['test_acc_net1']:.2f} / {100 - last['test_acc_net2']:.2f} %")
 
 
-def output_file(save, record):
-    """main.py's output, or submitit's log where main.py never started."""
-    main_output = os.path.join(save, slurm_job.OUTPUT_NAME)
-    if os.path.isfile(main_output):
-        return main_output
-    return os.path.join(record["folder"], f"{record['job_id']}_0_log.out")
+def failure_lines(save, record):
+    """Why a job failed, from every output it left, each file's name then its lines: the last lines
+    of main.py's output (its error message is its last line), and the lines of submitit's log that
+    report a failure (the traceback's last line, srun's and slurmstepd's errors, a cancellation, a
+    time limit, a job submitit did not requeue)."""
+    lines = []
+    for path, count, pattern in ((os.path.join(save, slurm_job.OUTPUT_NAME), 3, None),
+                                 *((os.path.join(record["folder"], f"{record['job_id']}_0_log.{suffix}"), 4, REASON)
+                                   for suffix in ("out", "err"))):
+        found = last_lines(path, count, pattern)
+        if found:
+            lines += [f"{os.path.join(save, os.path.relpath(path, save))}:", *(f"| {line}" for line in found)]
+    return lines or ["no output: neither main.py nor submitit wrote anything"]
 
 
-def last_lines(path, count=3):
+def last_lines(path, count, pattern=None):
+    """The last `count` different non-empty lines of a file (those matching `pattern`), or [] without it."""
     try:
         with open(path, errors="replace") as output:
-            lines = [line.rstrip() for line in output if line.strip()]
+            lines = [line.rstrip() for line in output if line.strip() and (not pattern or pattern.search(line))]
     except OSError:
-        return ["no output"]
-    return lines[-count:] or ["no output"]
+        return []
+    return list(dict.fromkeys(lines))[-count:]  # submitit logs its error twice
 
 
 def status(jobs):
@@ -209,7 +224,7 @@ def status(jobs):
         words.append(word)
         print(f"{word:<12} {job.save}" + (f" ({details})" if details else ""))
         for line in lines:
-            print(f"    | {line}")
+            print(f"    {line}")
     counts = ", ".join(f"{words.count(word)} {word}" for word in
                        ("finished", "running", "queued", "failed", "blocked", "stopped", "not started") if word in words)
     print(f"# {len(jobs)} runs: {counts}")

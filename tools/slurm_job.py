@@ -9,7 +9,9 @@ passes it on to its ranks): submitit calls checkpoint(), which passes SIGTERM on
 process group (main.py, or torchrun and every rank), waits until main.py has written its checkpoint
 and exited (exit code 143), and returns a new TrainingRun: submitit then requeues the job, and the
 requeued job resumes the run. A run longer than the time limit thus ends across several jobs with
-the weights of one uninterrupted run.
+the weights of one uninterrupted run. A signal that main.py cannot handle yet (in the moment before
+its first line runs) kills it: the job is requeued all the same, and the run starts over or resumes
+its checkpoint. Only a main.py that failed with an error (exit 1 or 2) ends the job as failed.
 
 Only the standard library here (and submitit inside checkpoint()): the object is pickled with
 this module's code, so the job does not need tools/ on its Python path.
@@ -77,9 +79,10 @@ class TrainingRun:
         code = self.process.returncode
         if code == 0:
             return self.save
-        if code == SIGTERM_EXIT:
-            # SLURM's SIGTERM reached main.py itself (preemption signals every process of the job);
-            # its USR2 to submitit, which requeues, may follow within the signal delay.
+        if stopped_by_signal(code):
+            # SLURM's signal reached main.py itself (preemption signals every process of the job; a
+            # warning signal may come before main.py handles it); its USR2 to submitit, which
+            # requeues, may follow within the signal delay.
             time.sleep(self.stop_grace_s)
         raise RuntimeError(f"main.py exited with code {code}: {last_line(self.path(OUTPUT_NAME))} "
                            f"(output in {os.path.join(self.save, OUTPUT_NAME)})")
@@ -98,11 +101,19 @@ class TrainingRun:
                 pass
             code = self.process.poll()
             print(f"{self.save}: stopped main.py for the requeue (exit code {code})", flush=True)
-            # main.py exits 143 with its checkpoint written; killed by SIGTERM (-15) before it could
-            # catch it, it had nothing to save yet. torchrun exits 1 when its ranks stopped.
-            if code not in (0, SIGTERM_EXIT, -signal.SIGTERM) and not os.path.isfile(self.path(CHECKPOINT)):
+            # Requeued unless main.py failed with an error (exit 1 or 2): the requeued job resumes
+            # from the checkpoint, or starts the run over where there is none. torchrun exits 1
+            # when its ranks stopped, with their checkpoint written.
+            stopped_ranks = self.gpus > 1 and code == 1 and os.path.isfile(self.path(CHECKPOINT))
+            if not (code == 0 or stopped_by_signal(code) or stopped_ranks):
                 return None
         return DelayedSubmission(TrainingRun(self.command, self.save, self.cwd, self.gpus, self.stop_grace_s))
+
+
+def stopped_by_signal(code):
+    """Whether main.py's exit code says a signal stopped it: 143 after it wrote its checkpoint (or
+    found nothing to save), or killed by the signal (negative) before it could handle it."""
+    return code == SIGTERM_EXIT or code < 0
 
 
 def job_id():

@@ -19,10 +19,20 @@ make it faster (training.py), `--benchmark N` measures how fast (benchmark.py). 
 checks of the options are in options.py. This file
 is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
+import signal
+
+# Stop signals that came before the training loop listened for them (main.py run as a script). SLURM
+# may send its warning (--signal) up to 60 s early, while torch still imports: recorded from the first
+# line on, it does not kill the run; the training loop's safety.StopRequest takes it over.
+EARLY_STOP_SIGNALS = []
+if __name__ == "__main__":
+    for _name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, _name):  # Windows has no USR signals
+            signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_STOP_SIGNALS.append(signum))
+
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 
@@ -212,10 +222,12 @@ def main(argv=None):
             raise UsageError(str(error)) from None
         if group.is_main and os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(opt.save):
             epoch_log.drop_lines_after(opt, position["log_bytes"])
+    stop = safety.StopRequest(group)
+    stop.install(EARLY_STOP_SIGNALS)
+    if stop.agreed():  # a stop signal came before training began: there is nothing new to save
+        return stop.report_before_training(argv)
     if group.is_main:  # the only rank that writes
         os.makedirs(opt.save, exist_ok=True)
-    stop = safety.StopRequest(group)
-    stop.install()
     guard = safety.RunGuard(opt, step, stop)
     run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
     # The full path: the default --save is relative to the folder main.py was started in.

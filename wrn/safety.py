@@ -6,7 +6,9 @@ is no longer finite.
 SIGINT (Ctrl-C), SIGTERM (a launcher, a cluster preempting the job) or SIGUSR1/SIGUSR2 (a
 cluster's warning before the time limit) lets the current step finish; the run then writes a
 checkpoint, prints the command that resumes it, and exits with 130 (SIGINT) or 143 (the others).
-A second Ctrl-C exits at once (the last checkpoint on disk stays whole). Once the run leaves, every
+A second Ctrl-C exits at once (the last checkpoint on disk stays whole). A stop signal that came
+before the training loop listened (main.py records them from its first line) stops the run before
+its first step, with nothing written and the same exit code. Once the run leaves, every
 later stop signal is ignored, so that none changes its exit code or prints a traceback. A loss that
 stops being finite ends the run before anything is saved after it, so checkpoint.pt keeps the last
 good state.
@@ -62,9 +64,13 @@ class StopRequest:
         self.signal = None
         self.group = group
 
-    def install(self):
+    def install(self, early_signals=()):
+        """Handle the stop signals from here on; a stop signal main.py recorded before
+        (`early_signals`, in the order they came) counts as if it came now."""
         for signum in EXIT_CODES:
             signal.signal(signum, self.handle)
+        if early_signals and self.signal is None:
+            self.signal = early_signals[0]
 
     def handle(self, signum, frame):
         if self.signal == signal.SIGINT and signum == signal.SIGINT:
@@ -87,6 +93,15 @@ class StopRequest:
         ignore_stop_signals()
         distributed.print_on_rank0(f"stopped by {signal.Signals(self.signal).name}: checkpoint.pt in {opt.save} "
                                    f"holds the run; continue it with\n  {resume_command(argv)}")
+        return EXIT_CODES[self.signal]
+
+
+    def report_before_training(self, argv):
+        """Say that the run stopped before it trained a step (it wrote nothing), and how to start it
+        again; return the exit code its signal calls for."""
+        ignore_stop_signals()
+        distributed.print_on_rank0(f"stopped by {signal.Signals(self.signal).name} before training began; nothing "
+                                   f"new to save. Start it again with\n  {shlex.join(['python', sys.argv[0], *argv])}")
         return EXIT_CODES[self.signal]
 
 
