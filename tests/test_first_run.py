@@ -93,11 +93,12 @@ def test_a_gpu_id_without_a_gpu_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("folder", ["wrn", "wrn_mobi"])
-def test_a_normal_start_imports_no_flop_counter(folder):
+@pytest.mark.parametrize("folder, module", [("wrn", "main"), ("wrn_mobi", "main"), ("tools", "evaluate")])
+def test_a_normal_start_imports_no_flop_counter(folder, module):
     # torch.utils.flop_counter logs "triton not found; flop counting will not work for triton kernels"
-    # when it is imported by a CUDA torch without triton: --benchmark alone imports it.
-    code = ("import sys; import main; "
+    # when it is imported by a CUDA torch without triton: --benchmark alone imports it, and evaluate.py
+    # once it counts a network's FLOPs.
+    code = (f"import sys; import {module}; "
             "print(sorted({'torch.utils.flop_counter', 'triton'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / folder, env=CPU_ONLY, capture_output=True,
                             text=True, timeout=240)

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
@@ -166,6 +165,10 @@ def test_measurements(network, dataset_module, data, batch_size, amp, channels_l
 
 @torch.no_grad()
 def forward_gflop(network, device):
+    # Imported here, once a file is measured: a CUDA torch without triton logs a warning at the import,
+    # which would come before any of the tool's one-line errors.
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         network(torch.zeros(IMAGE_SHAPE, device=device))
     return counter.get_total_flops() / 1e9
