@@ -120,9 +120,9 @@ def import_torchvision():
             version = importlib.metadata.version("torchvision")
         except importlib.metadata.PackageNotFoundError:
             version = "(not installed)"
-        raise DatasetError(f"torchvision {version} does not import with torch {torch.__version__} ({type(error).__name__}: "
-                           f"{' '.join(str(error).split())}): they must be builds for each other; reinstall both "
-                           f"from one index: {reinstall_command()}") from None
+        raise DatasetError(f"torchvision {version} does not import with torch {torch.__version__} "
+                           f"({type(error).__name__}: {' '.join(str(error).split())}): they must be builds for each "
+                           f"other; reinstall both from one index: {reinstall_command()}") from None
     return torchvision
 
 
