@@ -105,7 +105,10 @@ def test_the_ranks_take_rank_0s_decision_at_the_same_collectives(monkeypatch, tm
     # Rank 0 decides by its clock; rank 1's clock (here: other epoch lengths) must not matter, and
     # both ranks must make the same collective calls, or a torchrun run would hang.
     _, _, _, rank0 = run_schedule(monkeypatch, tmp_path, epoch_minutes=4, interval=10)
-    assert rank0.flags == [False, True, False, True]  # epochs 2 to 5; the first and last need no vote
+    # The vote of epochs 2 to 5 (the first and last need none), and after it each epoch's answer to
+    # whether rank 0's writes failed (checkpoint.write_on_rank0).
+    votes = [False, True, False, True]
+    assert rank0.flags == [False, *[flag for vote in votes for flag in (vote, False)], False]
     rank1 = FakeGroup(is_main=False, answers=rank0.flags)
     saved, lines, stopped, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes=11, interval=10, group=rank1)
     assert rank1.flags == [False] * len(rank0.flags)  # only rank 0's clock votes

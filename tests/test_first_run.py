@@ -84,6 +84,48 @@ def test_a_gpu_id_without_a_gpu_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("folder, module", [("wrn", "main"), ("wrn_mobi", "main"), ("tools", "evaluate")])
+def test_a_normal_start_imports_no_flop_counter(folder, module):
+    # torch.utils.flop_counter logs "triton not found; flop counting will not work for triton kernels"
+    # when it is imported by a CUDA torch without triton: --benchmark alone imports it, and evaluate.py
+    # once it counts a network's FLOPs.
+    code = (f"import sys; import {module}; "
+            "print(sorted({'torch.utils.flop_counter', 'triton'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT / folder, env=CPU_ONLY, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def torchvision_for_another_torch(folder):
+    """A stand-in package for a torchvision 0.28.0 built for another torch, in `folder`: its import
+    dies as such a build's does."""
+    (folder / "torchvision").mkdir(parents=True)
+    (folder / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (folder / "torchvision-0.28.0.dist-info").mkdir()
+    (folder / "torchvision-0.28.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.28.0\n")
+    return folder
+
+
+@pytest.mark.parametrize("dataset", ["CIFAR100", "FashionMNIST"])
+def test_a_torchvision_for_another_torch_is_named_in_one_line(tmp_path, dataset):
+    stand_in = torchvision_for_another_torch(tmp_path / "site")
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "wrn" / "main.py"), *SHORT, "--dataset", dataset,
+                             "--dataroot", str(run / "data"), "--save", str(run / "logs"), "--gpu_id", ""],
+                            env={**CPU_ONLY, "PYTHONPATH": str(stand_in)}, capture_output=True, text=True,
+                            timeout=240)
+    release, _, build = torch.__version__.partition("+")
+    index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+    assert result.returncode == 2 and result.stderr == (
+        f"error: torchvision 0.28.0 does not import with torch {torch.__version__} (RuntimeError: operator "
+        f"torchvision::nms does not exist): they must be builds for each other; reinstall both from one index: "
+        f"pip install --force-reinstall torch=={release} torchvision{index}\n")
+    assert not run.exists()  # neither the dataroot nor the run folder
+
+
 def test_checkpoints_past_epochs_are_refused_and_unexported_ones_go_on(tmp_path):
     safety = load_folder("wrn").safety
     opt = SimpleNamespace(epochs=2, save=str(tmp_path))

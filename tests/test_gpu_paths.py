@@ -175,3 +175,48 @@ def test_bf16_counts_only_where_the_gpu_computes_it(folder, monkeypatch, major, 
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert hardware.cuda_bf16_support() is native
+
+
+# --- TF32: one precision, whatever API set it before ---------------------------------------------------
+
+def fp32_precision_readings():
+    """What every reader of the running torch says about fp32 convolutions and matmuls: the old
+    flags and the global matmul precision, and on torch 2.9 and later each backend's
+    fp32_precision. A reader that finds the APIs mixed raises."""
+    backends = torch.backends
+    readings = {"cudnn.allow_tf32": backends.cudnn.allow_tf32, "matmul.allow_tf32": backends.cuda.matmul.allow_tf32,
+                "matmul precision": torch.get_float32_matmul_precision()}
+    if hasattr(backends, "fp32_precision"):
+        readings.update({"cuda.matmul": backends.cuda.matmul.fp32_precision,
+                         "cudnn.conv": backends.cudnn.conv.fp32_precision,
+                         "cudnn.rnn": backends.cudnn.rnn.fp32_precision,
+                         "mkldnn.matmul": backends.mkldnn.matmul.fp32_precision,
+                         "mkldnn.conv": backends.mkldnn.conv.fp32_precision})
+    return readings
+
+
+@pytest.fixture
+def hardware(folder):
+    """hardware.py of `folder`; the run's default precision (IEEE fp32) is set back afterwards,
+    through its own setter (how a torch release exposes its flags is not the tests' business)."""
+    module = load_folder(folder).hardware
+    yield module
+    module.set_fp32_precision(False)
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+@pytest.mark.parametrize("earlier", ["highest", "high", "medium"])
+def test_the_fp32_precision_is_set_consistently_after_a_user_s_own_setting(hardware, earlier, tf32):
+    # A user's set_float32_matmul_precision("high") and then the old flags alone left oneDNN's
+    # matmuls in TF32 and cuBLAS's in IEEE fp32 on torch 2.11 and 2.14: get_float32_matmul_precision()
+    # (inductor's max-autotune calls it) raised.
+    torch.set_float32_matmul_precision(earlier)
+    hardware.set_fp32_precision(tf32)
+    readings = fp32_precision_readings()
+    expected = {"cudnn.allow_tf32": tf32, "matmul.allow_tf32": tf32, "matmul precision": "high" if tf32 else "highest"}
+    if hasattr(torch.backends, "fp32_precision"):
+        precision = "tf32" if tf32 else "ieee"
+        # The CPU's (oneDNN's) work stays IEEE fp32: --tf32 is for GPUs.
+        expected.update({"cuda.matmul": precision, "cudnn.conv": precision, "cudnn.rnn": precision,
+                         "mkldnn.matmul": "ieee", "mkldnn.conv": "ieee"})
+    assert readings == expected

@@ -74,15 +74,18 @@ def test_speed_settings_are_logged_with_the_other_options(first_step_runs):
 # --- the precision of fp32 work ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("flags, tf32", [([], False), (["--tf32"], True)], ids=["default", "tf32"])
-def test_the_tf32_option_sets_both_fp32_precisions(monkeypatch, flags, tf32):
+def test_the_tf32_option_sets_both_fp32_precisions(flags, tf32):
     # PyTorch's defaults differ (cuDNN TF32 on, cuBLAS off): the option, not PyTorch, decides both,
-    # on every device, when the step is built (tools/preflight.py builds one per setting).
-    main = load_folder("wrn").main
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)
-    opt = main.parse_options(["--depth", "10", "--width", "1", "--method", "ind", *flags])
-    main.build_training_step(opt, 10, torch.device("cpu"), load_folder("wrn").distributed.Group())
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
+    # on every device, when the step is built (tools/preflight.py builds one per setting). The
+    # other precision first, and the default after, through the project's own setter.
+    modules = load_folder("wrn")
+    modules.hardware.set_fp32_precision(not tf32)
+    try:
+        opt = modules.main.parse_options(["--depth", "10", "--width", "1", "--method", "ind", *flags])
+        modules.main.build_training_step(opt, 10, torch.device("cpu"), modules.distributed.Group())
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
+    finally:
+        modules.hardware.set_fp32_precision(False)
 
 
 def test_settings_say_whether_fp32_work_runs_in_tf32():

@@ -777,21 +777,25 @@ def test_evaluate_refuses_a_dataroot_that_is_no_folder_here(swept, tmp_path, mon
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
 
 
-def test_evaluate_tests_in_the_fp32_precision_the_run_logged(swept, tmp_path, monkeypatch, cpu_only):
+def test_evaluate_tests_in_the_fp32_precision_the_run_logged(swept, tmp_path, cpu_only):
     # TF32 is process-wide and PyTorch's default convolves in TF32 on Ampere and newer GPUs: evaluate
-    # sets both flags from the run's --tf32, as main.py did, whatever they were before.
+    # sets both flags from the run's --tf32, as main.py did, whatever they were before (the other
+    # precision, set through the project's own setter, as is the default afterwards).
+    hardware = load_folder("wrn").hardware
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(swept["saves"]["ind", 1] / "net1.pt", run / "net1.pt")
     records = read_log(swept["saves"]["ind", 1])
-    for tf32 in (True, False):
-        (run / "log.txt").write_text("".join(f"json_stats: {json.dumps({**record, 'tf32': tf32})}\n"
-                                             for record in records))
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not tf32)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not tf32)
-        row, = evaluate_rows(run / "net1.pt")
-        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
-        assert row["protocol"] == "fp32"  # on a CPU there is no TF32
+    try:
+        for tf32 in (True, False):
+            (run / "log.txt").write_text("".join(f"json_stats: {json.dumps({**record, 'tf32': tf32})}\n"
+                                                 for record in records))
+            hardware.set_fp32_precision(not tf32)
+            row, = evaluate_rows(run / "net1.pt")
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
+            assert row["protocol"] == "fp32"  # on a CPU there is no TF32
+    finally:
+        hardware.set_fp32_precision(False)
 
 
 def test_evaluate_counts_the_papers_forward_gflop(evaluated, mobi_run):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import paper
 from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, markdown_table, read_records
@@ -122,6 +121,10 @@ def test_measurements(network, folder, data, batch_size, amp, channels_last):
 
 @torch.no_grad()
 def forward_gflop(network, device):
+    # Imported here, once a file is measured: a CUDA torch without triton logs a warning at the import,
+    # which would come before any of the tool's one-line errors.
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         network(torch.zeros(IMAGE_SHAPE, device=device))
     return counter.get_total_flops() / 1e9

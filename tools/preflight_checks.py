@@ -199,9 +199,7 @@ class Worker:
     def use(self, setting):
         """TF32 is process-wide: on for a tf32 setting, explicitly off for every other (IEEE fp32
         is the reference, whatever PyTorch's default)."""
-        tf32 = "tf32" in setting.split("+")
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        self.hardware.set_fp32_precision("tf32" in setting.split("+"))
 
     def options(self, setting, method):
         return self.main.parse_options(["--depth", str(self.config["depth"]), "--width", str(self.config["width"]),

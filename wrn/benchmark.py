@@ -16,7 +16,6 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import dataset
@@ -108,6 +107,10 @@ def convolution_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride,
 
 def training_step_flops(step, images, targets):
     """FLOPs of one forward and backward pass of both networks and the loss (eager, same batch)."""
+    # Imported here, not by main.py's every start: a CUDA torch without triton logs "triton not
+    # found; flop counting will not work for triton kernels" when the module is imported.
+    from torch.utils.flop_counter import FlopCounterMode
+
     step.set_mode(training=True)
     custom = {torch.ops.aten.convolution_backward: convolution_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=custom) as counter:

@@ -10,17 +10,21 @@ ranks: it resumes with any number of processes, or in one, as long as BN keeps n
 same batches (--sync_bn, or the run's own process count; check_bn_batches).
 
 Every file is written to a temporary file in the same folder, flushed and fsynced, then renamed
-over the old one (and the folder fsynced): a crash at any point leaves the previous file whole.
+over the old one (and the folder fsynced): a crash at any point leaves the previous file whole, and
+a full disk the previous file and no temporary one (DiskFull says so).
 Checkpoints are plain dicts of tensors and Python values, read back with weights_only=True, so
 loading one never runs code. This file is identical in wrn/ and wrn_mobi/.
 """
+import errno
 import json
 import os
 import random
+import shutil
 import warnings
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 
 import training
 
@@ -39,8 +43,53 @@ class CheckpointError(Exception):
     """A checkpoint, or a --save folder, that cannot serve this run: the message says why and what to do."""
 
 
+class DiskFull(Exception):
+    """A file of the run (`path`) did not fit on its device; `needed` and `free` are bytes, free
+    measured once the partial file was removed."""
+
+    def __init__(self, path, needed):
+        self.path, self.needed = path, needed
+        self.free = shutil.disk_usage(os.path.dirname(path) or ".").free
+        super().__init__(f"no space left on the device of {path}: writing it needs about {size_words(needed)}, "
+                         f"{size_words(self.free)} free")
+
+    def fix(self, resume_command):
+        """What to do, in words: continue with `resume_command` from the checkpoint beside the file,
+        which is intact (its position read without its tensors, memory-mapped), or start again."""
+        folder = os.path.dirname(self.path) or "."
+        path = os.path.join(folder, CHECKPOINT)
+        if not os.path.isfile(path):
+            return f"{folder} holds no {CHECKPOINT} yet: free some space, then remove {folder} and start the run again"
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        where = f"step {state['step']} of epoch {state['epoch'] + 1}" if state["step"] else f"epoch {state['epoch']}"
+        return f"{path} ({where}) is intact: free some space, then continue with: {resume_command}"
+
+
+class RankFailed(Exception):
+    """Rank 0 failed to write a file of the run (write_on_rank0): raised on the other ranks, rank 0 says why."""
+
+
+def size_words(count):
+    """`count` bytes in words: '12.2 MB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def out_of_space(error):
+    """Whether `error`, or an error it arose from, says the device or the user's quota is full
+    (torch.save reports the OSError of its write as the context of a RuntimeError of its own)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def atomic_save(obj, path):
-    """torch.save(obj, path) so that `path` is always either the old file or the whole new one."""
+    """torch.save(obj, path) so that `path` is always either the old file or the whole new one, and
+    no temporary file is left. Raises DiskFull where the new file did not fit."""
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as f:
@@ -48,9 +97,13 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException:  # also a second Ctrl-C in the middle of the write
+    except BaseException as error:  # also a second Ctrl-C in the middle of the write
         if os.path.exists(temporary):
             os.remove(temporary)
+        if out_of_space(error):
+            # About its size: torch.save writes each tensor's storage, and little else.
+            needed = sum(leaf.untyped_storage().nbytes() for leaf in tree_leaves(obj) if isinstance(leaf, torch.Tensor))
+            raise DiskFull(path, needed) from None
         raise
     fsync_folder(os.path.dirname(path) or ".")
 
@@ -221,6 +274,21 @@ def load_checkpoint(opt, path, step, optimizer, device, defaults):
             meter.clear_sums()
     return {"epoch": state["epoch"], "step": state["step"], "meter": meter, "train_time": state["epoch_train_time"],
             "log_bytes": state["log_bytes"]}
+
+
+def write_on_rank0(group, write, *args):
+    """write(*args) on rank 0 alone, every rank waiting for it (collective, on distributed.Group's
+    CPU control group). A failure there (DiskFull, or any other) is raised on rank 0, and as
+    RankFailed on every other rank: all leave together instead of waiting for rank 0 in the next
+    collective until a timeout."""
+    failure = None
+    if group.is_main:
+        try:
+            write(*args)
+        except BaseException as error:  # a second Ctrl-C too: the other ranks must not wait for rank 0
+            failure = error
+    if group.any(failure is not None):
+        raise failure or RankFailed("rank 0 failed to write a file of the run")
 
 
 def export_networks(opt, nets):

@@ -6,6 +6,7 @@ sample) and normalised on the device. No worker processes, and the same (seed, e
 same batches on any device, because the random draws are made on the CPU.
 """
 import gzip
+import importlib.metadata
 import os
 import pickle
 import shutil
@@ -107,9 +108,35 @@ def read_cifar_pickle(path, keys):
                            f"the folder to download it again, or replace it by hand") from None
 
 
+def import_torchvision():
+    """torchvision, imported here only (it is slow to import, and a run on files already there needs
+    none of it). Raises DatasetError naming both versions and the fix where it does not import: a
+    torchvision built for another torch (installed from another wheel index) dies deep inside its
+    import with `RuntimeError: operator torchvision::nms does not exist`."""
+    try:
+        import torchvision
+    except (ImportError, RuntimeError) as error:
+        try:
+            version = importlib.metadata.version("torchvision")
+        except importlib.metadata.PackageNotFoundError:
+            version = "(not installed)"
+        raise DatasetError(f"torchvision {version} does not import with torch {torch.__version__} "
+                           f"({type(error).__name__}: {' '.join(str(error).split())}): they must be builds for each "
+                           f"other; reinstall both from one index: {reinstall_command()}") from None
+    return torchvision
+
+
+def reinstall_command():
+    """pip's command that installs this torch again with the torchvision built for it, from the
+    wheel index of its build: PyTorch's for a +cpu, +cuXYZ or +rocmX build, PyPI's otherwise."""
+    release, _, build = torch.__version__.partition("+")
+    index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+    return f"pip install --force-reinstall torch=={release} torchvision{index}"
+
+
 def download_with_torchvision(name, root, expected):
     """Let torchvision download and verify (md5) the archive, then read the files ourselves."""
-    import torchvision
+    torchvision = import_torchvision()
 
     print(f"{name} not found in {root}: downloading it there with torchvision")
     # What exists before, so that a failed download leaves no folder or partial file behind.

@@ -3,13 +3,14 @@
 log.txt holds one `json_stats: {...}` line per epoch: every option and the epoch's numbers (the
 reference's keys, extended). This file is identical in wrn/ and wrn_mobi/.
 """
+import errno
 import json
 import os
 
 import dataset
 import models
 import training
-from checkpoint import AUX_PREFIXES
+from checkpoint import AUX_PREFIXES, DiskFull, out_of_space
 from dcm_loss import classifier_names
 
 LOG = "log.txt"
@@ -74,12 +75,23 @@ def pair_info(opt):
 
 def log_epoch(opt, stats):
     """Append one `json_stats: {...}` line (every option, the pair and this epoch's numbers) to
-    SAVE/log.txt, whole (one write) and durably; return the log's new size in bytes."""
+    SAVE/log.txt, whole (one write) and durably; return the log's new size in bytes. Where the line
+    does not fit on the device, the log is cut back to its earlier lines (a full disk writes part of
+    it) and DiskFull raised."""
     line = ("json_stats: " + json.dumps({**vars(opt), **pair_info(opt), **stats}) + "\n").encode()
-    descriptor = os.open(os.path.join(opt.save, LOG), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    path = os.path.join(opt.save, LOG)
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(descriptor, line)
-        os.fsync(descriptor)
+        size = os.fstat(descriptor).st_size
+        try:
+            if os.write(descriptor, line) < len(line):  # what fitted: the device is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            os.fsync(descriptor)
+        except OSError as error:
+            os.ftruncate(descriptor, size)
+            if out_of_space(error):
+                raise DiskFull(path, len(line)) from None
+            raise
         return os.fstat(descriptor).st_size
     finally:
         os.close(descriptor)

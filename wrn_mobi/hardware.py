@@ -90,17 +90,26 @@ def select_device(opt):
 def set_fp32_precision(tf32):
     """fp32 convolutions (cuDNN) and matmuls (cuBLAS) in IEEE fp32, or with TF32 tensor cores
     (inputs rounded to a 10-bit mantissa, accumulation in fp32) when `tf32` is True; on GPUs
-    before Ampere and on CPUs there is no TF32 and both are fp32.
+    before Ampere there is no TF32, and the CPU's (oneDNN's) are IEEE fp32 either way.
 
     PyTorch's own defaults differ between the two (cuDNN TF32 on, cuBLAS off), so that a plain
     fp32 run on an Ampere or newer GPU would convolve in TF32; both are set here, whatever the
-    device, so that the run's precision is the one its options say. These flags exist in every
-    torch this project supports (1.7 and later) and warn of nothing; torch 2.9's fp32_precision
-    settings follow them (checked on 2.14), and reading one kind after setting the other can
-    raise, so only these are used.
+    device, so that the run's precision is the one its options say. torch 2.9 and later keep a
+    precision per backend and operation (fp32_precision) beside the older settings, and their
+    readers raise when they find the two disagree: get_float32_matmul_precision() (inductor's
+    max-autotune calls it) after a user's set_float32_matmul_precision("high") and the old
+    cuBLAS flag alone set to False, cudnn.allow_tf32 after the new settings alone. So every
+    setting of both kinds is set here, each to the same precision.
     """
+    # cuBLAS's matmuls and the global matmul precision (on torch 2.9 and later oneDNN's matmuls too).
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    if hasattr(torch.backends, "fp32_precision"):  # torch 2.9 and later
+        precision = "tf32" if tf32 else "ieee"
+        # Explicit, not inherited from torch.backends.fp32_precision; RNNs as convolutions, which
+        # the old cudnn.allow_tf32 reader compares.
+        torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = precision
+        torch.backends.mkldnn.matmul.fp32_precision = torch.backends.mkldnn.conv.fp32_precision = "ieee"
 
 
 def device_name(device):

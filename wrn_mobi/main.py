@@ -47,7 +47,7 @@ import hardware
 import models
 import safety
 import training
-from checkpoint import CheckpointError, export_networks, load_checkpoint
+from checkpoint import CheckpointError, DiskFull, RankFailed, export_networks, load_checkpoint, write_on_rank0
 from dcm_loss import LINKS
 from options import METHODS, ArgumentParser, distillation_links, HelpFormatter, UsageError, check_options, default_save_dir, lr_drop_epochs
 
@@ -268,9 +268,8 @@ def main(argv=None):
         if guard.end_epoch(stats):  # a stop was requested; the epoch is checkpointed
             return stop.report(opt, argv)
 
-    if group.is_main:
-        export_networks(opt, step.nets)
-    group.barrier()  # a rank that leaves the process group while rank 0 still writes can abort (gloo)
+    # Every rank waits: one that leaves the process group while rank 0 still writes can abort (gloo).
+    write_on_rank0(group, export_networks, opt, step.nets)
     print(f"done: {os.path.join(opt.save, 'net1.pt')} and net2.pt hold the networks without auxiliary classifiers")
     return 0
 
@@ -285,6 +284,11 @@ if __name__ == "__main__":
         sys.exit(2)
     except safety.NonFiniteLoss as error:
         distributed.print_on_rank0(f"error: {error}")
+        sys.exit(1)
+    except DiskFull as error:  # a run that stopped part-way, as above; every rank leaves
+        distributed.print_on_rank0(f"error: {error}; {error.fix(safety.resume_command(sys.argv[1:]))}")
+        sys.exit(1)
+    except RankFailed:  # rank 0 says why
         sys.exit(1)
     except KeyboardInterrupt:
         distributed.print_on_rank0(f"\ninterrupted at once: nothing after the last checkpoint is kept; if --save "

@@ -24,7 +24,7 @@ import time
 
 import distributed
 import epoch_log
-from checkpoint import CHECKPOINT, CheckpointError, save_checkpoint
+from checkpoint import CHECKPOINT, CheckpointError, save_checkpoint, write_on_rank0
 
 # The signals that stop a run, and its exit code for each. SLURM's --signal warns with USR1 or USR2
 # before the time limit, and on some clusters it signals every process of the job, main.py too.
@@ -213,9 +213,7 @@ class RunGuard:
             meter = meter.summed_over(self.step.group)
             self.check_finite(meter)
             position = {"epoch": self.epoch - 1, "step": meter.steps, "meter": meter, "train_time": self.train_time()}
-            if self.step.group.is_main:
-                self.save(position, self.log_bytes)
-            self.step.group.barrier()  # the other ranks wait for the checkpoint, on the CPU
+            write_on_rank0(self.step.group, self.save, position, self.log_bytes)
         elif meter.steps % FINITE_CHECK_EVERY == 0:
             self.check_finite(meter.summed_over(self.step.group))
         return stop
@@ -242,16 +240,17 @@ class RunGuard:
         due = (stop or self.epochs_ended == 0 or self.epoch == self.opt.epochs
                or group.any(group.is_main and self.interval_would_pass(epoch_seconds)))
         self.epochs_ended += 1
-        if group.is_main:
-            cost = {"checkpoint_time": self.checkpoint_seconds, "checkpoint_bytes": self.checkpoint_bytes}
-            self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
-            log_bytes = epoch_log.log_epoch(self.opt, {**stats, **cost})
-            epoch_log.print_summary({**stats, "epochs": self.opt.epochs})
-            if due:
-                self.save({"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}, log_bytes)
-        if due:
-            group.barrier()  # the other ranks wait for the checkpoint, on the CPU
+        write_on_rank0(group, self.write_epoch, stats, due)
         return stop
+
+    def write_epoch(self, stats, due):
+        """Rank 0's part of end_epoch: the log line, the summary, and the checkpoint when `due`."""
+        cost = {"checkpoint_time": self.checkpoint_seconds, "checkpoint_bytes": self.checkpoint_bytes}
+        self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
+        log_bytes = epoch_log.log_epoch(self.opt, {**stats, **cost})
+        epoch_log.print_summary({**stats, "epochs": self.opt.epochs})
+        if due:
+            self.save({"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}, log_bytes)
 
     def interval_would_pass(self, epoch_seconds):
         """Whether another epoch as long as the last one (`epoch_seconds`, training and testing)
