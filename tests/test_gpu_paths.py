@@ -26,7 +26,7 @@ def tiny_step(folder, device=torch.device("cpu"), amp="none"):
     torch.manual_seed(0)
     with device:
         nets = [modules.models.wrn(10, 1, num_classes=10, aux=False) for _ in range(2)]
-    return modules.training.TrainingStep(nets, "none", device, amp)
+    return modules.training.TrainingStep(nets, modules.training.StepSettings("none", amp=amp), device)
 
 
 def batch(count=8, seed=0):
@@ -68,7 +68,7 @@ def test_a_checkpoint_resumes_onto_an_accelerator_with_the_host_state_on_the_hos
     meter = modules.training.EpochMeter()
     for seed in range(2):
         images, targets = batch(seed=seed)
-        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer)
+        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, 1.0)
         meter.update(terms, outputs_net1, outputs_net2, targets)
     tmp_path.mkdir(exist_ok=True)
     modules.checkpoint.save_checkpoint(opt, {"epoch": 0, "step": 2, "meter": meter, "train_time": 1.5},
@@ -109,12 +109,12 @@ def test_an_overflowing_first_step_after_the_optimizer_is_made_is_skipped_whole(
     images, targets = batch()
     images[0, 0, 0, 0] = float("inf")
     before = [p.detach().clone() for p in params]
-    step.train(images, targets, optimizer)
+    step.train(images, targets, optimizer, 1.0)
     assert all(torch.equal(p, b) for p, b in zip(params, before)), "the overflowing step changed weights"
     assert not any(optimizer.state[p] for p in params), "the overflowing step left optimizer state"
     assert step.scaler.get_scale() < 2.0 ** 16
     for seed in (1, 2):
-        step.train(*batch(seed=seed), optimizer)
+        step.train(*batch(seed=seed), optimizer, 1.0)
     assert all(torch.isfinite(p).all() for p in params)
     assert any(not torch.equal(p, b) for p, b in zip(params, before))
 
