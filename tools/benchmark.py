@@ -17,14 +17,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Each setting's main.py flags; tools/preflight.py checks and times its candidates from this table.
 SETTINGS = {
     "plain": None,  # tools/plain_step.py
     "fp32": [],
     "fp32+cl": ["--channels_last"],
+    "fp32+cl+compile": ["--channels_last", "--compile"],
+    "tf32+cl": ["--tf32", "--channels_last"],
     "bf16": ["--amp", "bf16"],
     "bf16+cl": ["--amp", "bf16", "--channels_last"],
     "bf16+compile": ["--amp", "bf16", "--compile"],
     "bf16+cl+compile": ["--amp", "bf16", "--channels_last", "--compile"],
+    "fp16+cl": ["--amp", "fp16", "--channels_last"],
     "fp16+cl+compile": ["--amp", "fp16", "--channels_last", "--compile"],
 }
 # The WRN pair's table, and the MobileNet pair's in both memory layouts (depthwise convolutions
