@@ -2,20 +2,19 @@
 
     python tools/preflight_checks.py CHECK CONFIG_JSON     # CHECK: environment, numerics, resume, torchrun
 
-Each prints its rows as lines `PREFLIGHT {"check", "figure", "verdict", "why", "data"}` as soon as it
-knows them (verdict: pass, fail or skipped; data: the numbers preflight.py decides with). Whatever a
-check writes goes to a temporary folder that it removes; the repository is never written to.
+Each prints its rows as lines `PREFLIGHT {"check", "figure", "verdict", "why", ...}` as soon as it
+knows them (verdict: pass, fail or skipped; the other keys: the numbers preflight.py decides with). Whatever a
+check writes goes under TMPDIR, which preflight.py removes at its end; the repository is never written to.
 Resume and torchrun run main.py as a user would, on its synthetic dataset (no download, no files).
 """
 import json
 import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ UPDATE_TOLERANCE = {"cpu": 1e-3, "cuda": 1e-2}
 
 
 def emit(check, figure, verdict, why="", **data):
-    print("PREFLIGHT " + json.dumps({"check": check, "figure": figure, "verdict": verdict, "why": why, "data": data}),
+    print("PREFLIGHT " + json.dumps({"check": check, "figure": figure, "verdict": verdict, "why": why, **data}),
           flush=True)
 
 
@@ -52,45 +51,32 @@ def import_folder(folder):
 
 def environment(config):
     *_, hardware, _ = import_folder("wrn")
-    try:
-        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "-"
-    except (AttributeError, RuntimeError):  # a build without NCCL
-        nccl = "-"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "-"
+    nccl = read_or_dash(lambda: ".".join(map(str, torch.cuda.nccl.version())))
     emit("environment: software", f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, cuDNN "
-         f"{torch.backends.cudnn.version() or '-'}, NCCL {nccl}, Triton {triton_version}", "pass")
+         f"{torch.backends.cudnn.version() or '-'}, NCCL {nccl}, Triton {read_or_dash(lambda: version('triton'))}",
+         "pass")
     bf16_kind, bf16_words = hardware.cpu_bf16_support()
-    emit("environment: CPU", f"{cpu_model()}, {os.cpu_count()} cores, {bf16_words}", "pass", bf16=bf16_kind != "none")
+    cpu = read_or_dash(lambda: next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                    if line.startswith("model name")))
+    emit("environment: CPU", f"{cpu}, {os.cpu_count()} cores, {bf16_words}", "pass", bf16=bf16_kind != "none")
     if not torch.cuda.is_available():
-        emit("environment: GPUs", "none", "skipped", "no CUDA GPU visible", gpus=[])
-        return
+        return emit("environment: GPUs", "none", "skipped", "no CUDA GPU visible", gpus=[])
     gpus = [torch.cuda.get_device_properties(index) for index in range(torch.cuda.device_count())]
     names = ", ".join(f"{gpu.name} ({gpu.total_memory / 2 ** 30:.1f} GiB, sm {gpu.major}.{gpu.minor})" for gpu in gpus)
+    driver = read_or_dash(lambda: subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                                 capture_output=True, text=True, timeout=30).stdout.split()[0])
     # TF32 tensor cores came with Ampere (sm 8.0), as bf16 ones did; emulated bf16 is no speed setting.
-    emit("environment: GPUs", f"{len(gpus)}: {names}; driver {nvidia_driver()}", "pass",
+    emit("environment: GPUs", f"{len(gpus)}: {names}; driver {driver}", "pass",
          gpus=[{"name": gpu.name, "memory": gpu.total_memory} for gpu in gpus],
          bf16=hardware.cuda_bf16_support(), tf32=torch.cuda.get_device_capability(0) >= (8, 0))
 
 
-def cpu_model():
+def read_or_dash(read):
+    """read(), or '-' where there is nothing to read: no NCCL in this build, no Triton, no nvidia-smi, no /proc."""
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def nvidia_driver():
-    try:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30)
-        return result.stdout.split()[0] if result.returncode == 0 and result.stdout.split() else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (no nvidia-smi)"
+        return read()
+    except Exception:
+        return "-"
 
 
 # --- numerics ------------------------------------------------------------------------------------
@@ -160,11 +146,11 @@ def start(command, env=None):
                             env={**os.environ, **(env or {})})
 
 
-def weights(save, *names):
+def weights(save):
     """The floating-point tensors of each network in SAVE/checkpoint.pt."""
     state = torch.load(Path(save) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    return [{key: value.float() for key, value in state[name].items() if value.is_floating_point()}
-            for name in names or ("net1", "net2")]
+    return [{key: value.float() for key, value in state[net].items() if value.is_floating_point()}
+            for net in ("net1", "net2")]
 
 
 def resume(config):
@@ -190,14 +176,10 @@ def resume(config):
         return emit("interrupt and resume", "", "fail", f"the resumed run: {last}")
     difference = max(float((a[key] - b[key]).abs().max()) for a, b in zip(weights(work / "reference"),
                                                                           weights(work / "stopped")) for key in a)
-    where = f"stopped at epoch 1 step {state['step']} by SIGTERM (exit code 143), resumed"
-    if device == "cpu":
-        emit("interrupt and resume", f"{where}: final weights {'bit-exact' if difference == 0 else 'differ'} "
-             f"(--deterministic)", "pass" if difference == 0 else "fail",
-             "" if difference == 0 else f"differ by up to {difference:.1e}: not bit-exact on a CPU")
-    else:  # how exact --deterministic is on a GPU is what this row measures
-        emit("interrupt and resume", f"{where}: final weights " + ("bit-exact" if difference == 0 else
-             f"differ by up to {difference:.1e} (--deterministic is not bit-exact on this GPU)"), "pass")
+    exact = difference == 0  # required on a CPU; how exact --deterministic is on a GPU is what the row says there
+    emit("interrupt and resume", f"stopped at epoch 1 step {state['step']} by SIGTERM (exit code 143), resumed: final "
+         f"weights {'bit-exact' if exact else f'differ by up to {difference:.1e}'} (--deterministic)",
+         "pass" if exact or device == "cuda" else "fail", "" if exact or device == "cuda" else "not bit-exact on a CPU")
 
 
 def torchrun(config):
@@ -218,10 +200,9 @@ def torchrun(config):
     initial = [{key: value.float() for key, value in net.state_dict().items() if value.is_floating_point()}
                for net in main.build_training_step(opt, 10, torch.device("cpu"), distributed.Group()).nets]
     worst = 0.0
-    for start_weights, one, two in zip(initial, weights(work / "single"), weights(work / "ranks")):
-        update_one = torch.cat([(one[key] - start_weights[key]).flatten() for key in start_weights])
-        update_two = torch.cat([(two[key] - start_weights[key]).flatten() for key in start_weights])
-        worst = max(worst, float((update_two - update_one).norm() / update_one.norm()))
+    for before, one, two in zip(initial, weights(work / "single"), weights(work / "ranks")):
+        one, two = (torch.cat([(after[key] - before[key]).flatten() for key in before]) for after in (one, two))
+        worst = max(worst, float((two - one).norm() / one.norm()))
     tolerance = UPDATE_TOLERANCE["cuda" if nccl else "cpu"]
     figure = (f"2 processes ({'nccl' if nccl else 'gloo'}, --sync_bn) against 1 process, one step: update rel. diff "
               f"{worst:.1e} (<= {tolerance:g})" + ("" if nccl or config["device"] == "cpu" else
