@@ -154,10 +154,10 @@ def weights(save):
 
 
 def resume(config):
-    """SIGTERM inside epoch 1, --resume, and the final weights against an uninterrupted run's (both
-    --deterministic): bit for bit on a CPU; on a GPU the row says how far apart they are."""
+    """SIGTERM inside the run's one epoch, --resume, and the final weights against an uninterrupted
+    run's (both --deterministic): bit for bit on a CPU; on a GPU the row says how far apart they are."""
     device = config["device"]
-    flags = ["--subset", "64", "--epochs", "2", "--deterministic", "--checkpoint_every", "1",
+    flags = ["--subset", "64", "--epochs", "1", "--deterministic", "--checkpoint_every", "1",
              "--gpu_id", "" if device == "cpu" else "0"]
     work = Path(tempfile.mkdtemp(prefix="resume_"))
     reference, stopped = (start(main_py(config, work / name, *flags)) for name in ("reference", "stopped"))
