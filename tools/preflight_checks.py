@@ -141,9 +141,8 @@ def finish(process):
     return process.returncode, lines[-1] if lines else "no output"
 
 
-def start(command, env=None):
-    return subprocess.Popen(command, cwd=ROOT / "wrn", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+def start(command):
+    return subprocess.Popen(command, cwd=ROOT / "wrn", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def weights(save):
@@ -158,7 +157,7 @@ def resume(config):
     run's (both --deterministic): bit for bit on a CPU; on a GPU the row says how far apart they are."""
     device = config["device"]
     flags = ["--subset", "64", "--epochs", "1", "--deterministic", "--checkpoint_every", "1",
-             "--gpu_id", "" if device == "cpu" else "0"]
+             *(["--gpu_id", ""] if device == "cpu" else [])]  # on a GPU: the first visible one
     work = Path(tempfile.mkdtemp(prefix="resume_"))
     reference, stopped = (start(main_py(config, work / name, *flags)) for name in ("reference", "stopped"))
     while stopped.poll() is None and not (work / "stopped" / "checkpoint.pt").exists():
@@ -188,15 +187,15 @@ def torchrun(config):
     nccl = config["device"] == "cuda" and config["gpus"] >= 2
     work = Path(tempfile.mkdtemp(prefix="torchrun_"))
     flags = ["--subset", "8", "--epochs", "1", "--sync_bn"]  # one step of one batch
-    single = start(main_py(config, work / "single", *flags, "--gpu_id", "0" if nccl else ""))
+    flags += [] if nccl else ["--gpu_id", ""]  # with NCCL: the first visible GPU, the first two under torchrun
+    single = start(main_py(config, work / "single", *flags))
     ranks = start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   *main_py(config, work / "ranks", *flags, *([] if nccl else ["--gpu_id", ""]))[1:]],
-                  env={"CUDA_VISIBLE_DEVICES": "0,1"} if nccl else {})
+                   *main_py(config, work / "ranks", *flags)[1:]])
     for name, (code, last) in (("1 process", finish(single)), ("2 processes", finish(ranks))):
         if code != 0:
             return emit("torchrun", "", "fail", f"{name}: exit code {code}: {last}")
     _, distributed, _, main = import_folder("wrn")
-    opt = main.parse_options([*SMALL, *flags[:-1]])
+    opt = main.parse_options([*SMALL, "--subset", "8"])
     initial = [{key: value.float() for key, value in net.state_dict().items() if value.is_floating_point()}
                for net in main.build_training_step(opt, 10, torch.device("cpu"), distributed.Group()).nets]
     worst = 0.0
