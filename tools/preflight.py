@@ -41,7 +41,7 @@ MODES = {("cuda", False): dict(depth=28, width=10, batch_size=128, steps=20),
 def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller pairs and fewer steps (above)")
+    parser.add_argument("--quick", action="store_true", help="smaller pairs and fewer steps (below)")
     parser.add_argument("--cpu", action="store_true", help="check the CPU even where GPUs are visible")
     parser.add_argument("--minutes", type=float, help="finish within this time: a check that would start later is "
                         "not run, a compiled candidate's gets what is left (default: each check's own limit)")
