@@ -18,8 +18,9 @@ import time
 from common import FOLDERS, ROOT, markdown_table, setting_flags
 
 # The rows a --settings may name: `plain` is tools/plain_step.py, the others main.py with
-# common.setting_flags.
-SETTINGS = ("plain", "fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile", "fp16+cl+compile")
+# common.setting_flags; tools/preflight.py checks and times its candidates from this list.
+SETTINGS = ("plain", "fp32", "fp32+cl", "fp32+cl+compile", "tf32+cl", "bf16", "bf16+cl", "bf16+compile",
+            "bf16+cl+compile", "fp16+cl", "fp16+cl+compile")
 # Every pair's default rows, and the MobileNet pair's in both memory layouts too (depthwise
 # convolutions are the layers whose speed depends most on it).
 DEFAULT_SETTINGS = ("fp32", "bf16", "bf16+cl", "bf16+cl+compile")
