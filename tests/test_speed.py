@@ -33,9 +33,12 @@ def run_ok(folder, *args, **kwargs):
 # A setting that computes another gradient shows in the weight update of one SGD step at the
 # recipe's lr 0.1 (w_after - w_before), and not always in the loss: a gradient term dropped in one
 # path leaves the loss as it was. Each test compares ||update - reference|| / ||reference||, each
-# network's parameters as one vector, with a tolerance between the error of the real setting and that
-# of a gradient made wrong in that setting's path alone (both measured; docs/tests.md lists them).
-# In this process, on 8 images: a training step of WRN-16-1 takes well under a second.
+# network's parameters as one vector, against a tolerance between the error of the real setting and
+# that of a gradient made wrong in that setting's path alone, both measured here (torch 2.14.1):
+#   bf16 0.13 and fp16 0.045, against 0.82 with the auxiliary classifiers' outputs detached under
+#   autocast (bf16 keeps 8 bits of mantissa); channels_last 4e-4, resumes that change it 2e-3, and
+#   compiled 4e-6, against 0.05 to 0.1 with half the gradient of net 1's KL terms in that path only.
+# In this process, on 8 images: an eager step of WRN-16-1 takes well under a second.
 
 CPU = torch.device("cpu")
 DCM_16_1 = ["--depth", "16", "--width", "1"]  # DCM's 6 classifiers and 18 KL terms
@@ -83,9 +86,6 @@ def fp32_dcm_update():
     return first_update(DCM_16_1)
 
 
-# Measured relative errors (real / with a planted wrong gradient) are in docs/tests.md. bf16 keeps
-# 8 bits of mantissa: its real error (0.13) is far from that of a gradient the auxiliary
-# classifiers do not get (0.8).
 @pytest.mark.parametrize("flags, tolerance", [(["--amp", "bf16"], 0.25), (["--amp", "fp16"], 0.1),
                                               (["--channels_last"], 1e-2)], ids=["bf16", "fp16", "channels_last"])
 def test_a_speed_setting_makes_the_fp32_steps_update(fp32_dcm_update, flags, tolerance):
@@ -94,7 +94,7 @@ def test_a_speed_setting_makes_the_fp32_steps_update(fp32_dcm_update, flags, tol
 
 def test_a_compiled_step_makes_the_eager_steps_update():
     # A compiled graph per network and one for the loss; channels_last too, as on GPUs.
-    assert relative_error(first_update(DML_10_1 + ["--compile", "--channels_last", "--tf32"]),
+    assert relative_error(first_update(DML_10_1 + ["--compile", "--channels_last"]),
                           first_update(DML_10_1)) < 1e-3
 
 
@@ -198,12 +198,14 @@ def test_evaluation_numbers_do_not_depend_on_the_batch_size(folder_name):
         assert all(torch.equal(b, saved[name]) for name, b in net.named_buffers())
 
 
-def test_eval_batch_size_is_used_by_main(tmp_path):
-    one_batch_data = write_cifar100(tmp_path / "data", ONE_BATCH, 20)
+def test_main_logs_the_speed_settings_and_uses_the_eval_batch_size(tmp_path):
+    data = write_cifar100(tmp_path / "data", ONE_BATCH, 20)
     save = tmp_path / "save"
-    run_ok("wrn", "--save", save, "--dataroot", one_batch_data, "--depth", 16, "--width", 1,
-           "--batch_size", ONE_BATCH, "--epochs", 1, "--nthread", 1, "--eval_batch_size", 7)
+    # --tf32: ignored on a CPU, but logged.
+    run_ok("wrn", "--save", save, "--dataroot", data, "--depth", 16, "--width", 1, "--batch_size", ONE_BATCH,
+           "--epochs", 1, "--nthread", 1, "--eval_batch_size", 7, "--amp", "bf16", "--tf32", "--channels_last")
     record, = read_log(save)
+    assert (record["amp"], record["tf32"], record["channels_last"], record["compile"]) == ("bf16", True, True, False)
     assert record["eval_batch_size"] == 7
     # 20 test images, counted whole over batches of 7, 7 and 6.
     assert (record["test_acc_net1"] * 20 / 100) == pytest.approx(round(record["test_acc_net1"] * 20 / 100))
