@@ -289,13 +289,13 @@ def test_lr_drops_at_the_start_of_the_epoch_step_epochs(dml_run):
 # --- 4. the synthetic dataset, with the default --save ---------------------------------------------
 
 def test_synthetic_run_learns_and_saves_under_the_default_folder(tmp_path):
-    run_ok("wrn", "--dataset", "synthetic", "--depth", 16, "--width", 1, "--epochs", 1, "--nthread", 1,
-           cwd=tmp_path)
-    saves = list((tmp_path / "logs").glob("*_dcm_seed1"))
+    run_ok("wrn", "--dataset", "synthetic", "--depth", 10, "--width", 1, "--method", "ind", "--epochs", 1,
+           "--nthread", 1, cwd=tmp_path)
+    saves = list((tmp_path / "logs").glob("*_ind_seed1"))
     assert len(saves) == 1, list((tmp_path / "logs").iterdir())
     record, = read_log(saves[0])
     assert record["num_classes"] == 10 and record["dataset"] == "synthetic"
-    # Chance is 10%; one epoch on the 2048 synthetic images reaches ~40% on the training batches.
+    # Chance is 10%; one epoch on the 2048 synthetic images reaches ~45% on the training batches.
     assert record["train_acc_net1"] > 20 and record["train_acc_net2"] > 20, record
     assert (saves[0] / "net1.pt").is_file() and (saves[0] / "net2.pt").is_file()
 

@@ -259,6 +259,7 @@ def load_checkpoint(opt, path, step, optimizer, device, defaults):
         raise CheckpointError(f"--resume {path} holds networks of another shape (trained by the other folder, "
                               f"wrn/ or wrn_mobi/?); resume it where it was trained") from None
     optimizer.load_state_dict(state["optimizer"])
+    match_parameter_layouts(optimizer)
     if step.scaler.is_enabled() and state["grad_scaler"]:
         step.scaler.load_state_dict(state["grad_scaler"])
     set_rng_states(state["rng_states"])
@@ -289,6 +290,18 @@ def write_on_rank0(group, write, *args):
             failure = error
     if group.any(failure is not None):
         raise failure or RankFailed("rank 0 failed to write a file of the run")
+
+
+def match_parameter_layouts(optimizer):
+    """Give every per-parameter state tensor of `optimizer` (SGD's momentum_buffer) its parameter's
+    memory layout. load_state_dict keeps the saved layout, and a resume may change --channels_last:
+    the fused SGD walks a parameter and its momentum as flat arrays in memory order, so on a CPU
+    an NCHW momentum would be applied to the weights of an NHWC parameter in another order (CUDA's
+    fused SGD refuses the mismatched strides)."""
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param).copy_(value)  # empty_like keeps param's strides
 
 
 def export_networks(opt, nets):
