@@ -11,10 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import load_folder, read_log, run_main, write_cifar100
+from conftest import import_tools, load_folder, read_log, run_main, write_cifar100
 from test_distributed import torchrun
 from test_first_run import summarize, sweep
 from test_reliability import assert_same_run, run_args, start, weights
+
+paper, = import_tools("paper")
 
 NUM_TRAIN, NUM_TEST = 128, 24  # test_reliability's run_args: batch 16 (8 steps), 3 epochs
 SAVE_SECONDS, SAVE_BYTES = 5.0, 1000  # what the stand-in checkpoint costs
@@ -153,7 +155,7 @@ def test_summarize_and_sweep_take_the_checkpoint_keys_as_neither_recipe_nor_name
     # comparison with the paper do not depend on them.
     run = summarize.Run(str(every_epoch / "log.txt"), read_log(every_epoch))
     assert not [key for key in run.row_options if key.startswith("checkpoint")], run.row_options
-    assert not [reason for reason in summarize.recipe_differences(run.row_options) if "checkpoint" in reason]
+    assert not [reason for reason in paper.recipe_differences(run.row_options) if "checkpoint" in reason]
     assert sweep.run_name("wrn", "dcm", 1, ["--checkpoint_interval", "5"]) == "wrn-28-10_wrn-28-10_dcm_seed1"
 
 

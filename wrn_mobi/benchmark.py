@@ -45,10 +45,11 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
 
     announce(f"timing {WARMUP_STEPS} + {opt.benchmark} steps of the epoch code")
     warmup_batches = itertools.islice(dataset.train_batches(data, opt.batch_size, opt.seed, epoch=0), WARMUP_STEPS)
-    training.train_epoch(step, optimizer, warmup_batches, WARMUP_STEPS, "warm-up")
+    kd_weight_at = lambda index: step.settings.kd_weight  # noqa: E731
+    training.train_epoch(step, optimizer, warmup_batches, WARMUP_STEPS, "warm-up", kd_weight_at)
     epoch_seconds = timed(device, lambda: training.train_epoch(
         step, optimizer, dataset.train_batches(data, opt.batch_size, opt.seed, epoch=1), opt.benchmark,
-        "benchmark").loss())
+        "benchmark", kd_weight_at).loss())
     memory, memory_kind = hardware.peak_memory(device)
 
     announce(f"timing the matmul peak ({MATMUL_SECONDS} s)")
