@@ -100,7 +100,8 @@ def numerics(config):
         # fp16's loss scale starts high on purpose: a first step whose gradients overflow is skipped
         # and the scale halved, as designed; the later steps must then be finite.
         skipped = scale is not None and step.scaler.get_scale() < scale
-        later = [float(sum(term.float() for term in step.train(*batch, optimizer, opt.kd_weight)[2].values())) for batch in batches[1:]]
+        later = [float(sum(term.float() for term in step.train(*batch, optimizer, opt.kd_weight)[2].values()))
+                 for batch in batches[1:]]
         reference = loss if reference is None else reference
         if name not in config["settings"]:
             continue  # the reference of the others only

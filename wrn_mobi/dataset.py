@@ -159,7 +159,8 @@ def download_with_torchvision(name, root, expected):
                     os.remove(path)
         if corrupt_archive(name, root):
             raise DatasetError(
-                f"{os.path.join(root, CIFAR_ARCHIVES[name])} fails torchvision's md5 checksum: it is a partial or corrupted "
+                f"{os.path.join(root, CIFAR_ARCHIVES[name])} fails torchvision's md5 checksum: it is a partial or "
+                f"corrupted "
                 f"download, or another file of that name. Delete it (a run then downloads it again) or replace "
                 f"it by the original archive, then run again with --dataroot {root}") from None
         raise DatasetError(f"{name} is not in {root} and its download failed ({type(error).__name__}: "

@@ -250,7 +250,8 @@ def ensemble_predictions(final_logits_1, final_logits_2):
 def train_epoch(step, optimizer, batches, total_batches, description, kd_weight_at, meter=None, after_step=None):
     """Train on `batches`; return the epoch's meter. `meter` continues an epoch resumed part-way;
     `after_step(meter)` runs after every step and ends the epoch early by returning True;
-    `kd_weight_at(index)` is the KL weight of the epoch's step `index` (0-based). Each rank trains on its slice of every batch and meters it; the meter returned
+    `kd_weight_at(index)` is the KL weight of the epoch's step `index` (0-based). Each rank trains
+    on its slice of every batch and meters it; the meter returned
     is summed over the ranks."""
     step.set_mode(training=True)
     meter = meter or EpochMeter()
