@@ -127,14 +127,15 @@ def test_a_torchvision_for_another_torch_is_named_in_one_line(tmp_path, dataset)
 
 
 def test_checkpoints_past_epochs_are_refused_and_unexported_ones_go_on(tmp_path):
-    safety = load_folder("wrn").safety
+    modules = load_folder("wrn")
+    safety, Position = modules.safety, modules.checkpoint.Position
     opt = SimpleNamespace(epochs=2, save=str(tmp_path))
     with pytest.raises(safety.CheckpointError, match=r"has finished epoch 3, past --epochs 2; pass --epochs 3"):
-        safety.finished_already(opt, {"epoch": 3, "step": 0})
+        safety.finished_already(opt, Position(epoch=3))
     with pytest.raises(safety.CheckpointError, match=r"is at step 5 of epoch 3, past --epochs 2; pass --epochs 3"):
-        safety.finished_already(opt, {"epoch": 2, "step": 5})
-    assert not safety.finished_already(opt, {"epoch": 2, "step": 0})  # not exported yet: main.py exports it
-    assert not safety.finished_already(opt, {"epoch": 1, "step": 7})
+        safety.finished_already(opt, Position(epoch=2, step=5))
+    assert not safety.finished_already(opt, Position(epoch=2))  # not exported yet: main.py exports it
+    assert not safety.finished_already(opt, Position(epoch=1, step=7))
 
 
 def test_subset_is_class_balanced_fixed_by_the_seed_and_leaves_the_test_set(folder):
