@@ -16,7 +16,6 @@ Checkpoints are plain dicts of tensors and Python values, read back with weights
 loading one never runs code. This file is identical in wrn/ and wrn_mobi/.
 """
 import errno
-import json
 import os
 import shutil
 import warnings
@@ -170,21 +169,11 @@ def save_checkpoint(opt, position, step, optimizer):
     return os.path.getsize(path)
 
 
-def option_value(value):
-    """An option's value as it is compared: a list given as JSON text ('[60, 120]') as the list."""
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            pass
-    return value
-
-
 def mismatched_options(opt, saved_options):
     """'--NAME SAVED (not GIVEN)' for every option outside RESUMABLE_OPTIONS whose value differs
-    from the checkpoint's."""
+    from the checkpoint's (main.parse_options spells each value one way: '[60,120,160]', 0.1)."""
     return [f"--{name} {saved_options.get(name)} (not {value})" for name, value in vars(opt).items()
-            if name not in RESUMABLE_OPTIONS and option_value(saved_options.get(name)) != option_value(value)]
+            if name not in RESUMABLE_OPTIONS and saved_options.get(name) != value]
 
 
 def bn_slices(world_size, sync_bn):
