@@ -89,7 +89,9 @@ def option_parser():
                              "by a signal are always checkpointed. 0: after every epoch (safety.py)")
     parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
                         help="also checkpoint every N steps inside an epoch, for epochs longer than you want to lose "
-                             "(default: at the ends of epochs only)")
+                             "(default: at the ends of epochs only); separate from --checkpoint_interval, which is "
+                             "judged at ends of epochs, where the log line is written and the ranks agree once per "
+                             "epoch, while a step count checkpoints the same steps in every run")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
     parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
