@@ -204,14 +204,14 @@ def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn)
 
 def load_checkpoint(opt, path, step, optimizer, device):
     """Restore the checkpoint at `path` into the networks, the optimizer, the loss scaler and the
-    RNGs; return (its Position, the partial meter on `device`, the training device; the size
+    RNGs; return (its Position, whose partial meter is on `device`, the training device; the size
     log.txt had when it was written)."""
     try:
         with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
             # Onto the host, whatever the training device: the RNG states and the Python numbers
-            # are used there, and load_state_dict moves the networks' and the
-            # optimizer's tensors to their parameters' device.
+            # are used there, and load_state_dict moves the networks' and the optimizer's tensors
+            # to their parameters' device.
             state = torch.load(path, map_location="cpu", weights_only=True)
         saved_options = state["options"]
     except Exception as error:  # truncated, corrupt, or needing arbitrary unpickling (refused unrun)
