@@ -46,6 +46,20 @@ def test_defaults_record_the_device_and_threads_used(default_run):
     assert f"CPU, {threads} threads" in first and "(32 training, 512 test images)" in first
 
 
+def test_select_device_returns_what_it_chose_and_leaves_the_options_as_given(monkeypatch):
+    # The log records the device and threads used (above); the options keep what the user gave.
+    modules = load_folder("wrn")
+    monkeypatch.setattr(modules.hardware.torch.cuda, "is_available", lambda: False)
+    opt = modules.main.parse_options(["--nthread", "1"])
+    threads = torch.get_num_threads()
+    try:
+        device, used = modules.hardware.select_device(opt)
+    finally:
+        torch.set_num_threads(threads)
+    assert device == torch.device("cpu") and used == {"gpu_id": "", "nthread": 1}
+    assert (opt.gpu_id, opt.nthread) == (None, 1)
+
+
 def test_the_first_line_names_the_default_run_folder_in_full(default_run):
     # ./logs is the logs/ of the folder main.py was started in (wrn/logs inside wrn/): the line says which.
     line, = [line for line in default_run.result.stdout.splitlines() if " links) on " in line]
