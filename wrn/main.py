@@ -306,8 +306,7 @@ def main(argv=None):
     stop.install(EARLY_STOP_SIGNALS)
     if stop.agreed():  # a stop signal came before training began: there is nothing new to save
         return stop.report_before_training(argv)
-    if group.is_main:  # the only rank that writes
-        os.makedirs(opt.save, exist_ok=True)
+    write_on_rank0(group, lambda: os.makedirs(opt.save, exist_ok=True))
     checkpoints = safety.Checkpoints(opt, step)
     # What every line repeats, with the device and threads select_device chose for --gpu_id and --nthread.
     run_info = {**epoch_log.run_info(step.nets, data.num_classes, group.size), **used}
