@@ -6,12 +6,14 @@ retrains it on --resume and ends with the uninterrupted run's weights.
 The schedule is tested with a stand-in clock (no timed test); the end-to-end runs use intervals of
 0 (every epoch) and of 1000 minutes (only the first and the last epoch).
 """
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import import_tools, load_folder, read_log, run_main, write_cifar100
+from conftest import ROOT, import_tools, load_folder, read_log, run_main, write_cifar100
 from test_distributed import torchrun
 from test_first_run import summarize, sweep
 from test_reliability import assert_same_run, run_args, start, weights
@@ -47,83 +49,77 @@ class FakeGroup:
         """Where the other ranks wait for rank 0's checkpoint: nothing to wait for here."""
 
 
-def run_schedule(monkeypatch, tmp_path, epoch_minutes, interval, group=None, stop_at=None, epochs=6):
-    """Ends `epochs` epochs of `epoch_minutes` each through RunGuard on a stand-in clock; returns
-    (the epochs checkpointed, the logged lines, what end_epoch returned, the group)."""
-    safety = load_folder("wrn").safety
-    clock, saved, lines = Clock(), [], []
+def run_schedule(monkeypatch, epoch_minutes, interval, group=None, epochs=6):
+    """Ends `epochs` epochs of `epoch_minutes` each as main.py does, through safety.Checkpoints on a
+    stand-in clock: each epoch's line takes cost(), then the epoch is saved when due(). Returns
+    (the epochs checkpointed, each line's cost, the group)."""
+    modules = load_folder("wrn")
+    safety = modules.safety
+    clock, saved, costs = Clock(), [], []
 
-    def save_checkpoint(opt, position, step, optimizer, log_bytes):
-        saved.append(position["epoch"])
+    def save_checkpoint(opt, position, step, optimizer):
+        saved.append(position.epoch)
         clock.now += SAVE_SECONDS
         return SAVE_BYTES
 
-    def log_epoch(opt, stats):
-        lines.append(stats)
-        return len(lines)
-
     monkeypatch.setattr(safety, "time", clock)
     monkeypatch.setattr(safety, "save_checkpoint", save_checkpoint)
-    monkeypatch.setattr(safety.epoch_log, "log_epoch", log_epoch)
-    monkeypatch.setattr(safety.epoch_log, "print_summary", lambda stats: None)
     group = group or FakeGroup(is_main=True)
-    opt = SimpleNamespace(save=str(tmp_path), epochs=epochs, checkpoint_interval=interval, checkpoint_every=None)
-    stop = SimpleNamespace(agreed=lambda: guard.epoch == stop_at)
-    guard = safety.RunGuard(opt, SimpleNamespace(group=group), stop)
-    stopped = []
+    opt = SimpleNamespace(epochs=epochs, checkpoint_interval=interval, checkpoint_every=None)
+    checkpoints = safety.Checkpoints(opt, SimpleNamespace(group=group))
     for epoch in range(1, epochs + 1):
-        guard.begin_epoch(epoch, optimizer=None, log_bytes=0)
+        started = clock.now
         clock.now += epoch_minutes * 60
-        stopped.append(guard.end_epoch({"epoch": epoch}))
-    return saved, lines, stopped, group
+        costs.append(checkpoints.cost())
+        if checkpoints.due(epoch, clock.now - started):
+            checkpoints.save(modules.checkpoint.Position(epoch), optimizer=None)
+    return saved, costs, group
 
 
-def test_checkpoints_stay_within_the_interval_and_the_first_and_last_epochs_are_kept(monkeypatch, tmp_path):
+def test_checkpoints_stay_within_the_interval_and_the_first_and_last_epochs_are_kept(monkeypatch):
     # 4-minute epochs, 10-minute interval: after epoch 1 (the first), then whenever the next epoch
     # would end 10 minutes or more after the last checkpoint, and after epoch 6 (the last).
-    saved, lines, stopped, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes=4, interval=10)
+    saved, costs, _ = run_schedule(monkeypatch, epoch_minutes=4, interval=10)
     assert saved == [1, 3, 5, 6]
-    assert stopped == [False] * 6
     # Each line holds what the checkpoints since the previous line cost: the one after epoch k is
     # counted in line k + 1 (it knows the line, so it is written after it).
-    assert [line["checkpoint_time"] for line in lines] == [0, SAVE_SECONDS, 0, SAVE_SECONDS, 0, SAVE_SECONDS]
-    assert [line["checkpoint_bytes"] for line in lines] == [0, SAVE_BYTES, 0, SAVE_BYTES, 0, SAVE_BYTES]
+    assert [cost["checkpoint_time"] for cost in costs] == [0, SAVE_SECONDS, 0, SAVE_SECONDS, 0, SAVE_SECONDS]
+    assert [cost["checkpoint_bytes"] for cost in costs] == [0, SAVE_BYTES, 0, SAVE_BYTES, 0, SAVE_BYTES]
 
 
 @pytest.mark.parametrize("epoch_minutes, interval", [(4, 0), (15, 10)], ids=["interval_0", "epochs_past_interval"])
-def test_every_epoch_is_checkpointed_with_interval_0_or_epochs_longer_than_it(monkeypatch, tmp_path, epoch_minutes,
-                                                                              interval):
-    saved, _, _, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes, interval)
+def test_every_epoch_is_checkpointed_with_interval_0_or_epochs_longer_than_it(monkeypatch, epoch_minutes, interval):
+    saved, _, _ = run_schedule(monkeypatch, epoch_minutes, interval)
     assert saved == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_stop_checkpoints_the_epoch_it_ends_and_ends_the_run(monkeypatch, tmp_path):
-    saved, _, stopped, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes=1, interval=10, stop_at=4)
-    assert saved == [1, 4, 6]
-    assert stopped[3] is True
+def test_checkpoint_every_counts_the_steps_of_an_epoch():
+    safety = load_folder("wrn").safety
+    every_3 = safety.Checkpoints(SimpleNamespace(checkpoint_every=3), step=None)
+    assert [steps for steps in range(1, 10) if every_3.due_in_epoch(steps)] == [3, 6, 9]
+    assert not any(safety.Checkpoints(SimpleNamespace(checkpoint_every=None), None).due_in_epoch(s) for s in range(9))
 
 
-def test_the_ranks_take_rank_0s_decision_at_the_same_collectives(monkeypatch, tmp_path):
+def test_the_ranks_take_rank_0s_decision_at_the_same_collectives(monkeypatch):
     # Rank 0 decides by its clock; rank 1's clock (here: other epoch lengths) must not matter, and
     # both ranks must make the same collective calls, or a torchrun run would hang.
-    _, _, _, rank0 = run_schedule(monkeypatch, tmp_path, epoch_minutes=4, interval=10)
-    # The vote of epochs 2 to 5 (the first and last need none), and after it each epoch's answer to
-    # whether rank 0's writes failed (checkpoint.write_on_rank0).
-    votes = [False, True, False, True]
-    assert rank0.flags == [False, *[flag for vote in votes for flag in (vote, False)], False]
+    _, _, rank0 = run_schedule(monkeypatch, epoch_minutes=4, interval=10)
+    # Epoch 1 (the first) and 6 (the last) need no vote; epochs 2 to 5 vote (False, True, False,
+    # True); each checkpoint is followed by the answer to whether rank 0's write failed
+    # (checkpoint.write_on_rank0).
+    assert rank0.flags == [False, False, True, False, False, True, False, False]
     rank1 = FakeGroup(is_main=False, answers=rank0.flags)
-    saved, lines, stopped, _ = run_schedule(monkeypatch, tmp_path, epoch_minutes=11, interval=10, group=rank1)
+    saved, _, _ = run_schedule(monkeypatch, epoch_minutes=11, interval=10, group=rank1)
     assert rank1.flags == [False] * len(rank0.flags)  # only rank 0's clock votes
-    assert saved == [] and lines == [] and stopped == [False] * 6  # rank 0 alone writes
+    assert saved == []  # rank 0 alone writes
 
 
 def test_checkpoint_interval_is_an_option_a_resume_may_change(folder):
     modules = load_folder(folder)
     main, checkpoint = modules.main, modules.checkpoint
-    defaults = vars(main.option_parser().parse_args([]))
-    assert defaults["checkpoint_interval"] == 10.0
+    assert vars(main.option_parser().parse_args([]))["checkpoint_interval"] == 10.0
     saved = vars(main.parse_options([]))
-    assert checkpoint.mismatched_options(main.parse_options(["--checkpoint_interval", "0"]), saved, defaults) == []
+    assert checkpoint.mismatched_options(main.parse_options(["--checkpoint_interval", "0"]), saved) == []
 
 
 # --- end to end: fewer checkpoints, the same run ------------------------------------------------------
@@ -175,6 +171,44 @@ def test_a_kill_after_an_unsaved_epoch_retrains_it_on_resume_to_the_same_weights
     result = run_main("wrn", *run_args(save, data, "--checkpoint_interval", 1000, "--resume")[2:])
     assert result.returncode == 0, result.stderr
     assert "epoch 2/3" in result.stdout, result.stdout  # epoch 2 trained again, its line logged once
+    assert_same_run(every_epoch, save)
+
+
+# main.py as a script, with SIGTERM raised during the test pass of one epoch (the second call of
+# training.evaluate): after the last step's stop vote, before the epoch's line.
+SIGTERM_WHILE_TESTING = """
+import os, runpy, signal, sys
+main_py, epoch, *args = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(main_py))
+sys.argv = [main_py, *args]
+import training
+evaluate, calls = training.evaluate, []
+def evaluate_then_sigterm(*a, **k):
+    calls.append(1)
+    if len(calls) == int(epoch):
+        signal.raise_signal(signal.SIGTERM)
+    return evaluate(*a, **k)
+training.evaluate = evaluate_then_sigterm
+runpy.run_path(main_py, run_name="__main__")
+"""
+
+
+def test_a_stop_at_the_end_of_an_epoch_checkpoints_it_and_resumes_to_the_same_weights(tmp_path, data, every_epoch):
+    # Epoch 2 is neither the first nor the last, and 1000 minutes have not passed: only the stop
+    # makes its end a checkpoint, after its line.
+    save = tmp_path / "save"
+    args = run_args(save, data, "--checkpoint_interval", 1000)
+    result = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_TESTING, str(ROOT / "wrn" / "main.py"), "2", *args],
+                            cwd=ROOT / "wrn", capture_output=True, text=True, timeout=240)
+    assert result.returncode == 143, result.stderr
+    assert "stopped by SIGTERM" in result.stderr, result.stderr
+    state = weights(save / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) == (2, 0)
+    assert [record["epoch"] for record in read_log(save)] == [1, 2]
+    assert state["log_bytes"] == (save / "log.txt").stat().st_size  # the checkpoint knows epoch 2's line
+    result = run_main("wrn", *run_args(save, data, "--checkpoint_interval", 1000, "--resume")[2:])
+    assert result.returncode == 0, result.stderr
+    assert "epoch 2/3" not in result.stdout and "epoch 3/3" in result.stdout, result.stdout
     assert_same_run(every_epoch, save)
 
 

@@ -46,6 +46,20 @@ def test_defaults_record_the_device_and_threads_used(default_run):
     assert f"CPU, {threads} threads" in first and "(32 training, 512 test images)" in first
 
 
+def test_select_device_returns_what_it_chose_and_leaves_the_options_as_given(monkeypatch):
+    # The log records the device and threads used (above); the options keep what the user gave.
+    modules = load_folder("wrn")
+    monkeypatch.setattr(modules.hardware.torch.cuda, "is_available", lambda: False)
+    opt = modules.main.parse_options(["--nthread", "1"])
+    threads = torch.get_num_threads()
+    try:
+        device, used = modules.hardware.select_device(opt)
+    finally:
+        torch.set_num_threads(threads)
+    assert device == torch.device("cpu") and used == {"gpu_id": "", "nthread": 1}
+    assert (opt.gpu_id, opt.nthread) == (None, 1)
+
+
 def test_the_first_line_names_the_default_run_folder_in_full(default_run):
     # ./logs is the logs/ of the folder main.py was started in (wrn/logs inside wrn/): the line says which.
     line, = [line for line in default_run.result.stdout.splitlines() if " links) on " in line]
@@ -127,14 +141,15 @@ def test_a_torchvision_for_another_torch_is_named_in_one_line(tmp_path, dataset)
 
 
 def test_checkpoints_past_epochs_are_refused_and_unexported_ones_go_on(tmp_path):
-    safety = load_folder("wrn").safety
+    modules = load_folder("wrn")
+    safety, Position = modules.safety, modules.checkpoint.Position
     opt = SimpleNamespace(epochs=2, save=str(tmp_path))
     with pytest.raises(safety.CheckpointError, match=r"has finished epoch 3, past --epochs 2; pass --epochs 3"):
-        safety.finished_already(opt, {"epoch": 3, "step": 0})
+        safety.finished_already(opt, Position(epoch=3))
     with pytest.raises(safety.CheckpointError, match=r"is at step 5 of epoch 3, past --epochs 2; pass --epochs 3"):
-        safety.finished_already(opt, {"epoch": 2, "step": 5})
-    assert not safety.finished_already(opt, {"epoch": 2, "step": 0})  # not exported yet: main.py exports it
-    assert not safety.finished_already(opt, {"epoch": 1, "step": 7})
+        safety.finished_already(opt, Position(epoch=2, step=5))
+    assert not safety.finished_already(opt, Position(epoch=2))  # not exported yet: main.py exports it
+    assert not safety.finished_already(opt, Position(epoch=1, step=7))
 
 
 def test_subset_is_class_balanced_fixed_by_the_seed_and_leaves_the_test_set(folder):

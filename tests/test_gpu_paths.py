@@ -2,10 +2,7 @@
 stand-in: a checkpoint loaded for an accelerator (its tensors refuse .numpy(), as CUDA tensors do),
 fp16 loss scaling whose first step after the optimizer is made overflows, a resume that would
 change BN's batches, and the question whether a GPU computes in bf16 natively."""
-import json
-import random
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._pytree import tree_map
@@ -60,7 +57,7 @@ def load_as_on_an_accelerator(real_load):
 @pytest.mark.filterwarnings("ignore:.*meta parameter")  # the meta networks take no values: nothing to check there
 def test_a_checkpoint_resumes_onto_an_accelerator_with_the_host_state_on_the_host(folder, tmp_path, monkeypatch):
     # "meta" stands for the training device of a GPU run: the networks, the optimizer and the
-    # meter live there; the RNG states and numpy's key must come from the host.
+    # meter live there; the RNG states must come from the host.
     modules = load_folder(folder)
     opt = options(folder, tmp_path)
     step = tiny_step(folder)
@@ -71,25 +68,22 @@ def test_a_checkpoint_resumes_onto_an_accelerator_with_the_host_state_on_the_hos
         outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, 1.0)
         meter.update(terms, outputs_net1, outputs_net2, targets)
     tmp_path.mkdir(exist_ok=True)
-    modules.checkpoint.save_checkpoint(opt, {"epoch": 0, "step": 2, "meter": meter, "train_time": 1.5},
-                                       step, optimizer, 0)
-    draws = torch.rand(3), np.random.random_sample(3), random.random()  # what the resumed run must draw next
-    torch.rand(5), np.random.random_sample(5), random.random()
+    modules.checkpoint.save_checkpoint(opt, modules.checkpoint.Position(0, 2, meter, 1.5), step, optimizer)
+    draws = torch.rand(3)  # what the resumed run must draw next
+    torch.rand(5)
 
     device = torch.device("meta")
     resumed = tiny_step(folder, device)
     resumed_optimizer = modules.main.create_optimizer(opt, resumed.parameters(), 0.1)
     monkeypatch.setattr(torch, "load", load_as_on_an_accelerator(torch.load))
-    defaults = vars(modules.main.option_parser().parse_args([]))
-    position = modules.checkpoint.load_checkpoint(opt, str(tmp_path / "checkpoint.pt"), resumed, resumed_optimizer,
-                                                  device, defaults)
+    position, log_bytes = modules.checkpoint.load_checkpoint(opt, str(tmp_path / "checkpoint.pt"), resumed,
+                                                             resumed_optimizer, device)
 
-    assert (position["epoch"], position["step"], position["train_time"]) == (0, 2, 1.5)
-    assert torch.equal(torch.rand(3), draws[0]) and np.array_equal(np.random.random_sample(3), draws[1])
-    assert random.random() == draws[2]
+    assert (position.epoch, position.step, position.train_time, log_bytes) == (0, 2, 1.5, 0)
+    assert torch.equal(torch.rand(3), draws)
     buffers = [resumed_optimizer.state[p]["momentum_buffer"] for p in resumed.parameters()]
     assert len(buffers) == len(resumed.parameters()) and all(buffer.device == device for buffer in buffers)
-    resumed_meter = position["meter"]
+    resumed_meter = position.meter
     assert (resumed_meter.count, resumed_meter.steps) == (meter.count, meter.steps)
     tensors = [value for value in vars(resumed_meter).values() if isinstance(value, torch.Tensor)]
     assert len(tensors) == 4 and all(tensor.device == device for tensor in tensors)
@@ -150,17 +144,6 @@ def test_a_resume_that_changes_bn_batches_is_refused_naming_both_counts_and_the_
     message = str(error.value)
     assert message.startswith("--resume c.pt was trained by ") and message.endswith(fix)
     assert f"by {saved[0]} process" in message and f"; {given[0]} process" in message
-
-
-def test_an_earlier_checkpoint_takes_its_process_count_from_the_run_s_log(tmp_path):
-    checkpoint = load_folder("wrn").checkpoint
-    path = str(tmp_path / "checkpoint.pt")
-    assert checkpoint.logged_world_size(path, 0) is None  # no log: stopped in its first epoch
-    lines = [f"json_stats: {json.dumps({'epoch': epoch, 'world_size': size})}\n" for epoch, size in ((1, 4), (2, 2))]
-    (tmp_path / "log.txt").write_text("".join(lines))
-    assert checkpoint.logged_world_size(path, len(lines[0])) == 4  # the line of epoch 2 came after the checkpoint
-    assert checkpoint.logged_world_size(path, len(lines[0]) + len(lines[1])) == 2
-    assert checkpoint.logged_world_size(path, 0) is None
 
 
 # --- bf16 on CUDA -------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ import atexit, os, runpy, signal, sys
 main_py, first, second, *args = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(main_py))
 sys.argv = [main_py, *args]
-import dataset, distributed, safety
+import dataset, distributed, safety, training
 
 pressed = []
 
@@ -183,7 +183,7 @@ def counted():
     steps.append(1)
     return len(steps) == 3
 press_before(dataset, "load_dataset", "first", lambda: first == "load")
-press_before(safety.RunGuard, "after_step", "first", lambda: first == "step" and counted())
+press_before(training.EpochMeter, "update", "first", lambda: first == "step" and counted())  # in step 3
 press_before(safety, "save_checkpoint", "second", lambda: second == "at_once" and pressed == ["first"])
 report = safety.StopRequest.report
 def report_then_press(*a, **k):

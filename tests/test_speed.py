@@ -112,12 +112,9 @@ def resumed_and_uninterrupted(tmp_path, saved_flags, resumed_flags, loss_scale=N
     update(step, optimizer, *batch(0))  # momentum from here on
     if loss_scale:
         step.scaler.update(loss_scale)
-    modules.checkpoint.save_checkpoint(opt, {"epoch": 1, "step": 0, "meter": None, "train_time": 0.0}, step,
-                                       optimizer, 0)
+    modules.checkpoint.save_checkpoint(opt, modules.checkpoint.Position(epoch=1), step, optimizer)
     resumed_opt, resumed, resumed_optimizer = step_and_optimizer(DCM_16_1 + ["--save", tmp_path, *resumed_flags])
-    defaults = vars(modules.main.option_parser().parse_args([]))
-    modules.checkpoint.load_checkpoint(resumed_opt, str(tmp_path / "checkpoint.pt"), resumed, resumed_optimizer,
-                                       CPU, defaults)
+    modules.checkpoint.load_checkpoint(resumed_opt, str(tmp_path / "checkpoint.pt"), resumed, resumed_optimizer, CPU)
     images, targets = batch(1)
     return ((resumed, update(resumed, resumed_optimizer, images, targets)),
             (step, update(step, optimizer, images, targets)))

@@ -16,19 +16,19 @@ Checkpoints are plain dicts of tensors and Python values, read back with weights
 loading one never runs code. This file is identical in wrn/ and wrn_mobi/.
 """
 import errno
-import json
 import os
-import random
 import shutil
 import warnings
+from dataclasses import dataclass
+from typing import Optional
 
-import numpy as np
 import torch
 from torch.utils._pytree import tree_leaves
 
 import training
 
 CHECKPOINT = "checkpoint.pt"
+LOG = "log.txt"  # epoch_log.py writes it; a checkpoint records its size
 AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classifiers
 # The options that may differ between a checkpoint and the run resuming it: --epochs (to extend the
 # run), the speed options, where the files are, and bookkeeping. Every other option, one added later
@@ -37,6 +37,16 @@ AUX_PREFIXES = ("aux1.", "aux2.")  # where models.py keeps the auxiliary classif
 RESUMABLE_OPTIONS = ("epochs", "save", "resume", "dataroot", "nthread", "gpu_id", "note", "checkpoint_every",
                      "checkpoint_interval", "deterministic", "eval_batch_size", "amp", "tf32", "channels_last",
                      "compile", "benchmark", "sync_bn")
+
+
+@dataclass
+class Position:
+    """Where a run stands: `epoch` epochs completed, `step` steps trained into the next one, and
+    that epoch's partial meter (training.EpochMeter, summed over the ranks) and training seconds."""
+    epoch: int = 0
+    step: int = 0
+    meter: Optional[training.EpochMeter] = None
+    train_time: float = 0.0
 
 
 class CheckpointError(Exception):
@@ -121,15 +131,10 @@ def fsync_folder(folder):
 
 
 def rng_states():
-    numpy_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        # numpy's key array as a tensor: weights_only loading accepts tensors, not numpy arrays.
-        "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                                           "pos": numpy_state["state"]["pos"]}},
-        "python": random.getstate(),
-    }
+    """The generators the run draws from: torch's on the host and on each GPU (the batches are
+    drawn from generators of their own, seeded by (seed, epoch))."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states):
@@ -138,22 +143,18 @@ def set_rng_states(states):
     if torch.cuda.is_available() and states["cuda"]:
         # Those of the GPUs this process sees: a run of several processes may resume in one.
         torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
-    numpy_state = states["numpy"]
-    np.random.set_state({**numpy_state, "state": {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
-                                                  "pos": numpy_state["state"]["pos"]}})
-    version, internal_state, gauss = states["python"]
-    random.setstate((version, tuple(internal_state), gauss))
 
 
-def save_checkpoint(opt, position, step, optimizer, log_bytes):
-    """SAVE/checkpoint.pt: the run after `position` (epochs completed, steps into the next, its
-    partial meter and training time) with log.txt `log_bytes` long. Returns the file's size in bytes."""
+def save_checkpoint(opt, position, step, optimizer):
+    """SAVE/checkpoint.pt: the run at `position` (a Position), with the size log.txt has now, whose
+    lines after it a resume cuts off. Returns the file's size in bytes."""
     net1, net2 = step.nets
+    log = os.path.join(opt.save, LOG)
     state = {
-        "epoch": position["epoch"],
-        "step": position["step"],
-        "epoch_meter": position["meter"].state_dict() if position["step"] else None,
-        "epoch_train_time": position["train_time"],
+        "epoch": position.epoch,
+        "step": position.step,
+        "epoch_meter": position.meter.state_dict() if position.step else None,
+        "epoch_train_time": position.train_time,
         "net1": net1.state_dict(),
         "net2": net2.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -161,29 +162,18 @@ def save_checkpoint(opt, position, step, optimizer, log_bytes):
         "options": vars(opt),
         "world_size": step.group.size,  # the processes that shared each batch (BN's batches without --sync_bn)
         "rng_states": rng_states(),
-        "log_bytes": log_bytes,
+        "log_bytes": os.path.getsize(log) if os.path.exists(log) else 0,
     }
     path = os.path.join(opt.save, CHECKPOINT)
     atomic_save(state, path)
     return os.path.getsize(path)
 
 
-def option_value(value):
-    """An option's value as it is compared: a list given as JSON text ('[60, 120]') as the list."""
-    if isinstance(value, str) and value.startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            pass
-    return value
-
-
-def mismatched_options(opt, saved_options, defaults):
+def mismatched_options(opt, saved_options):
     """'--NAME SAVED (not GIVEN)' for every option outside RESUMABLE_OPTIONS whose value differs
-    from the checkpoint's; an option the checkpoint predates had its default value in `defaults`."""
-    return [f"--{name} {saved_options.get(name, defaults.get(name))} (not {value})" for name, value in vars(opt).items()
-            if name not in RESUMABLE_OPTIONS
-            and option_value(saved_options.get(name, defaults.get(name))) != option_value(value)]
+    from the checkpoint's (main.parse_options spells each value one way: '[60,120,160]', 0.1)."""
+    return [f"--{name} {saved_options.get(name)} (not {value})" for name, value in vars(opt).items()
+            if name not in RESUMABLE_OPTIONS and saved_options.get(name) != value]
 
 
 def bn_slices(world_size, sync_bn):
@@ -212,45 +202,27 @@ def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn)
                           f"mid-run: {fix}")
 
 
-def logged_world_size(path, log_bytes):
-    """The world_size of the last line logged before the checkpoint at `path` was written (log.txt
-    beside it, its first `log_bytes` bytes; epoch_log.LOG, which cannot be imported here), or None:
-    a checkpoint of an earlier main.py holds no world_size, but every log line does."""
-    try:
-        with open(os.path.join(os.path.dirname(path), "log.txt"), "rb") as log:
-            last_line = log.read(log_bytes).splitlines()[-1].decode()
-        return json.loads(last_line.split(": ", 1)[1])["world_size"]
-    except (OSError, IndexError, ValueError, KeyError, TypeError):
-        return None
-
-
-def load_checkpoint(opt, path, step, optimizer, device, defaults):
+def load_checkpoint(opt, path, step, optimizer, device):
     """Restore the checkpoint at `path` into the networks, the optimizer, the loss scaler and the
-    RNGs; return where it stands: epochs completed, steps into the next epoch, that epoch's
-    partial meter (on `device`, the training device) and training time, and the size log.txt had
-    when it was written. `defaults`: {option: main.py's default}, the value of an option the
-    checkpoint predates."""
+    RNGs; return (its Position, whose partial meter is on `device`, the training device; the size
+    log.txt had when it was written)."""
     try:
         with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
-            # Onto the host, whatever the training device: the RNG states, numpy's key and the
-            # Python numbers are used there, and load_state_dict moves the networks' and the
-            # optimizer's tensors to their parameters' device.
+            # Onto the host, whatever the training device: the RNG states and the Python numbers
+            # are used there, and load_state_dict moves the networks' and the optimizer's tensors
+            # to their parameters' device.
             state = torch.load(path, map_location="cpu", weights_only=True)
         saved_options = state["options"]
     except Exception as error:  # truncated, corrupt, or needing arbitrary unpickling (refused unrun)
         raise CheckpointError(f"--resume {path} is not a checkpoint this script can load safely "
                               f"({type(error).__name__}): it is truncated, corrupt, or holds objects that only "
                               f"arbitrary unpickling would load, which is refused; give another file") from None
-    mismatched = mismatched_options(opt, saved_options, defaults)
+    mismatched = mismatched_options(opt, saved_options)
     if mismatched:
         raise CheckpointError(f"--resume {path} belongs to another run: it was trained with {', '.join(mismatched)}; "
                               f"rerun with the run's own flags")
-    # A checkpoint of an earlier main.py: the count its log recorded; one stopped in its first
-    # epoch has no line yet, and is resumed unchecked.
-    saved_world_size = state["world_size"] if "world_size" in state else logged_world_size(path, state["log_bytes"])
-    if saved_world_size is not None:
-        check_bn_batches(path, saved_world_size, saved_options.get("sync_bn", False), step.group.size, opt.sync_bn)
+    check_bn_batches(path, state["world_size"], saved_options["sync_bn"], step.group.size, opt.sync_bn)
     net1, net2 = step.nets
     try:
         net1.load_state_dict(state["net1"])
@@ -267,14 +239,9 @@ def load_checkpoint(opt, path, step, optimizer, device, defaults):
     if state["epoch_meter"] is not None:
         meter = training.EpochMeter()
         meter.load_state_dict(state["epoch_meter"], device)
-        if len(meter.correct) == sum(meter.num_classifiers):  # no count for the ensemble
-            raise CheckpointError(f"--resume {path} was written part-way through an epoch by an earlier main.py that "
-                                  f"did not count the pair's ensemble; finish that epoch with the earlier version "
-                                  f"(its end-of-epoch checkpoint resumes here)")
-        if not step.group.is_main:
+        if not step.group.is_main:  # rank 0 holds the sums of all ranks; the others go on from zero
             meter.clear_sums()
-    return {"epoch": state["epoch"], "step": state["step"], "meter": meter, "train_time": state["epoch_train_time"],
-            "log_bytes": state["log_bytes"]}
+    return Position(state["epoch"], state["step"], meter, state["epoch_train_time"]), state["log_bytes"]
 
 
 def write_on_rank0(group, write, *args):

@@ -10,10 +10,9 @@ import os
 import dataset
 import models
 import training
-from checkpoint import AUX_PREFIXES, DiskFull, out_of_space
+from checkpoint import AUX_PREFIXES, LOG, DiskFull, out_of_space
 from dcm_loss import classifier_names
 
-LOG = "log.txt"
 # The training folder this file is in (wrn, wrn_mobi): which models.py built the pair. Logged, so
 # that tools rebuild a run's networks from its own folder instead of guessing it.
 ARCHITECTURE = os.path.basename(os.path.dirname(os.path.abspath(__file__)))
@@ -75,9 +74,8 @@ def pair_info(opt):
 
 def log_epoch(opt, stats):
     """Append one `json_stats: {...}` line (every option, the pair and this epoch's numbers) to
-    SAVE/log.txt, whole (one write) and durably; return the log's new size in bytes. Where the line
-    does not fit on the device, the log is cut back to its earlier lines (a full disk writes part of
-    it) and DiskFull raised."""
+    SAVE/log.txt, whole (one write) and durably. Where the line does not fit on the device, the log
+    is cut back to its earlier lines (a full disk writes part of it) and DiskFull raised."""
     line = ("json_stats: " + json.dumps({**vars(opt), **pair_info(opt), **stats}) + "\n").encode()
     path = os.path.join(opt.save, LOG)
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -92,14 +90,8 @@ def log_epoch(opt, stats):
             if out_of_space(error):
                 raise DiskFull(path, len(line)) from None
             raise
-        return os.fstat(descriptor).st_size
     finally:
         os.close(descriptor)
-
-
-def log_size(opt):
-    path = os.path.join(opt.save, LOG)
-    return os.path.getsize(path) if os.path.exists(path) else 0
 
 
 def drop_lines_after(opt, size):
@@ -113,8 +105,9 @@ def drop_lines_after(opt, size):
             os.fsync(log.fileno())
 
 
-def print_summary(stats):
-    line = (f"epoch {stats['epoch']}/{stats['epochs']}  lr {stats['epoch_lr']:.4g}  "
+def print_summary(stats, epochs):
+    """The epoch's line on stdout: its lr, losses, accuracies and seconds."""
+    line = (f"epoch {stats['epoch']}/{epochs}  lr {stats['epoch_lr']:.4g}  "
             f"train: loss {stats['train_loss']:.3f}, acc net 1 {stats['train_acc_net1']:.2f}%, "
             f"net 2 {stats['train_acc_net2']:.2f}%  "
             f"test: loss {stats['test_loss']:.3f}, acc net 1 {stats['test_acc_net1']:.2f}%, "

@@ -50,17 +50,18 @@ def available_cores():
 
 
 def select_device(opt):
-    """The training device; sets the visible GPU and the CPU thread count first, and writes the
-    device and threads actually used back into opt.gpu_id and opt.nthread (log.txt records them).
-    Under torchrun each process trains on GPU LOCAL_RANK of those its launcher left visible, or
-    on the CPU with --gpu_id ''. Without --gpu_id: GPU 0 of the visible ones, or the CPU when
-    there is none (said in one line); a --gpu_id naming a GPU that is not there raises DeviceError."""
+    """(the training device, {"gpu_id": ..., "nthread": ...}: the GPU and the CPU thread count it
+    uses, in --gpu_id's and --nthread's terms, for the log); sets the visible GPU and the thread
+    count first. Under torchrun each process trains on GPU LOCAL_RANK of those its launcher left
+    visible, or on the CPU with --gpu_id ''. Without --gpu_id: GPU 0 of the visible ones, or the
+    CPU when there is none (said in one line); a --gpu_id naming a GPU that is not there raises
+    DeviceError."""
     single_process = distributed.launched_ranks() == 1
     if opt.gpu_id is not None and (single_process or opt.gpu_id == ""):
         # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = opt.gpu_id
     torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1) if opt.nthread else available_cores())
-    opt.nthread = torch.get_num_threads()
+    nthread = torch.get_num_threads()
     if opt.deterministic:
         # On CUDA this makes cuDNN choose deterministic convolution algorithms (some of its fastest
         # backward ones accumulate with atomic adds, in an order that varies); cuBLAS needs the
@@ -74,17 +75,14 @@ def select_device(opt):
             raise DeviceError(f"--gpu_id {opt.gpu_id}: this machine shows no such GPU (torch.cuda.is_available() "
                               f"is False); drop --gpu_id to train on the CPU, or check CUDA_VISIBLE_DEVICES")
         if opt.gpu_id is None:  # on stderr: --benchmark's stdout is its one result line
-            distributed.print_on_rank0(f"no GPU found: training on the CPU ({threads(opt.nthread)})")
-        opt.gpu_id = ""
-        return torch.device("cpu")
+            distributed.print_on_rank0(f"no GPU found: training on the CPU ({threads(nthread)})")
+        return torch.device("cpu"), {"gpu_id": "", "nthread": nthread}
     torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
     if single_process:
-        opt.gpu_id = opt.gpu_id or "0"
-        return torch.device("cuda")
+        return torch.device("cuda"), {"gpu_id": opt.gpu_id or "0", "nthread": nthread}
     device = torch.device("cuda", distributed.local_rank())
     torch.cuda.set_device(device)
-    opt.gpu_id = str(device.index)
-    return device
+    return device, {"gpu_id": str(device.index), "nthread": nthread}
 
 
 def set_fp32_precision(tf32):

@@ -23,8 +23,7 @@ import sys
 import time
 
 import distributed
-import epoch_log
-from checkpoint import CHECKPOINT, CheckpointError, save_checkpoint, write_on_rank0
+from checkpoint import CHECKPOINT, LOG, CheckpointError, save_checkpoint, write_on_rank0
 
 # The signals that stop a run, and its exit code for each. SLURM's --signal warns with USR1 or USR2
 # before the time limit, and on some clusters it signals every process of the job, main.py too.
@@ -95,7 +94,6 @@ class StopRequest:
                                    f"holds the run; continue it with\n  {resume_command(argv)}")
         return EXIT_CODES[self.signal]
 
-
     def report_before_training(self, argv):
         """Say that the run stopped before it trained a step (it wrote nothing), and how to start it
         again; return the exit code its signal calls for."""
@@ -115,7 +113,7 @@ def check_save_dir(opt):
         raise CheckpointError(f"--save {opt.save}: {existing} is a file, not a folder; choose another --save")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CheckpointError(f"--save {opt.save}: {existing} is not writable by you; choose another --save")
-    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (epoch_log.LOG, CHECKPOINT))
+    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (LOG, CHECKPOINT))
     if opt.resume is True:
         checkpoint = os.path.join(opt.save, CHECKPOINT)
         if not os.path.isfile(checkpoint):
@@ -128,27 +126,27 @@ def check_save_dir(opt):
     else:
         checkpoint = None
         if holds_run:
-            raise CheckpointError(f"{opt.save} already holds a run ({epoch_log.LOG} / {CHECKPOINT}); continue it "
+            raise CheckpointError(f"{opt.save} already holds a run ({LOG} / {CHECKPOINT}); continue it "
                                   f"with --resume, or choose another --save")
     return checkpoint
 
 
 def finished_already(opt, position):
-    """Whether the resumed checkpoint (`position`: epochs completed, steps into the next) ends the
-    run: --epochs epochs trained and net1.pt, net2.pt exported in --save. Then it says so, and
-    main.py returns without writing anything. Raises CheckpointError for a checkpoint that has
-    gone past --epochs. A finished run that was not exported yet goes on: main.py exports it."""
-    epochs_begun = position["epoch"] + (position["step"] > 0)
+    """Whether the resumed checkpoint (at `position`, a checkpoint.Position) ends the run: --epochs
+    epochs trained and net1.pt, net2.pt exported in --save. Then it says so, and main.py returns
+    without writing anything. Raises CheckpointError for a checkpoint that has gone past --epochs.
+    A finished run that was not exported yet goes on: main.py exports it."""
+    epochs_begun = position.epoch + (position.step > 0)
     if epochs_begun > opt.epochs:
-        where = (f"is at step {position['step']} of epoch {epochs_begun}" if position["step"]
-                 else f"has finished epoch {position['epoch']}")
+        where = (f"is at step {position.step} of epoch {epochs_begun}" if position.step
+                 else f"has finished epoch {position.epoch}")
         raise CheckpointError(f"--resume: the checkpoint {where}, past --epochs {opt.epochs}; pass --epochs "
                               f"{epochs_begun} or more to go on")
     exported = all(os.path.isfile(os.path.join(opt.save, f"net{k}.pt")) for k in (1, 2))
-    if position["epoch"] < opt.epochs or not exported:
+    if position.epoch < opt.epochs or not exported:
         return False
     if distributed.launched_rank() == 0:
-        print(f"{opt.save}: already finished (epoch {position['epoch']} of {opt.epochs}); nothing changed. Pass a "
+        print(f"{opt.save}: already finished (epoch {position.epoch} of {opt.epochs}); nothing changed. Pass a "
               f"larger --epochs to extend it", flush=True)
     return True
 
@@ -167,99 +165,71 @@ def resume_command(argv):
     return shlex.join(["python", sys.argv[0], *kept, "--resume"])
 
 
-class RunGuard:
-    """Decides when to checkpoint, honours stop requests, and refuses to save a broken state.
+def check_finite(meter, epoch, lr, save):
+    """Raise NonFiniteLoss where the loss of `meter` (summed over the ranks) stopped being finite in
+    1-based `epoch`, trained at `lr`, before anything after it is saved in the folder `save`."""
+    bad = meter.nonfinite()
+    if bad is not None:
+        step, terms = bad
+        raise NonFiniteLoss(f"the loss is not finite at epoch {epoch}, step {step}: {', '.join(terms)} went bad "
+                            f"(lr {lr:g}). The run stopped before saving anything after it: checkpoint.pt in {save} "
+                            f"holds the last good state. Start again with a lower --lr (or without --amp fp16), or "
+                            f"--resume as it is if the cause was transient")
 
-    main.py calls begin_epoch() before an epoch's training, hands after_step to train_epoch, and
-    calls end_epoch() with the epoch's numbers. It reads the meters summed over the ranks, and
-    only rank 0 writes.
 
-    When: at the end of an epoch when the next epoch would end more than --checkpoint_interval
-    minutes after the last checkpoint (judged by the epoch just ended), so that checkpoints are at
-    most an interval apart and a crash loses at most an interval, or one epoch where an epoch is
-    longer (then --checkpoint_every N steps bounds the loss). Always at the end of the first epoch
-    a process trains (it shows at once that writing to --save works, and a crash soon after the
-    start loses one epoch), of the last epoch, and on a stop request. The interval, not every
-    epoch: a checkpoint costs what its size and the storage make it cost, whatever an epoch takes,
-    so per epoch it costs a share of the run that grows with the speed of the GPU; every 10
-    minutes, a write of w seconds costs at most w / 600 of the run beyond the first and the last
-    (1% for 6 s). Ends of epochs, not any step: there the log line is written, so a resume drops
-    no line the checkpoint knows, and the ranks agree on rank 0's clock once per epoch, not with a
+class Checkpoints:
+    """When a run is checkpointed, and the checkpoints, written by rank 0 while every rank waits.
+
+    At the end of an epoch when the next epoch would end --checkpoint_interval minutes or more
+    after the last checkpoint (judged by the epoch just ended), so that checkpoints are at most an
+    interval apart and a crash loses at most an interval, or one epoch where an epoch is longer
+    (then --checkpoint_every N steps bounds the loss). Always at the end of the first epoch a
+    process trains (it shows at once that writing to --save works, and a crash soon after the start
+    loses one epoch) and of the last; main.py adds a stop request. The interval, not every epoch: a
+    checkpoint costs what its size and the storage make it cost, whatever an epoch takes, so per
+    epoch it costs a share of the run that grows with the speed of the GPU; every 10 minutes, a
+    write of w seconds costs at most w / 600 of the run beyond the first and the last (1% for
+    6 s). Ends of epochs, not any step: there the log line is written, so a resume drops no line
+    the checkpoint knows, and the ranks agree on rank 0's clock once per epoch, not with a
     collective after every step. Both rules count from the last checkpoint of either kind."""
 
-    def __init__(self, opt, step, stop):
-        self.opt, self.step, self.stop = opt, step, stop
-        self.epoch = self.optimizer = self.log_bytes = None
-        self.started = self.earlier_train_time = 0.0
+    def __init__(self, opt, step):
+        self.opt, self.step = opt, step
         self.epochs_ended = 0
         # Rank 0's: when its last checkpoint was written (the state the process started from is the
-        # run's start, or the checkpoint it resumed), and what checkpoints cost since the last line.
-        self.last_checkpoint = time.time()
-        self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
+        # run's start, or the checkpoint it resumed), and what checkpoints cost since cost() was asked.
+        self.last_written = time.time()
+        self.seconds, self.bytes = 0.0, 0
 
-    def begin_epoch(self, epoch, optimizer, log_bytes, earlier_train_time=0.0):
-        """`earlier_train_time`: seconds this epoch trained before the run was resumed mid-epoch."""
-        self.epoch, self.optimizer, self.log_bytes = epoch, optimizer, log_bytes
-        self.started, self.earlier_train_time = time.time(), earlier_train_time
-
-    def train_time(self):
-        return self.earlier_train_time + time.time() - self.started
-
-    def after_step(self, meter):
-        """Called after every training step; True ends the epoch (a stop was requested)."""
-        every = self.opt.checkpoint_every
-        stop = self.stop.agreed()
-        if stop or (every and meter.steps % every == 0):
-            meter = meter.summed_over(self.step.group)
-            self.check_finite(meter)
-            position = {"epoch": self.epoch - 1, "step": meter.steps, "meter": meter, "train_time": self.train_time()}
-            write_on_rank0(self.step.group, self.save, position, self.log_bytes)
-        elif meter.steps % FINITE_CHECK_EVERY == 0:
-            self.check_finite(meter.summed_over(self.step.group))
-        return stop
-
-    def check_finite(self, meter):
-        bad = meter.nonfinite()
-        if bad is not None:
-            step, terms = bad
-            raise NonFiniteLoss(f"the loss is not finite at epoch {self.epoch}, step {step}: {', '.join(terms)} "
-                                f"went bad (lr {self.optimizer.param_groups[0]['lr']:g}). The run stopped before "
-                                f"saving anything after it: checkpoint.pt in {self.opt.save} holds the last good "
-                                f"state. Start again with a lower --lr (or without --amp fp16), or --resume as it "
-                                f"is if the cause was transient")
-
-    def end_epoch(self, stats):
-        """The epoch's line in log.txt, with what the checkpoints since the previous line cost, and
-        its summary; then, when one is due, the checkpoint that knows about the line. Returns whether
-        a stop was requested (collective): the epoch is then checkpointed, and the run ends."""
+    def due(self, epoch, epoch_seconds):
+        """Whether the end of 1-based `epoch`, which took `epoch_seconds` (training and testing), is
+        checkpointed. Collective: every rank takes rank 0's answer."""
         group = self.step.group
-        stop = self.stop.agreed()
-        epoch_seconds = time.time() - self.started
-        # Every rank takes the same branches: stop is agreed, the epochs are the same, and rank 0's
-        # clock alone decides the rest.
-        due = (stop or self.epochs_ended == 0 or self.epoch == self.opt.epochs
-               or group.any(group.is_main and self.interval_would_pass(epoch_seconds)))
         self.epochs_ended += 1
-        write_on_rank0(group, self.write_epoch, stats, due)
-        return stop
+        return (self.epochs_ended == 1 or epoch == self.opt.epochs
+                or group.any(group.is_main and self.interval_would_pass(epoch_seconds)))
 
-    def write_epoch(self, stats, due):
-        """Rank 0's part of end_epoch: the log line, the summary, and the checkpoint when `due`."""
-        cost = {"checkpoint_time": self.checkpoint_seconds, "checkpoint_bytes": self.checkpoint_bytes}
-        self.checkpoint_seconds, self.checkpoint_bytes = 0.0, 0
-        log_bytes = epoch_log.log_epoch(self.opt, {**stats, **cost})
-        epoch_log.print_summary({**stats, "epochs": self.opt.epochs})
-        if due:
-            self.save({"epoch": self.epoch, "step": 0, "meter": None, "train_time": 0.0}, log_bytes)
+    def due_in_epoch(self, steps):
+        """Whether the epoch's step `steps` (1-based) is checkpointed: every --checkpoint_every steps."""
+        return bool(self.opt.checkpoint_every) and steps % self.opt.checkpoint_every == 0
 
     def interval_would_pass(self, epoch_seconds):
-        """Whether another epoch as long as the last one (`epoch_seconds`, training and testing)
-        would end --checkpoint_interval minutes or more after the last checkpoint."""
-        return time.time() - self.last_checkpoint + epoch_seconds >= self.opt.checkpoint_interval * 60
+        """Whether another epoch as long as the last one would end --checkpoint_interval minutes or
+        more after the last checkpoint."""
+        return time.time() - self.last_written + epoch_seconds >= self.opt.checkpoint_interval * 60
 
-    def save(self, position, log_bytes):
-        """Write the checkpoint of `position` (rank 0), and count the seconds and bytes it cost."""
+    def save(self, position, optimizer):
+        """Write the checkpoint of `position` (a checkpoint.Position) on rank 0; every rank waits."""
+        write_on_rank0(self.step.group, self.write, position, optimizer)
+
+    def write(self, position, optimizer):
         start = time.time()
-        self.checkpoint_bytes += save_checkpoint(self.opt, position, self.step, self.optimizer, log_bytes)
-        self.last_checkpoint = time.time()
-        self.checkpoint_seconds += self.last_checkpoint - start
+        self.bytes += save_checkpoint(self.opt, position, self.step, optimizer)
+        self.last_written = time.time()
+        self.seconds += self.last_written - start
+
+    def cost(self):
+        """What the checkpoints written since the last call cost (rank 0's figures; log.txt's keys)."""
+        cost = {"checkpoint_time": self.seconds, "checkpoint_bytes": self.bytes}
+        self.seconds, self.bytes = 0.0, 0
+        return cost

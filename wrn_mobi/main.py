@@ -47,7 +47,8 @@ import hardware
 import models
 import safety
 import training
-from checkpoint import CheckpointError, DiskFull, RankFailed, export_networks, load_checkpoint, write_on_rank0
+from checkpoint import (CheckpointError, DiskFull, Position, RankFailed, export_networks, load_checkpoint,
+                        write_on_rank0)
 from dcm_loss import LINKS
 from options import METHODS, ArgumentParser, distillation_links, HelpFormatter, UsageError, check_options, default_save_dir, lr_drop_epochs
 
@@ -88,7 +89,9 @@ def option_parser():
                              "by a signal are always checkpointed. 0: after every epoch (safety.py)")
     parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
                         help="also checkpoint every N steps inside an epoch, for epochs longer than you want to lose "
-                             "(default: at the ends of epochs only)")
+                             "(default: at the ends of epochs only); separate from --checkpoint_interval, which is "
+                             "judged at ends of epochs, where the log line is written and the ranks agree once per "
+                             "epoch, while a step count checkpoints the same steps in every run")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
     parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
@@ -178,25 +181,73 @@ def optimizer_for_epoch(opt, optimizer, params, epoch):
     return optimizer
 
 
-# --- the recipe ----------------------------------------------------------------------------------
+# --- the epoch: train, test ------------------------------------------------------------------------
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    opt = parse_options(argv)
+def train(opt, step, optimizer, data, epoch, position, checkpoints, stop):
+    """Train 1-based `epoch` from `position` (past its first steps when the run resumed part-way
+    through it); return its log.txt stats, or None when a stop request ended it (checkpointed)."""
+    started = time.time() - position.train_time  # an epoch resumed part-way counts what it trained before
+    total = dataset.num_batches(len(data.train_labels), opt.batch_size)
+    lr = optimizer.param_groups[0]["lr"]
+
+    def after_step(meter):
+        """After every step: a stop ends the epoch, checkpointed; so is every --checkpoint_every-th
+        step. The finite-loss check waits for the device, so it is made only every few steps."""
+        stopping = stop.agreed()
+        if stopping or checkpoints.due_in_epoch(meter.steps):
+            meter = meter.summed_over(step.group)
+            safety.check_finite(meter, epoch, lr, opt.save)
+            checkpoints.save(Position(epoch - 1, meter.steps, meter, time.time() - started), optimizer)
+        elif meter.steps % safety.FINITE_CHECK_EVERY == 0:
+            safety.check_finite(meter.summed_over(step.group), epoch, lr, opt.save)
+        return stopping
+
+    batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch, first_batch=position.step)
+    kd_weight_at = lambda index: distillation.kd_weight_at(opt.kd_weight, opt.kd_warmup, epoch, index, total)
+    meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}", kd_weight_at,
+                                 meter=position.meter, after_step=after_step)
+    safety.check_finite(meter, epoch, lr, opt.save)
+    if meter.steps < total:
+        return None
+    hardware.synchronize(step.device)
+    return {**epoch_log.meter_stats("train", meter), "train_kd_weight": kd_weight_at(total - 1),  # the last step's
+            "epoch_lr": lr, "train_time": time.time() - started}
+
+
+def test(opt, step, data):
+    """The test set's log.txt stats (each rank tests its shard; the sums are the whole set's), with
+    the published code's protocol beside them."""
+    start = time.time()
+    shard = step.group.bounds(len(data.test_labels))
+    meter = training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size, *shard))
+    published_stats = epoch_log.published_protocol_stats(step, data, opt.batch_size)
+    hardware.synchronize(step.device)
+    return {**epoch_log.meter_stats("test", meter), **published_stats, "test_time": time.time() - start}
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+def select_device(opt):
+    """The training device, and the --gpu_id and --nthread it uses (for the log)."""
     hardware.keep_freed_memory()
     try:
-        device = hardware.select_device(opt)
+        device, used = hardware.select_device(opt)
     except hardware.DeviceError as error:
         raise UsageError(str(error)) from None
     hardware.warn_slow_cpu_bf16(opt, device)
-    group = distributed.start(device)
-    if opt.benchmark:
-        num_classes = dataset.NUM_CLASSES[opt.dataset]
-        step = build_training_step(opt, num_classes, device, group)
-        optimizer = create_optimizer(opt, step.parameters(), lr_at_epoch(opt, 1))
-        pair_name = " + ".join(models.pair_names(opt.depth, opt.width))
-        return benchmark.run(opt, step, optimizer, num_classes, device, pair_name)
+    return device, used
 
+
+def run_benchmark(opt, device, group):
+    num_classes = dataset.NUM_CLASSES[opt.dataset]
+    step = build_training_step(opt, num_classes, device, group)
+    optimizer = create_optimizer(opt, step.parameters(), lr_at_epoch(opt, 1))
+    pair_name = " + ".join(models.pair_names(opt.depth, opt.width))
+    return benchmark.run(opt, step, optimizer, num_classes, device, pair_name)
+
+
+def load_data(opt, device, group):
+    """The checkpoint to resume (None: a new run), checked before the data is loaded; the data."""
     try:
         checkpoint = safety.check_save_dir(opt)
         if group.is_main:
@@ -207,65 +258,75 @@ def main(argv=None):
         group.check_split(len(data.train_labels), len(data.test_labels), opt.batch_size)
     except (CheckpointError, dataset.DatasetError) as error:
         raise UsageError(str(error)) from None
+    return checkpoint, data
 
+
+def resume(opt, path, step, optimizer, device):
+    """Restore the checkpoint at `path`; return where the run stands, or None for a finished run
+    (said so; nothing is written). log.txt in the checkpoint's own folder loses the lines written
+    after it: their epochs are trained again."""
+    try:
+        position, log_bytes = load_checkpoint(opt, path, step, optimizer, device)
+        if safety.finished_already(opt, position):
+            return None
+    except CheckpointError as error:
+        raise UsageError(str(error)) from None
+    if os.path.abspath(os.path.dirname(path)) == os.path.abspath(opt.save):
+        write_on_rank0(step.group, epoch_log.drop_lines_after, opt, log_bytes)
+    return position
+
+
+def announce(opt, step, data, device, position, run_info):
+    """The run's first line (rank 0's: the other ranks' stdout goes nowhere)."""
+    # The full path: the default --save is relative to the folder main.py was started in.
+    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.settings.links} links) on {opt.dataset} "
+          f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {step.group}, "
+          f"{hardware.device_name(device)}, {step.describe_settings()}, "
+          f"from epoch {position.epoch + 1} step {position.step} to epoch {opt.epochs}, "
+          f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    opt = parse_options(argv)
+    device, used = select_device(opt)
+    group = distributed.start(device)
+    if opt.benchmark:
+        return run_benchmark(opt, device, group)
+    checkpoint, data = load_data(opt, device, group)
     step = build_training_step(opt, data.num_classes, device, group)
     params = step.parameters()
     optimizer = create_optimizer(opt, params, lr_at_epoch(opt, 1))
-    # Where the run stands: epochs completed, steps into the next one, that epoch's partial meter and time.
-    position = {"epoch": 0, "step": 0, "meter": None, "train_time": 0.0}
-    if checkpoint:
-        try:
-            position = load_checkpoint(opt, checkpoint, step, optimizer, device, vars(option_parser().parse_args([])))
-            if safety.finished_already(opt, position):  # says so; nothing is written
-                return 0
-        except CheckpointError as error:
-            raise UsageError(str(error)) from None
-        if group.is_main and os.path.abspath(os.path.dirname(checkpoint)) == os.path.abspath(opt.save):
-            epoch_log.drop_lines_after(opt, position["log_bytes"])
+    position = resume(opt, checkpoint, step, optimizer, device) if checkpoint else Position()
+    if position is None:  # finished already
+        return 0
     stop = safety.StopRequest(group)
     stop.install(EARLY_STOP_SIGNALS)
     if stop.agreed():  # a stop signal came before training began: there is nothing new to save
         return stop.report_before_training(argv)
-    if group.is_main:  # the only rank that writes
-        os.makedirs(opt.save, exist_ok=True)
-    guard = safety.RunGuard(opt, step, stop)
-    run_info = epoch_log.run_info(step.nets, data.num_classes, group.size)
-    # The full path: the default --save is relative to the folder main.py was started in.
-    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.settings.links} links) on {opt.dataset} "
-          f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {group}, "
-          f"{hardware.device_name(device)}, {step.describe_settings()}, "
-          f"from epoch {position['epoch'] + 1} step {position['step']} to epoch {opt.epochs}, "
-          f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
+    write_on_rank0(group, lambda: os.makedirs(opt.save, exist_ok=True))
+    checkpoints = safety.Checkpoints(opt, step)
+    # What every line repeats, with the device and threads select_device chose for --gpu_id and --nthread.
+    run_info = {**epoch_log.run_info(step.nets, data.num_classes, group.size), **used}
+    announce(opt, step, data, device, position, run_info)
 
-    for epoch in range(position["epoch"] + 1, opt.epochs + 1):
-        if position["step"] == 0:  # mid-epoch, the optimizer of this epoch comes from the checkpoint
+    for epoch in range(position.epoch + 1, opt.epochs + 1):
+        if position.step == 0:  # mid-epoch, the optimizer of this epoch comes from the checkpoint
             optimizer = optimizer_for_epoch(opt, optimizer, params, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-
-        guard.begin_epoch(epoch, optimizer, epoch_log.log_size(opt), position["train_time"])
-        batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch, first_batch=position["step"])
-        total = dataset.num_batches(len(data.train_labels), opt.batch_size)
-        kd_weight_at = lambda index: distillation.kd_weight_at(opt.kd_weight, opt.kd_warmup, epoch, index, total)
-        train_meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}",
-                                           kd_weight_at, meter=position["meter"], after_step=guard.after_step)
-        guard.check_finite(train_meter)
-        if train_meter.steps < total:  # a stop request ended the epoch; after_step saved the checkpoint
+        started = time.time()
+        train_stats = train(opt, step, optimizer, data, epoch, position, checkpoints, stop)
+        if train_stats is None:  # a stop request ended the epoch, checkpointed
             return stop.report(opt, argv)
-        hardware.synchronize(device)
-        train_time = guard.train_time()
-        position = {"epoch": epoch, "step": 0, "meter": None, "train_time": 0.0}
-
-        start = time.time()
-        shard = group.bounds(len(data.test_labels))
-        test_meter = training.evaluate(step, dataset.test_batches(data, opt.eval_batch_size, *shard))
-        published_stats = epoch_log.published_protocol_stats(step, data, opt.batch_size)
-        hardware.synchronize(device)
-        test_time = time.time() - start
-
-        stats = {**epoch_log.meter_stats("train", train_meter), **epoch_log.meter_stats("test", test_meter),
-                 **published_stats, "train_kd_weight": kd_weight_at(total - 1),  # the KL weight of the last step
-                 "epoch": epoch, "epoch_lr": lr, "train_time": train_time, "test_time": test_time, **run_info}
-        if guard.end_epoch(stats):  # a stop was requested; the epoch is checkpointed
+        stats = {**train_stats, **test(opt, step, data), "epoch": epoch, **run_info, **checkpoints.cost()}
+        write_on_rank0(group, epoch_log.log_epoch, opt, stats)
+        epoch_log.print_summary(stats, opt.epochs)  # stdout is rank 0's alone (distributed.start)
+        position = Position(epoch)
+        stopping = stop.agreed()
+        if stopping or checkpoints.due(epoch, time.time() - started):  # after the line, so that it knows it
+            checkpoints.save(position, optimizer)
+        if stopping:
             return stop.report(opt, argv)
 
     # Every rank waits: one that leaves the process group while rank 0 still writes can abort (gloo).
