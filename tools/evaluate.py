@@ -153,7 +153,7 @@ def measure(path, opt, device, datasets):
     folder.hardware.set_fp32_precision(protocol["tf32"])  # as main.py set it for the run
     accuracy, loss = test_measurements(network, folder, data, opt.batch_size, protocol["amp"],
                                        protocol["channels_last"])
-    fp32 = "tf32" if protocol["tf32"] and device.type == "cuda" else "fp32"  # main.py's settings() words
+    fp32 = "tf32" if protocol["tf32"] and device.type == "cuda" else "fp32"  # TrainingStep.describe_settings()'s words
     settings = ", ".join([fp32 if protocol["amp"] == "none" else f"amp {protocol['amp']}",
                           *(["channels_last"] if protocol["channels_last"] else [])])
     return {"network": name, "dataset": dataset_name, "test_images": len(data.test_labels), "protocol": settings,
