@@ -45,9 +45,6 @@ class FakeGroup:
         self.flags.append(flag)
         return self.answers[len(self.flags) - 1] if self.answers is not None else flag
 
-    def barrier(self):
-        """Where the other ranks wait for rank 0's checkpoint: nothing to wait for here."""
-
 
 def run_schedule(monkeypatch, epoch_minutes, interval, group=None, epochs=6):
     """Ends `epochs` epochs of `epoch_minutes` each as main.py does, through safety.Checkpoints on a

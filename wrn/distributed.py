@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dataset import DatasetError
 
 
-# How long the other ranks wait for rank 0 to write a checkpoint (Group.barrier after each save):
+# How long the other ranks wait for rank 0 to write a file (checkpoint.write_on_rank0's Group.any):
 # gigabytes written and fsynced to network storage can take longer than the training collectives'
 # timeout (NCCL's default: 10 minutes), which would end the run.
 WRITE_WAIT = datetime.timedelta(minutes=60)
@@ -151,12 +151,6 @@ class Group:
         if self.size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
-
-    def barrier(self):
-        """Wait until every rank is here (collective), on the CPU, for up to WRITE_WAIT: where the
-        other ranks wait while rank 0 writes a checkpoint or the exported networks."""
-        if self.size > 1:
-            dist.barrier(group=self.control)
 
     def any(self, flag):
         """Whether `flag` holds on any rank (collective): a decision every rank takes together."""
