@@ -79,6 +79,8 @@ def numerics(config):
     compiled and the seconds of its first step, the compile included."""
     from torch._dynamo.utils import counters
     folder = load_folder(config["folder"])
+    # Dynamo imports the modules of the code it traces by their names (torch 2.11), as main.py has them.
+    sys.modules.update(vars(folder))
     dataset, distributed, hardware, main = folder.dataset, folder.distributed, folder.hardware, folder.main
     torch.set_num_threads(config["nthread"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
