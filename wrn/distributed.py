@@ -15,6 +15,7 @@ every method here reduces to the single-process behaviour.
 This file is identical in wrn/ and wrn_mobi/.
 """
 import datetime
+import gc
 import os
 import sys
 
@@ -178,8 +179,12 @@ def start(device):
 
 
 def finish():
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one. The DDP wrappers still holding it are
+    freed first, while the group and the interpreter are whole: a TrainingStep refers to itself
+    (through its loss method), so only the garbage collector frees it, and otherwise it would
+    release its gloo groups during the interpreter's shutdown."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
