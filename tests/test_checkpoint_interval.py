@@ -113,10 +113,10 @@ def test_the_ranks_take_rank_0s_decision_at_the_same_collectives(monkeypatch):
 
 def test_checkpoint_interval_is_an_option_a_resume_may_change(folder):
     modules = load_folder(folder)
-    main, checkpoint = modules.main, modules.checkpoint
-    assert vars(main.option_parser().parse_args([]))["checkpoint_interval"] == 10.0
-    saved = vars(main.parse_options([]))
-    assert checkpoint.mismatched_options(main.parse_options(["--checkpoint_interval", "0"]), saved) == []
+    options, checkpoint = modules.options, modules.checkpoint
+    assert vars(options.option_parser().parse_args([]))["checkpoint_interval"] == 10.0
+    saved = vars(options.parse_options([]))
+    assert checkpoint.mismatched_options(options.parse_options(["--checkpoint_interval", "0"]), saved) == []
 
 
 # --- end to end: fewer checkpoints, the same run ------------------------------------------------------

@@ -43,7 +43,7 @@ def test_no_warmup_is_the_plain_weight_at_every_step(folder):
 
 def test_main_py_defaults_are_the_published_values(folder):
     modules = load_folder(folder)
-    opt = modules.main.parse_options([])
+    opt = modules.options.parse_options([])
     assert {name: getattr(opt, name) for name in modules.distillation.PUBLISHED} == modules.distillation.PUBLISHED
     assert modules.distillation.PUBLISHED == {"temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
 
@@ -211,7 +211,7 @@ def test_resume_with_another_temperature_is_refused(tmp_path, knob_run, data):
 def test_bad_distillation_options_are_usage_errors(folder, args, words):
     modules = load_folder(folder)
     with pytest.raises(modules.main.UsageError) as error:
-        modules.main.parse_options(args)
+        modules.options.parse_options(args)
     assert all(word in str(error.value) for word in words), str(error.value)
 
 

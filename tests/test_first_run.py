@@ -50,7 +50,7 @@ def test_select_device_returns_what_it_chose_and_leaves_the_options_as_given(mon
     # The log records the device and threads used (above); the options keep what the user gave.
     modules = load_folder("wrn")
     monkeypatch.setattr(modules.hardware.torch.cuda, "is_available", lambda: False)
-    opt = modules.main.parse_options(["--nthread", "1"])
+    opt = modules.options.parse_options(["--nthread", "1"])
     threads = torch.get_num_threads()
     try:
         device, used = modules.hardware.select_device(opt)
@@ -180,9 +180,9 @@ def test_subset_keeps_a_row_out_of_the_paper_comparison_and_names_the_sweep_fold
 
 
 def test_main_help_shows_the_defaults(capsys):
-    main = load_folder("wrn").main
+    options = load_folder("wrn").options
     with pytest.raises(SystemExit) as exit_code:
-        main.parse_options(["--help"])
+        options.parse_options(["--help"])
     assert exit_code.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("--batch_size BATCH_SIZE the global batch, split over torchrun's processes (default: 128)",

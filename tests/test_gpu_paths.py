@@ -13,7 +13,7 @@ TINY = ["--depth", "10", "--width", "1", "--method", "ind", "--dataset", "synthe
 
 
 def options(folder, save, *argv):
-    return load_folder(folder).main.parse_options(["--save", str(save), *TINY, *argv])
+    return load_folder(folder).options.parse_options(["--save", str(save), *TINY, *argv])
 
 
 def tiny_step(folder, device=torch.device("cpu"), amp="none"):

@@ -390,16 +390,16 @@ def test_resume_with_another_method_is_refused(tmp_path, wrn_cifar, b_epoch1_che
 
 def test_options_are_logged_and_compared_on_resume_by_value(folder):
     modules = load_folder(folder)
-    main, checkpoint = modules.main, modules.checkpoint
-    opt = main.parse_options(["--epoch_step", "[60, 120, 160]", "--lr", "1e-1"])
+    options, checkpoint = modules.options, modules.checkpoint
+    opt = options.parse_options(["--epoch_step", "[60, 120, 160]", "--lr", "1e-1"])
     assert opt.epoch_step == "[60,120,160]" and opt.lr == 0.1  # one spelling in log.txt and checkpoints
-    saved = vars(main.parse_options(["--lr=0.10"]))
+    saved = vars(options.parse_options(["--lr=0.10"]))
     assert checkpoint.mismatched_options(opt, saved) == []
     # --epochs may grow, and speed or bookkeeping options may change; any other option may not.
-    resumed = main.parse_options(["--epochs", "300", "--nthread", "1", "--amp", "bf16", "--tf32", "--note", "x",
+    resumed = options.parse_options(["--epochs", "300", "--nthread", "1", "--amp", "bf16", "--tf32", "--note", "x",
                                   "--compile", "--eval_batch_size", "100", "--checkpoint_every", "10", "--dataroot", "/d"])
     assert checkpoint.mismatched_options(resumed, saved) == []
-    changed = main.parse_options(["--weight_decay", "1e-4", "--epoch_step", "[60, 120]"])
+    changed = options.parse_options(["--weight_decay", "1e-4", "--epoch_step", "[60, 120]"])
     assert checkpoint.mismatched_options(changed, saved) == [
         "--weight_decay 0.0005 (not 0.0001)", "--epoch_step [60,120,160] (not [60,120])"]
 

@@ -38,7 +38,7 @@ def start(folder, args):
 
 def comparable(record):
     """A log record's measured numbers: no option, no wall-clock time."""
-    options = vars(load_folder("wrn").main.parse_options([]))
+    options = vars(load_folder("wrn").options.parse_options([]))
     return {key: value for key, value in record.items() if key not in options and key not in TIMES}
 
 

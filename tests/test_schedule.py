@@ -8,7 +8,7 @@ DROP_EPOCHS = (60, 120, 160)
 
 
 def options(folder, *argv):
-    return load_folder(folder).main.parse_options(list(argv))
+    return load_folder(folder).options.parse_options(list(argv))
 
 
 # --- options ---------------------------------------------------------------------------------------
@@ -43,9 +43,9 @@ def test_default_save_folder_names_the_pair_method_and_seed(folder):
     (["--benchmark", "0"], "--benchmark"),
 ])
 def test_bad_options_raise_usage_error(folder, argv, message):
-    main = load_folder(folder).main
-    with pytest.raises(main.UsageError) as error:
-        main.parse_options(argv)
+    options = load_folder(folder).options
+    with pytest.raises(options.UsageError) as error:
+        options.parse_options(argv)
     assert message in str(error.value)
 
 

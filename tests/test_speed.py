@@ -48,7 +48,7 @@ DML_10_1 = ["--depth", "10", "--width", "1", "--method", "dml"]  # the smallest 
 def step_and_optimizer(argv):
     """main.py's options, training step (networks initialised by --seed) and optimizer for `argv`."""
     modules = load_folder("wrn")
-    opt = modules.main.parse_options(["--nthread", "1", *map(str, argv)])
+    opt = modules.options.parse_options(["--nthread", "1", *map(str, argv)])
     step = modules.main.build_training_step(opt, 100, CPU, modules.distributed.Group())
     return opt, step, modules.main.create_optimizer(opt, step.parameters(), opt.lr)
 
@@ -155,7 +155,7 @@ def test_the_tf32_option_sets_both_fp32_precisions(flags, tf32):
     modules = load_folder("wrn")
     modules.hardware.set_fp32_precision(not tf32)
     try:
-        opt = modules.main.parse_options(["--depth", "10", "--width", "1", "--method", "ind", *flags])
+        opt = modules.options.parse_options(["--depth", "10", "--width", "1", "--method", "ind", *flags])
         modules.main.build_training_step(opt, 10, torch.device("cpu"), modules.distributed.Group())
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (tf32, tf32)
     finally:

@@ -321,7 +321,7 @@ def test_summarize_include_unfinished_counts_the_last_logged_epoch(swept, real_l
 # --- summarize: hand-written logs with known numbers ------------------------------------------------
 
 # What main.py logs with its defaults (the paper's recipe), read off its own parser.
-REFERENCE_OPTIONS = vars(load_folder("wrn").main.option_parser().parse_args([]))
+REFERENCE_OPTIONS = vars(load_folder("wrn").options.option_parser().parse_args([]))
 ARCHITECTURES = {"wrn": "wrn", "mobi": "wrn_mobi", "third": "wrn_third"}  # a pair's training folder
 BATCHSTATS_KEY = "test_acc_net2_batchstats"
 # (pair, method) -> final errors of net 1 and net 2 over seeds 1, 2, 3.

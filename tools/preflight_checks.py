@@ -89,7 +89,7 @@ def numerics(config):
     reference = None
     for name, flags in {"fp32": [], **config["settings"]}.items():
         # Each step is built just before it trains: building sets the process's fp32 precision (TF32 or not).
-        opt = main.parse_options(["--depth", str(config["depth"]), "--width", str(config["width"]),
+        opt = folder.options.parse_options(["--depth", str(config["depth"]), "--width", str(config["width"]),
                                   "--batch_size", str(config["batch_size"]), *flags])
         step = main.build_training_step(opt, NUM_CLASSES, device, distributed.Group())
         optimizer = main.create_optimizer(opt, step.parameters(), opt.lr)
@@ -190,7 +190,7 @@ def torchrun(config):
         if code != 0:
             return emit("torchrun", "", "fail", f"{name}: exit code {code}: {last}")
     distributed, main = load_folder("wrn").distributed, load_folder("wrn").main
-    opt = main.parse_options([*SMALL, "--subset", "8"])
+    opt = load_folder("wrn").options.parse_options([*SMALL, "--subset", "8"])
     initial = [{key: value.float() for key, value in net.state_dict().items() if value.is_floating_point()}
                for net in main.build_training_step(opt, 10, torch.device("cpu"), distributed.Group()).nets]
     worst = 0.0

@@ -109,15 +109,15 @@ def check_runs(opt, main_args):
     """Refuse, before any run starts, the values main.py's own checks (options.check_options)
     would refuse in some run of the sweep: each method and seed with the flags passed to main.py,
     in as many processes as each run gets (torchrun over --gpus_per_run GPUs under --slurm)."""
-    main = load_folder(FOLDERS[0]).main  # main.py is the same file in every folder
+    options = load_folder(FOLDERS[0]).options  # options.py is the same file in every folder
     processes = opt.gpus_per_run if opt.slurm and opt.gpus_per_run > 1 else 1
     # WORLD_SIZE: where main.py's checks read the process count from.
     with mock.patch.dict(os.environ, {"WORLD_SIZE": str(processes)}):
         for method in opt.methods:
             for seed in opt.seeds:
                 try:
-                    main.parse_options(run_flags(method, seed) + main_args)
-                except main.UsageError as error:
+                    options.parse_options(run_flags(method, seed) + main_args)
+                except options.UsageError as error:
                     flags = " ".join(run_flags(method, seed))
                     raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
 
@@ -177,13 +177,13 @@ def slots(opt):
 def main_option_values(main_args, folder=FOLDERS[0]):
     """({option: value}, {option: main.py's default}) of the flags passed to main.py, read by
     main.py's own parser: the values main.py will run with, whatever their spelling."""
-    main = load_folder(folder).main
-    parser = main.option_parser()
+    options = load_folder(folder).options
+    parser = options.option_parser()
     try:
         values = vars(parser.parse_args(main_args))
-        main.lr_drop_epochs(argparse.Namespace(**values))  # --epoch_step's JSON, checked as main.py checks it
+        options.lr_drop_epochs(argparse.Namespace(**values))  # --epoch_step's JSON, checked as main.py checks it
         return values, vars(parser.parse_args([]))
-    except main.UsageError as error:
+    except options.UsageError as error:
         raise ToolError(f"main.py would refuse the flags passed to it: {error}") from None
 
 

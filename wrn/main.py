@@ -31,7 +31,6 @@ if __name__ == "__main__":
             signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_STOP_SIGNALS.append(signum))
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -49,95 +48,7 @@ import safety
 import training
 from checkpoint import (CheckpointError, DiskFull, Position, RankFailed, export_networks, load_checkpoint,
                         write_on_rank0)
-from dcm_loss import LINKS
-from options import METHODS, ArgumentParser, distillation_links, HelpFormatter, UsageError, check_options, default_save_dir, lr_drop_epochs
-
-# --- options -------------------------------------------------------------------------------------
-
-def option_parser():
-    """main.py's options; tools/sweep.py parses the flags it passes with it, to compare them by value."""
-    parser = ArgumentParser(description="DCM: two networks trained together on CIFAR.", formatter_class=HelpFormatter)
-    parser.add_argument("--save", default="", type=str,
-                        help="folder for log.txt, checkpoint.pt, net1.pt and net2.pt "
-                             "(default: ./logs/<net1>_<net2>_<method>_seed<seed> under the folder main.py is "
-                             "started in)")
-    parser.add_argument("--depth", default=28, type=int, help="WRN depth (6n+4) of net 1 (and net 2 in wrn/)")
-    parser.add_argument("--width", default=10, type=int, help="WRN width of net 1 (and net 2 in wrn/)")
-    parser.add_argument("--dataset", default="CIFAR100", choices=dataset.DATASETS, help="what to train and test on")
-    parser.add_argument("--dataroot", default="./data", type=str,
-                        help="folder holding the dataset; downloaded there when missing")
-    parser.add_argument("--batch_size", default=128, type=int, help="the global batch, split over torchrun's processes")
-    parser.add_argument("--lr", default=0.1, type=float, help="SGD learning rate (momentum 0.9)")
-    parser.add_argument("--epochs", default=200, type=int, help="epochs to train")
-    parser.add_argument("--subset", default=None, type=int, metavar="N",
-                        help="train on N images only, the same in every epoch: a class-balanced subset of the "
-                             "training set chosen by --seed, for short runs on real data (smoke tests, debugging a "
-                             "recipe; not the paper's recipe). The test set stays whole. Default: all images")
-    parser.add_argument("--weight_decay", default=0.0005, type=float, help="on every parameter")
-    parser.add_argument("--epoch_step", default="[60,120,160]", type=str,
-                        help="JSON list of 1-based epochs at whose start the lr is multiplied by --lr_decay_ratio")
-    parser.add_argument("--lr_decay_ratio", default=0.2, type=float, help="the lr's factor at each --epoch_step")
-    parser.add_argument("--seed", default=1, type=int, help="initialisation, shuffling, augmentation and --subset")
-    parser.add_argument("--nthread", default=None, type=int,
-                        help="CPU threads for torch (default: the cores this process may use; batches are made on "
-                             "the training device, no loader workers)")
-    parser.add_argument("--resume", nargs="?", const=True, default="", metavar="PATH",
-                        help="continue the run in --save (no PATH), or from the checkpoint file PATH")
-    parser.add_argument("--checkpoint_interval", default=10.0, type=float, metavar="MINUTES",
-                        help="checkpoint at the end of an epoch when the next epoch would end MINUTES or more "
-                             "after the last checkpoint; the first epoch of each process, the last epoch and a stop "
-                             "by a signal are always checkpointed. 0: after every epoch (safety.py)")
-    parser.add_argument("--checkpoint_every", default=None, type=int, metavar="N",
-                        help="also checkpoint every N steps inside an epoch, for epochs longer than you want to lose "
-                             "(default: at the ends of epochs only); separate from --checkpoint_interval, which is "
-                             "judged at ends of epochs, where the log line is written and the ranks agree once per "
-                             "epoch, while a step count checkpoints the same steps in every run")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
-    parser.add_argument("--note", default="", type=str, help="free text copied into every log line")
-    parser.add_argument("--gpu_id", default=None, type=str,
-                        help="the GPU to train on (sets CUDA_VISIBLE_DEVICES; '' for the CPU). Default: GPU 0 of "
-                             "the visible ones, or the CPU where there is none; under torchrun each process takes "
-                             "GPU LOCAL_RANK")
-    parser.add_argument("--sync_bn", action="store_true",
-                        help="under torchrun, BN statistics of the global batch instead of each process's slice")
-    parser.add_argument("--method", default="dcm", choices=sorted(METHODS),
-                        help="ind: independent, dml: deep mutual learning, ds: deep supervision, dcm (default)")
-    parser.add_argument("--links", default="dense", choices=[links for links in LINKS if links != "none"],
-                        help="which classifier pairs DCM distils between (ablation); dcm only")
-    kd = parser.add_argument_group("distillation of dml and dcm (the defaults are the published DCM's)")
-    kd.add_argument("--temperature", default=1.0, type=float, metavar="T", help="every KL term on softmax(z / T) "
-                    "of both sides, times T^2 (Hinton et al. 2015); the cross-entropy stays at T = 1")
-    kd.add_argument("--kd_weight", default=1.0, type=float, metavar="L", help="the weight of every KL term")
-    kd.add_argument("--kd_warmup", default=0.0, type=float, metavar="E", help="the KL weight rises over the first E "
-                    "epochs, per step: L exp(-5 (1 - t)^2), t = epochs done / E (Laine & Aila 2017)")
-    kd.add_argument("--kl_eps", default=1e-8, type=float, metavar="EPS", help="the KL's probabilities smoothed to "
-                    "(p + EPS) / (1 + C EPS); the published 1e-8 caps each term near 18.4 nats, 0 is the plain KL")
-    speed = parser.add_argument_group("speed (the defaults are the reference's fp32 eager training)")
-    speed.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES),
-                       help="autocast the networks to bf16, or to fp16 with loss scaling (changes the numerics)")
-    speed.add_argument("--tf32", action="store_true",
-                       help="TF32 tensor cores for fp32 convolutions and matmuls on Ampere and newer GPUs "
-                            "(changes the numerics; ignored on CPUs)")
-    speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for networks and batches")
-    speed.add_argument("--compile", action="store_true", help="torch.compile each network's forward pass and the loss")
-    speed.add_argument("--eval_batch_size", default=500, type=int,
-                       help="test batch size (BN in eval mode: the numbers do not depend on it)")
-    speed.add_argument("--benchmark", default=None, type=int, metavar="N",
-                       help="time N training steps on random in-memory data, print one line and exit "
-                            "(one process: not under torchrun)")
-    return parser
-
-
-def parse_options(argv=None):
-    opt = option_parser().parse_args(argv)
-    check_options(opt)
-    # One spelling of each value: '[60, 120, 160]' is logged and checkpointed as '[60,120,160]'.
-    opt.epoch_step = json.dumps(lr_drop_epochs(opt), separators=(",", ":"))
-    if not opt.save:
-        opt.save = default_save_dir(opt)
-    return opt
-
+from options import METHODS, UsageError, distillation_links, lr_drop_epochs, parse_options
 
 # --- setup ---------------------------------------------------------------------------------------
 

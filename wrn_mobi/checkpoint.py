@@ -171,7 +171,7 @@ def save_checkpoint(opt, position, step, optimizer):
 
 def mismatched_options(opt, saved_options):
     """'--NAME SAVED (not GIVEN)' for every option outside RESUMABLE_OPTIONS whose value differs
-    from the checkpoint's (main.parse_options spells each value one way: '[60,120,160]', 0.1)."""
+    from the checkpoint's (options.parse_options spells each value one way: '[60,120,160]', 0.1)."""
     return [f"--{name} {saved_options.get(name)} (not {value})" for name, value in vars(opt).items()
             if name not in RESUMABLE_OPTIONS and saved_options.get(name) != value]
 
