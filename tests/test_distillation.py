@@ -25,7 +25,7 @@ DISTILLATION_FLAGS = ("--temperature", "--kd_weight", "--kd_warmup", "--kl_eps")
 # --- the warm-up schedule ----------------------------------------------------------------------------
 
 def test_warmup_weight_at_its_first_middle_and_last_step(folder):
-    kd_weight_at = load_folder(folder).distillation.kd_weight_at
+    kd_weight_at = load_folder(folder).dcm_loss.kd_weight_at
     # kd_weight 2, 3 epochs of warm-up, 10 steps an epoch: t = ((epoch - 1) + step / 10) / 3.
     assert kd_weight_at(2.0, 3.0, 1, 0, 10) == pytest.approx(2.0 * math.exp(-5.0), rel=1e-12)  # t = 0
     assert kd_weight_at(2.0, 3.0, 2, 5, 10) == pytest.approx(2.0 * math.exp(-5.0 * 0.5 ** 2), rel=1e-12)  # t = 1/2
@@ -37,15 +37,15 @@ def test_warmup_weight_at_its_first_middle_and_last_step(folder):
 
 
 def test_no_warmup_is_the_plain_weight_at_every_step(folder):
-    kd_weight_at = load_folder(folder).distillation.kd_weight_at
+    kd_weight_at = load_folder(folder).dcm_loss.kd_weight_at
     assert {kd_weight_at(0.25, 0.0, epoch, step, 7) for epoch in (1, 2, 200) for step in range(7)} == {0.25}
 
 
 def test_main_py_defaults_are_the_published_values(folder):
     modules = load_folder(folder)
     opt = modules.options.parse_options([])
-    assert {name: getattr(opt, name) for name in modules.distillation.PUBLISHED} == modules.distillation.PUBLISHED
-    assert modules.distillation.PUBLISHED == {"temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
+    published = {"temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
+    assert {name: getattr(opt, name) for name in published} == published
 
 
 # --- the defaults train what the published objective trains, bit for bit ----------------------------
@@ -77,7 +77,7 @@ def trained_with_training_py(modules, nets, links, batches, **distillation):
     settings = modules.training.StepSettings(links, **{
         key: distillation[key] for key in ("temperature", "kd_weight", "kl_eps") if key in distillation})
     step = modules.training.TrainingStep(nets, settings, torch.device("cpu"))
-    kd_weight_at = lambda index: modules.distillation.kd_weight_at(  # noqa: E731
+    kd_weight_at = lambda index: modules.dcm_loss.kd_weight_at(  # noqa: E731
         settings.kd_weight, distillation.get("kd_warmup", 0.0), 1, index, len(batches))
     modules.training.train_epoch(step, sgd(nets), batches, len(batches), "test", kd_weight_at)
     return nets
@@ -204,9 +204,9 @@ def test_resume_with_another_temperature_is_refused(tmp_path, knob_run, data):
 
 @pytest.mark.parametrize("args, words", [
     (["--method", "ds", "--kd_weight", "0.5", "--kl_eps", "0"], ["--method ds has no KL", "--kd_weight, --kl_eps"]),
-    (["--temperature", "0"], ["--temperature must be a positive number"]),
-    (["--kd_warmup", "-1"], ["--kd_warmup must be >= 0"]),
-    (["--kl_eps", "nan"], ["--kl_eps must be >= 0"]),
+    (["--temperature", "0"], ["--temperature: must be > 0, got 0"]),
+    (["--kd_warmup", "-1"], ["--kd_warmup: must be >= 0, got -1"]),
+    (["--kl_eps", "nan"], ["--kl_eps: must be >= 0, got nan"]),
 ])
 def test_bad_distillation_options_are_usage_errors(folder, args, words):
     modules = load_folder(folder)

@@ -197,10 +197,10 @@ def value_text(value):
 
 
 def run_name(folder, method, seed, main_args):
-    """The folder's main.py default_save_dir name, then NAME-VALUE (NAME for a flag without value)
+    """The folder's options.default_save_dir name, then NAME-VALUE (NAME for a flag without value)
     for every passed option that changes what is trained and whose value is not main.py's default."""
     values, defaults = main_option_values(run_flags(method, seed) + main_args, folder)
-    name = os.path.basename(load_folder(folder).main.default_save_dir(argparse.Namespace(**values)))
+    name = os.path.basename(load_folder(folder).options.default_save_dir(argparse.Namespace(**values)))
     for option in sorted(set(values) - NAMELESS_OPTIONS):
         if option_value(values[option]) != option_value(defaults[option]):
             name += "_" + (option if values[option] is True else f"{option}-{value_text(values[option])}")

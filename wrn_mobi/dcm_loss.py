@@ -13,6 +13,8 @@ gradient at the scale of the cross-entropy's whatever T (Hinton, Vinyals & Dean 
 the Knowledge in a Neural Network", section 2); the cross-entropy terms are always at T = 1.
 Every term is computed from fp32 logits, so the loss keeps full precision under --amp.
 """
+import math
+
 import torch.nn.functional as F
 
 SMOOTHING = 1e-8
@@ -89,3 +91,14 @@ def loss_terms(outputs_1, outputs_2, targets, links="dense", temperature=1.0, kd
 def dcm_loss(outputs_1, outputs_2, targets, links="dense", temperature=1.0, kd_weight=1.0, eps=SMOOTHING):
     """The total training loss of the two networks as a scalar tensor (see loss_terms)."""
     return sum(loss_terms(outputs_1, outputs_2, targets, links, temperature, kd_weight, eps).values())
+
+
+def kd_weight_at(kd_weight, kd_warmup, epoch, step, steps_per_epoch):
+    """The KL weight of step `step` (0-based) of 1-based `epoch`: kd_weight exp(-5 (1 - t)^2), t = min(1, epochs
+    done / kd_warmup) counted per step, the sigmoid-shaped ramp-up of temporal ensembling (Laine & Aila, ICLR 2017,
+    section 3.1); kd_weight throughout for kd_warmup = 0 (the published DCM). It depends on (epoch, step) only, so
+    a run resumed part-way through an epoch continues the ramp exactly."""
+    if kd_warmup <= 0:
+        return kd_weight
+    t = min(1.0, ((epoch - 1) + step / steps_per_epoch) / kd_warmup)
+    return kd_weight * math.exp(-5.0 * (1.0 - t) ** 2)

@@ -1,22 +1,11 @@
-"""Train two networks together on CIFAR with Dense Cross-layer Mutual-distillation (DCM), or with
-one of the methods the paper compares it to, from the same script:
+"""Train two networks together on CIFAR with Dense Cross-layer Mutual-distillation (DCM), or with one of
+the methods the paper compares it to (--method: ind, dml, ds, dcm; docs/methods.md):
 
-    ind  each network alone, no auxiliary classifiers, cross-entropy only (the baseline)
-    dml  no auxiliary classifiers, cross-entropy + KL between the two final classifiers
-    ds   auxiliary classifiers (deep supervision), cross-entropy on all, no KL
-    dcm  auxiliary classifiers, cross-entropy on all + KL along --links (default: dense)
+    python wrn/main.py --depth 28 --width 10 --dataroot DATA   # or wrn_mobi/main.py
 
-    python wrn/main.py --depth 28 --width 10 --dataroot DATA   # or wrn_mobi/main.py, from the top folder
-
-Without --save a run goes to ./logs/<net1>_<net2>_<method>_seed<seed> under the folder it is started in
-(wrn/logs when started inside wrn/); its first line names that folder in full.
-
-SAVE/log.txt gets one `json_stats: {...}` line per epoch, SAVE/checkpoint.pt the full training
-state (`--resume` continues from it), and at the end SAVE/net1.pt and SAVE/net2.pt hold each
-network without its auxiliary classifiers. `--amp`, `--tf32`, `--channels_last` and `--compile`
-make it faster (training.py), `--benchmark N` measures how fast (benchmark.py). Under
-`torchrun --nproc_per_node=G main.py ...` G processes share each batch (distributed.py). The
-checks of the options are in options.py. This file
+SAVE/log.txt gets one `json_stats: {...}` line per epoch (epoch_log.py), SAVE/checkpoint.pt the training
+state that --resume continues (checkpoint.py, safety.py), and at the end SAVE/net1.pt and net2.pt hold
+the networks without their auxiliary classifiers. The recipe is main(): train; test; log; save. This file
 is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networks are trained.
 """
 import signal
@@ -39,18 +28,18 @@ import torch
 
 import benchmark
 import dataset
-import distillation
 import distributed
 import epoch_log
 import hardware
 import models
 import safety
 import training
-from checkpoint import (CheckpointError, DiskFull, Position, RankFailed, export_networks, load_checkpoint,
-                        write_on_rank0)
+from checkpoint import CheckpointError, DiskFull, Position, RankFailed, export_networks, load_checkpoint, write_on_rank0
+from dcm_loss import kd_weight_at
 from options import METHODS, UsageError, distillation_links, lr_drop_epochs, parse_options
 
-# --- setup ---------------------------------------------------------------------------------------
+
+# --- setup: the pair, its optimizer and the lr schedule --------------------------------------------
 
 def build_training_step(opt, num_classes, device, group):
     """Net 1 and net 2 of this folder (with auxiliary classifiers when the method uses them), the
@@ -62,15 +51,10 @@ def build_training_step(opt, num_classes, device, group):
     return training.TrainingStep(nets, training.StepSettings.from_options(opt, distillation_links(opt)), device, group)
 
 
-# --- optimisation: one SGD over both networks, step lr --------------------------------------------
-
 def create_optimizer(opt, params, lr):
-    # Weight decay on every parameter (BN and biases too), as in the reference. The fused kernel
-    # updates every parameter in one pass: the same update as the per-parameter loop, up to the
-    # last bit (it uses fused multiply-adds). Not under --amp fp16: its GradScaler leaves a fused
-    # optimizer to skip an overflowing step itself, and the fused SGD's first step makes the
-    # momentum buffers uninitialised (empty_like) before it skips, so the next step reads garbage;
-    # the per-parameter SGD's step the scaler skips whole, leaving no momentum behind.
+    # Weight decay on every parameter (BN and biases too), as in the reference. The fused kernel gives the
+    # per-parameter loop's update in one pass. Not under --amp fp16: a GradScaler leaves an overflowing step
+    # to a fused optimizer, whose first step leaves the momentum uninitialised (empty_like) when it skips.
     fused = opt.amp != "fp16" and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.SGD(params, lr, momentum=0.9, weight_decay=opt.weight_decay, fused=fused or None)
 
@@ -85,8 +69,7 @@ def lr_at_epoch(opt, epoch):
 
 
 def optimizer_for_epoch(opt, optimizer, params, epoch):
-    """The optimizer to train 1-based `epoch` with. At each lr drop the reference creates a new
-    optimizer, which also resets the momentum buffers; so does this."""
+    """The optimizer of 1-based `epoch`: a new one at each lr drop, momentum reset, as in the reference."""
     if epoch in lr_drop_epochs(opt):
         return create_optimizer(opt, params, lr_at_epoch(opt, epoch))
     return optimizer
@@ -114,14 +97,14 @@ def train(opt, step, optimizer, data, epoch, position, checkpoints, stop):
         return stopping
 
     batches = dataset.train_batches(data, opt.batch_size, opt.seed, epoch, first_batch=position.step)
-    kd_weight_at = lambda index: distillation.kd_weight_at(opt.kd_weight, opt.kd_warmup, epoch, index, total)
-    meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}", kd_weight_at,
+    kd_weight = lambda index: kd_weight_at(opt.kd_weight, opt.kd_warmup, epoch, index, total)  # noqa: E731
+    meter = training.train_epoch(step, optimizer, batches, total, f"epoch {epoch}/{opt.epochs}", kd_weight,
                                  meter=position.meter, after_step=after_step)
     safety.check_finite(meter, epoch, lr, opt.save)
     if meter.steps < total:
         return None
     hardware.synchronize(step.device)
-    return {**epoch_log.meter_stats("train", meter), "train_kd_weight": kd_weight_at(total - 1),  # the last step's
+    return {**epoch_log.meter_stats("train", meter), "train_kd_weight": kd_weight(total - 1),  # the last step's
             "epoch_lr": lr, "train_time": time.time() - started}
 
 
@@ -136,18 +119,7 @@ def test(opt, step, data):
     return {**epoch_log.meter_stats("test", meter), **published_stats, "test_time": time.time() - start}
 
 
-# --- setup ---------------------------------------------------------------------------------------
-
-def select_device(opt):
-    """The training device, and the --gpu_id and --nthread it uses (for the log)."""
-    hardware.keep_freed_memory()
-    try:
-        device, used = hardware.select_device(opt)
-    except hardware.DeviceError as error:
-        raise UsageError(str(error)) from None
-    hardware.warn_slow_cpu_bf16(opt, device)
-    return device, used
-
+# --- the run around the epochs ---------------------------------------------------------------------
 
 def run_benchmark(opt, device, group):
     num_classes = dataset.NUM_CLASSES[opt.dataset]
@@ -158,30 +130,21 @@ def run_benchmark(opt, device, group):
 
 
 def load_data(opt, device, group):
-    """The checkpoint to resume (None: a new run), checked before the data is loaded; the data."""
-    try:
-        checkpoint = safety.check_save_dir(opt)
-        if group.is_main:
-            print(f"loading {opt.dataset} from {opt.dataroot} ...", flush=True)
-        data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
-        if opt.subset:
-            data = dataset.training_subset(data, opt.subset, opt.seed)
-        group.check_split(len(data.train_labels), len(data.test_labels), opt.batch_size)
-    except (CheckpointError, dataset.DatasetError) as error:
-        raise UsageError(str(error)) from None
-    return checkpoint, data
+    print(f"loading {opt.dataset} from {opt.dataroot} ...", flush=True)
+    data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
+    if opt.subset:
+        data = dataset.training_subset(data, opt.subset, opt.seed)
+    group.check_split(len(data.train_labels), len(data.test_labels), opt.batch_size)
+    return data
 
 
 def resume(opt, path, step, optimizer, device):
     """Restore the checkpoint at `path`; return where the run stands, or None for a finished run
     (said so; nothing is written). log.txt in the checkpoint's own folder loses the lines written
     after it: their epochs are trained again."""
-    try:
-        position, log_bytes = load_checkpoint(opt, path, step, optimizer, device)
-        if safety.finished_already(opt, position):
-            return None
-    except CheckpointError as error:
-        raise UsageError(str(error)) from None
+    position, log_bytes = load_checkpoint(opt, path, step, optimizer, device)
+    if safety.finished_already(opt, position):
+        return None
     if os.path.abspath(os.path.dirname(path)) == os.path.abspath(opt.save):
         write_on_rank0(step.group, epoch_log.drop_lines_after, opt, log_bytes)
     return position
@@ -202,11 +165,14 @@ def announce(opt, step, data, device, position, run_info):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     opt = parse_options(argv)
-    device, used = select_device(opt)
+    hardware.keep_freed_memory()
+    device, used = hardware.select_device(opt)  # and the --gpu_id and --nthread it uses, for the log
+    hardware.warn_slow_cpu_bf16(opt, device)
     group = distributed.start(device)
     if opt.benchmark:
         return run_benchmark(opt, device, group)
-    checkpoint, data = load_data(opt, device, group)
+    checkpoint = safety.check_save_dir(opt)  # before the data is loaded
+    data = load_data(opt, device, group)
     step = build_training_step(opt, data.num_classes, device, group)
     params = step.parameters()
     optimizer = create_optimizer(opt, params, lr_at_epoch(opt, 1))
@@ -251,7 +217,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, safety.interrupt_at_once)
     try:
         sys.exit(main())
-    except UsageError as error:
+    except (UsageError, CheckpointError, dataset.DatasetError, hardware.DeviceError) as error:
         distributed.print_on_rank0(f"error: {error}")
         sys.exit(2)
     except safety.NonFiniteLoss as error:
