@@ -111,22 +111,21 @@ def from_torchvision(name, root, expected):
         if created:
             shutil.rmtree(top, ignore_errors=True)
         by_hand = (f"{source.url} and unpack it in {root}, so that {expected} exists" if name in CIFAR_FILES else
-                   f"{', '.join(f for f, _ in source.resources)} from {source.mirrors[0]} and gunzip them in {expected}")
+                   f"{', '.join(f for f, _ in source.resources)} from {source.mirrors[0]}, gunzipped, into {expected}")
         raise DatasetError(f"torchvision could neither read nor download {name} in {root} ({type(error).__name__}: "
                            f"{' '.join(str(error).split())}). Put it there by hand: download {by_hand}; then run "
                            f"again with --dataroot {root}") from None
 
 
 def import_torchvision():
-    """torchvision, imported only where a dataset needs it (it is slow to import). A torchvision
-    built for another torch dies inside its import (`RuntimeError: operator torchvision::nms does
-    not exist`): DatasetError names both versions and pip's command that installs both from the
-    wheel index of torch's build (PyTorch's for +cpu, +cuXYZ, +rocmX; PyPI's otherwise)."""
+    """torchvision, imported only where a dataset needs it (it is slow to import). One built for
+    another torch dies inside its import (`RuntimeError: operator torchvision::nms does not exist`):
+    DatasetError names both versions and pip's command that installs both from torch's wheel index."""
     try:
         import torchvision
     except (ImportError, RuntimeError) as error:
         version = next((d.version for d in importlib.metadata.distributions(name="torchvision")), "(not installed)")
-        release, _, build = torch.__version__.partition("+")
+        release, _, build = torch.__version__.partition("+")  # +cpu, +cu126, +rocm6.2: PyTorch's own index
         index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
         raise DatasetError(f"torchvision {version} does not import with torch {torch.__version__} "
                            f"({type(error).__name__}: {' '.join(str(error).split())}): they must be builds for each "
