@@ -3,7 +3,6 @@
 wrn/ and wrn_mobi/ each import their own `models`, `dcm_loss`, `dataset` by plain name, so the
 two folders are loaded as tools/common.load_folder loads them, under separate namespaces.
 """
-import gzip
 import importlib
 import json
 import os
@@ -86,18 +85,14 @@ def write_cifar100(root, num_train=256, num_test=128, num_classes=100):
     return Path(root)
 
 
-def write_fashion_mnist(root, num_train=256, num_test=128, gz=True):
-    """The four FashionMNIST idx files (28x28 uint8) in root/FashionMNIST/raw, tiny."""
+def write_fashion_mnist(root, num_train=256, num_test=128):
+    """The four FashionMNIST idx files (28x28 uint8), unpacked in root/FashionMNIST/raw, tiny."""
     directory = Path(root) / "FashionMNIST" / "raw"
     directory.mkdir(parents=True, exist_ok=True)
     for prefix, count, seed in (("train", num_train, 0), ("t10k", num_test, 1)):
         images, labels = learnable_images(count, 10, seed, channels=1, size=28)
-        files = {f"{prefix}-images-idx3-ubyte": struct.pack(">HBBIII", 0, 8, 3, count, 28, 28) + images.tobytes(),
-                 f"{prefix}-labels-idx1-ubyte": struct.pack(">HBBI", 0, 8, 1, count) + labels.astype(np.uint8).tobytes()}
-        for filename, content in files.items():
-            if gz:
-                with gzip.open(directory / (filename + ".gz"), "wb") as f:
-                    f.write(content)
-            else:
-                (directory / filename).write_bytes(content)
+        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">HBBIII", 0, 8, 3, count, 28, 28) +
+                                                                images.tobytes())
+        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">HBBI", 0, 8, 1, count) +
+                                                                labels.astype(np.uint8).tobytes())
     return Path(root)

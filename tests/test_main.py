@@ -228,7 +228,7 @@ def test_checkpoint_is_a_plain_dict_of_the_full_training_state(dcm_run):
 
 @pytest.fixture(scope="module")
 def ind_run(tmp_path_factory):
-    root = write_fashion_mnist(tmp_path_factory.mktemp("fmnist_gz"), 96, 40, gz=True)
+    root = write_fashion_mnist(tmp_path_factory.mktemp("fmnist_ind"), 96, 40)
     save = tmp_path_factory.mktemp("ind") / "save"
     run_ok("wrn", "--save", save, "--dataroot", root, "--dataset", "FashionMNIST", "--method", "ind",
            "--depth", 10, "--width", 1, "--batch_size", BATCH, "--epochs", 1, "--nthread", 1)
@@ -237,7 +237,7 @@ def ind_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dml_run(tmp_path_factory):
-    root = write_fashion_mnist(tmp_path_factory.mktemp("fmnist_raw"), 96, 40, gz=False)
+    root = write_fashion_mnist(tmp_path_factory.mktemp("fmnist_dml"), 96, 40)
     save = tmp_path_factory.mktemp("dml") / "save"
     run_ok("wrn", "--save", save, "--dataroot", root, "--dataset", "FashionMNIST", "--method", "dml",
            "--depth", 10, "--width", 1, "--batch_size", BATCH, "--epochs", 2, "--nthread", 1,
@@ -270,7 +270,7 @@ def test_dml_run_distils_between_the_two_final_classifiers(dml_run):
 
 
 def test_wrn_mobi_trains_on_fashion_mnist_idx_files(tmp_path):
-    root = write_fashion_mnist(tmp_path / "data", 32, 16, gz=True)
+    root = write_fashion_mnist(tmp_path / "data", 32, 16)
     save = tmp_path / "save"
     run_ok("wrn_mobi", "--save", save, "--dataroot", root, "--dataset", "FashionMNIST", "--method", "ind",
            "--depth", 10, "--width", 1, "--batch_size", 16, "--epochs", 1, "--nthread", 1)
