@@ -315,8 +315,9 @@ def test_sync_bn_statistics_of_two_ranks_keep_the_accuracy_of_two_passes(monkeyp
     distributed = load_folder("wrn").distributed
     torch.manual_seed(0)
     batch = 1000 + torch.randn(8, 3, 4, 4)
-    rank1 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=1, ranks=2)  # momentum None: this batch's statistics
-    rank0 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=0, ranks=2)
+    # Momentum 1: the running statistics are this batch's.
+    rank1, rank0 = (distributed.Group(rank, 2).sync_batchnorm(torch.nn.BatchNorm2d(3, momentum=1.0),
+                                                              torch.device("cpu")) for rank in (1, 0))
     rank1_rows = []
     monkeypatch.setattr(distributed, "all_reduce_sum", lambda rows: rank1_rows.append(rows) or rows)
     rank1(batch[5:])
