@@ -196,6 +196,16 @@ def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path, data):
     assert not (tmp_path / "save").exists()
 
 
+def test_a_last_batch_or_test_set_smaller_than_the_process_count_is_refused():
+    # 21 training images in batches of 16: a last batch of 5; 25 test images.
+    modules = load_folder("wrn")
+    modules.distributed.Group(rank=0, size=5).check_split(21, 25, 16)
+    for size, num_test in ((6, 25), (5, 4)):
+        with pytest.raises(modules.dataset.DatasetError, match=rf"last batch holds 5 images and the test set "
+                                                               rf"{num_test}, fewer than the {size} processes"):
+            modules.distributed.Group(rank=0, size=size).check_split(21, num_test, 16)
+
+
 def test_one_process_refuses_nothing_it_accepted_before(tmp_path, data):
     # Without torchrun, --batch_size 15 is a batch like any other (no process group, no sharding).
     result = run_main("wrn", *run_args(tmp_path / "save", data, "--batch_size", 15, "--epochs", 1)[2:])
