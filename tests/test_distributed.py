@@ -196,6 +196,16 @@ def test_a_global_batch_the_processes_cannot_share_is_refused(tmp_path, data):
     assert not (tmp_path / "save").exists()
 
 
+def test_a_last_batch_or_test_set_smaller_than_the_process_count_is_refused():
+    # 21 training images in batches of 16: a last batch of 5; 25 test images.
+    modules = load_folder("wrn")
+    modules.distributed.Group(rank=0, size=5).check_split(21, 25, 16)
+    for size, num_test in ((6, 25), (5, 4)):
+        with pytest.raises(modules.dataset.DatasetError, match=rf"last batch holds 5 images and the test set "
+                                                               rf"{num_test}, fewer than the {size} processes"):
+            modules.distributed.Group(rank=0, size=size).check_split(21, num_test, 16)
+
+
 def test_one_process_refuses_nothing_it_accepted_before(tmp_path, data):
     # Without torchrun, --batch_size 15 is a batch like any other (no process group, no sharding).
     result = run_main("wrn", *run_args(tmp_path / "save", data, "--batch_size", 15, "--epochs", 1)[2:])
@@ -315,8 +325,9 @@ def test_sync_bn_statistics_of_two_ranks_keep_the_accuracy_of_two_passes(monkeyp
     distributed = load_folder("wrn").distributed
     torch.manual_seed(0)
     batch = 1000 + torch.randn(8, 3, 4, 4)
-    rank1 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=1, ranks=2)  # momentum None: this batch's statistics
-    rank0 = distributed.GlobalBatchNorm2d(3, momentum=None, rank=0, ranks=2)
+    # Momentum 1: the running statistics are this batch's.
+    rank1, rank0 = (distributed.Group(rank, 2).sync_batchnorm(torch.nn.BatchNorm2d(3, momentum=1.0),
+                                                              torch.device("cpu")) for rank in (1, 0))
     rank1_rows = []
     monkeypatch.setattr(distributed, "all_reduce_sum", lambda rows: rank1_rows.append(rows) or rows)
     rank1(batch[5:])

@@ -15,7 +15,7 @@ from conftest import ROOT, import_tools
 mirror, = import_tools("mirror")
 MIRROR_COMMAND = "python tools/mirror.py"
 PER_FOLDER_NAMES = {"build_pair", "pair_names", "PUBLISHED_TEST_USES_BATCH_STATISTICS"}  # allowed to differ
-SHARED_WRN_NAMES = {"PreActBlock", "wrn_group", "WRNHead", "WideResNet", "init_wrn_weights", "wrn"}
+SHARED_WRN_NAMES = {"PreActBlock", "wrn_group", "Head", "WideResNet", "init_wrn_weights", "wrn"}
 MOBILENET_NAMES = {"mobilenet", "MobileNet"}
 
 

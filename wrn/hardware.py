@@ -61,7 +61,7 @@ def select_device(opt):
     torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
     if single_process:
         return torch.device("cuda"), {"gpu_id": opt.gpu_id or "0", "nthread": nthread}
-    device = torch.device("cuda", distributed.local_rank())
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     return device, {"gpu_id": str(device.index), "nthread": nthread}
 

@@ -145,7 +145,7 @@ def finished_already(opt, position):
     exported = all(os.path.isfile(os.path.join(opt.save, f"net{k}.pt")) for k in (1, 2))
     if position.epoch < opt.epochs or not exported:
         return False
-    if distributed.launched_rank() == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"{opt.save}: already finished (epoch {position.epoch} of {opt.epochs}); nothing changed. Pass a "
               f"larger --epochs to extend it", flush=True)
     return True

@@ -211,16 +211,16 @@ class EpochMeter:
             return self
         total = EpochMeter()
         total.num_classifiers, total.term_names, total.steps = self.num_classifiers, self.term_names, self.steps
-        sums = group.sum(torch.cat([self.term_sums.double(), self.correct.double(),
-                                    torch.tensor([self.count], dtype=torch.double, device=self.correct.device)]))
+        sums = group.all_reduce(torch.cat([self.term_sums.double(), self.correct.double(),
+                                           torch.tensor([self.count], dtype=torch.double, device=self.correct.device)]))
         total.term_sums = sums[:len(self.term_sums)].float()
         total.correct = sums[len(self.term_sums):-1].long()
         total.count = int(sums[-1].item())
         never = self.steps + 1
-        first = group.min(torch.where(self.nonfinite_step == 0, never, self.nonfinite_step))
+        first = group.all_reduce(torch.where(self.nonfinite_step == 0, never, self.nonfinite_step), "min")
         total.nonfinite_step = torch.where(first == never, 0, first)
         here = self.nonfinite_terms & (self.nonfinite_step == first)
-        total.nonfinite_terms = group.max(here.long()).bool()
+        total.nonfinite_terms = group.all_reduce(here.long(), "max").bool()
         return total
 
     def clear_sums(self):

@@ -1,12 +1,9 @@
 """The networks this folder trains: WRN-d-k (net 1) against the CIFAR MobileNet (net 2).
 
-Every network returns the logits of all its classifiers as a list ordered shallow to deep,
-its own (final) classifier last: [aux1, aux2, final] with aux=True, [final] with aux=False.
-The auxiliary classifiers live in the sub-modules `aux1` and `aux2`, so a model built with
-aux=False loads the backbone of an aux=True model: the deployed network has no extra parameters.
-
-The Wide ResNet part of this file is shared with wrn/models.py; tests/test_mirror.py keeps
-the two copies identical.
+Each returns the logits of all its classifiers, shallow to deep, its own (final) classifier last:
+[aux1, aux2, final] with aux=True, [final] with aux=False. The auxiliary classifiers are the
+sub-modules aux1 and aux2, so a model built with aux=False loads the backbone of an aux=True model:
+the deployed network has no extra parameters. The Wide ResNet part is wrn/models.py's (tests/test_mirror.py).
 """
 import torch
 import torch.nn as nn
@@ -16,7 +13,8 @@ import torch.nn.functional as F
 # --- Wide ResNet (Zagoruyko & Komodakis), pre-activation, no dropout ----------------------------
 
 class PreActBlock(nn.Module):
-    """o1 = relu(bn0(x)); out = conv3x3(relu(bn1(conv3x3(o1, stride)))) + shortcut."""
+    """o1 = relu(bn0(x)); out = conv3x3(relu(bn1(conv3x3(o1, stride)))) + shortcut, the shortcut
+    being conv1x1(o1, stride) when the shape changes and x otherwise."""
 
     def __init__(self, in_channels, out_channels, stride):
         super().__init__()
@@ -24,44 +22,39 @@ class PreActBlock(nn.Module):
         self.conv0 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv1 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        # The shortcut is projected from the pre-activated input when the shape changes.
         needs_projection = in_channels != out_channels or stride != 1
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False) if needs_projection else None
 
     def forward(self, x):
         o1 = F.relu(self.bn0(x))
-        y = self.conv0(o1)
-        z = self.conv1(F.relu(self.bn1(y)))
+        z = self.conv1(F.relu(self.bn1(self.conv0(o1))))
         return z + (self.shortcut(o1) if self.shortcut is not None else x)
 
 
 def wrn_group(in_channels, out_channels, num_blocks, stride):
     """num_blocks blocks; the first one changes width and resolution."""
-    blocks = [PreActBlock(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1)
-              for i in range(num_blocks)]
-    return nn.Sequential(*blocks)
+    return nn.Sequential(*[PreActBlock(in_channels if i == 0 else out_channels, out_channels, stride if i == 0 else 1)
+                           for i in range(num_blocks)])
 
 
-class WRNHead(nn.Module):
-    """BN - ReLU - global average pooling (8x8 for 32x32 inputs) - FC."""
+class Head(nn.Module):
+    """BN - ReLU - global average pooling (8x8 for 32x32 inputs) - FC: a WRN's classifier; without
+    `bn` (no BN - ReLU), the MobileNet's."""
 
-    def __init__(self, channels, num_classes):
+    def __init__(self, channels, num_classes, bn=True):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
+        self.bn = nn.BatchNorm2d(channels) if bn else None
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn(x))
+        x = F.relu(self.bn(x)) if self.bn is not None else x
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 class WideResNet(nn.Module):
-    """WRN-d-k: conv0, three groups of n = (d-4)/6 blocks of widths (16k, 32k, 64k), head.
-
-    aux1 branches from group0's output: n blocks to 32k (stride 2), n//2 blocks to 64k
-    (stride 2), its own head. aux2 branches from group1's output: n blocks to 128k (stride 2),
-    its own head.
-    """
+    """WRN-d-k: conv0, three groups of n = (d-4)/6 blocks of widths (16k, 32k, 64k), head. aux1
+    branches from group0's output (n blocks to 32k, then n//2 to 64k, both stride 2, its own head),
+    aux2 from group1's (n blocks to 128k, stride 2, its own head)."""
 
     def __init__(self, depth, width, num_classes, aux):
         super().__init__()
@@ -71,22 +64,18 @@ class WideResNet(nn.Module):
         self.group0 = wrn_group(16, w0, n, 1)
         self.group1 = wrn_group(w0, w1, n, 2)
         self.group2 = wrn_group(w1, w2, n, 2)
-        self.head = WRNHead(w2, num_classes)
+        self.head = Head(w2, num_classes)
+        self.aux1 = self.aux2 = None
         if aux:
-            self.aux1 = nn.Sequential(wrn_group(w0, w1, n, 2), wrn_group(w1, w2, n // 2, 2), WRNHead(w2, num_classes))
-            self.aux2 = nn.Sequential(wrn_group(w1, 2 * w2, n, 2), WRNHead(2 * w2, num_classes))
-        else:
-            self.aux1 = self.aux2 = None
+            self.aux1 = nn.Sequential(wrn_group(w0, w1, n, 2), wrn_group(w1, w2, n // 2, 2), Head(w2, num_classes))
+            self.aux2 = nn.Sequential(wrn_group(w1, 2 * w2, n, 2), Head(2 * w2, num_classes))
         init_wrn_weights(self)
 
     def forward(self, x):
         g0 = self.group0(self.conv0(x))
         g1 = self.group1(g0)
-        g2 = self.group2(g1)
-        final = self.head(g2)
-        if self.aux1 is None:
-            return [final]
-        return [self.aux1(g0), self.aux2(g1), final]
+        final = self.head(self.group2(g1))
+        return [final] if self.aux1 is None else [self.aux1(g0), self.aux2(g1), final]
 
 
 def init_wrn_weights(model):
@@ -115,46 +104,23 @@ def wrn(depth=28, width=10, num_classes=100, aux=True):
 
 # --- MobileNet, CIFAR variant (32x32 inputs: stride 1 stem, first stage at full resolution) ------
 
-def depthwise_separable(in_channels, out_channels, stride):
-    """Depthwise 3x3 (stride) - BN - ReLU, then pointwise 1x1 - BN - ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
-        nn.BatchNorm2d(in_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
-
-
-def mobilenet_stage(in_channels, widths, first_stride):
-    """Depthwise-separable blocks of the given output widths; only the first one may downsample."""
+def mobilenet_stage(in_channels, widths, stride):
+    """Depthwise-separable blocks (depthwise 3x3 - BN - ReLU, pointwise 1x1 - BN - ReLU) of the given
+    output widths; only the first one may downsample (`stride`)."""
     blocks = []
     for i, out_channels in enumerate(widths):
-        blocks.append(depthwise_separable(in_channels, out_channels, first_stride if i == 0 else 1))
+        blocks.append(nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 3, stride if i == 0 else 1, 1, groups=in_channels, bias=False),
+            nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)))
         in_channels = out_channels
     return nn.Sequential(*blocks)
 
 
-class PoolFC(nn.Module):
-    """Global average pooling (8x8 for 32x32 inputs) - FC: MobileNet's classifier."""
-
-    def __init__(self, channels, num_classes):
-        super().__init__()
-        self.fc = nn.Linear(channels, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
 class MobileNet(nn.Module):
-    """stem conv 3->32; stage1 [64, 128, 128, 256, 256] at 32x32; stage2 [512 s2, 512 x5];
-    stage3 [1024 s2, 1024]; pool - FC.
-
-    aux1 branches from stage1's output: [512 s2, 512 x3], [1024 s2, 1024], pool - FC.
-    aux2 branches from stage2's output: [2048 s2, 2048], pool - FC.
-    PyTorch's default initialisation, as in the reference.
-    """
+    """stem conv 3->32; stage1 [64, 128, 128, 256, 256] at 32x32; stage2 [512 s2, 512 x5]; stage3
+    [1024 s2, 1024]; pool - FC. aux1 branches from stage1's output: [512 s2, 512 x3], [1024 s2, 1024],
+    pool - FC; aux2 from stage2's: [2048 s2, 2048], pool - FC. PyTorch's default initialisation."""
 
     def __init__(self, num_classes, aux):
         super().__init__()
@@ -162,22 +128,18 @@ class MobileNet(nn.Module):
         self.stage1 = mobilenet_stage(32, [64, 128, 128, 256, 256], 1)
         self.stage2 = mobilenet_stage(256, [512] * 6, 2)
         self.stage3 = mobilenet_stage(512, [1024] * 2, 2)
-        self.head = PoolFC(1024, num_classes)
+        self.head = Head(1024, num_classes, bn=False)
+        self.aux1 = self.aux2 = None
         if aux:
             self.aux1 = nn.Sequential(mobilenet_stage(256, [512] * 4, 2), mobilenet_stage(512, [1024] * 2, 2),
-                                      PoolFC(1024, num_classes))
-            self.aux2 = nn.Sequential(mobilenet_stage(512, [2048] * 2, 2), PoolFC(2048, num_classes))
-        else:
-            self.aux1 = self.aux2 = None
+                                      Head(1024, num_classes, bn=False))
+            self.aux2 = nn.Sequential(mobilenet_stage(512, [2048] * 2, 2), Head(2048, num_classes, bn=False))
 
     def forward(self, x):
         s1 = self.stage1(self.stem(x))
         s2 = self.stage2(s1)
-        s3 = self.stage3(s2)
-        final = self.head(s3)
-        if self.aux1 is None:
-            return [final]
-        return [self.aux1(s1), self.aux2(s2), final]
+        final = self.head(self.stage3(s2))
+        return [final] if self.aux1 is None else [self.aux1(s1), self.aux2(s2), final]
 
 
 def mobilenet(num_classes=100, aux=True):
@@ -196,7 +158,6 @@ def pair_names(depth, width):
     return f"wrn-{depth}-{width}", "mobilenet"
 
 
-# Net 1, net 2: is the network tested with BN normalising each test batch by its own statistics in
-# the published code? Its wrn_mobi/ switches the WRN to eval mode but never the MobileNet, so the
-# paper's MobileNet numbers were measured that way; main.py logs them as *_batchstats.
+# Net 1, net 2: does the published code test it with BN normalising each test batch by its own statistics?
+# Its wrn_mobi/ never switches the MobileNet to eval mode; main.py logs those numbers as *_batchstats.
 PUBLISHED_TEST_USES_BATCH_STATISTICS = (False, True)
