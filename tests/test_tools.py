@@ -486,8 +486,8 @@ def test_the_mobilenets_paper_value_is_compared_with_our_published_protocol_erro
     (dict(tf32=True), "tf32 true (the paper's: false)"),
     (dict(world_size=8, sync_bn=False), "world_size 8 without sync_bn"),
     (dict(epoch_step="[60, 120]"), "epoch_step [60, 120] (the paper's: [60, 120, 160])"),
-    (dict(label_smoothing=0.1), "label_smoothing logged, which this tool cannot compare"),
-], ids=["amp_bf16", "tf32", "8_processes_without_sync_bn", "epoch_step", "unknown_option"])
+    (dict(kd_warmup=5.0), "kd_warmup 5.0 (the paper's: 0.0)"),
+], ids=["amp_bf16", "tf32", "8_processes_without_sync_bn", "epoch_step", "kd_warmup"])
 def test_a_row_off_the_papers_recipe_gets_no_paper_values_and_the_table_says_why(tmp_path, options, reason):
     for seed in (1, 2):
         write_run(tmp_path, "wrn", "dcm", seed, (17.0, 17.0), **options)

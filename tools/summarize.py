@@ -7,8 +7,8 @@
     python tools/summarize.py 'logs/*mobilenet*' --batchstats   # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
-A row is a pair of networks (as the runs logged them) with its settings: every logged option but
-those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
+A row is a pair of networks (as the runs logged them) with its settings: every logged option of
+main.py but those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
 dcm with other --links), net 1's and net 2's error after the last epoch (--best: the best one),
 mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
 are left out unless --include_unfinished. The paper's values (tools/paper.py) are set below a row
@@ -30,16 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, markdown_table, option_value, read_records
+from common import FOLDERS, LOG_NAME, ROOT, ToolError, bookkeeping_options, markdown_table, read_records, run_options
 
 # Keys of a line of main.py that this tool reads; the published code's logs lack most of them.
 REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "seed", "dataset", "depth", "width", "architecture", "net1",
                  "net2", "test_acc_net1", "test_acc_net2")
-# Options that do not change what is trained: runs that differ only in these share a cell
-# (channels_last and compile change only the float rounding; --amp and --tf32 change the numerics and count).
-NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
-                     "checkpoint_every", "checkpoint_interval", "deterministic", "eval_batch_size", "channels_last",
-                     "compile")
 ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
 ENSEMBLE_KEY = "test_acc_ensemble"
 METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
@@ -79,17 +74,9 @@ class Run:
 
     @property
     def row_options(self):
-        """The options that define the run's row (the pair's names included): all of the cell's but
-        the method and links."""
-        return {key: option_value(value) for key, value in self.last.items()
-                if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
-
-
-def is_measurement(key):
-    """Keys main.py adds to the options: accuracies, losses, counts, times, the checkpoints' bytes,
-    the epoch and its lr."""
-    return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith(("_time", "_bytes"))
-            or key in ("epoch", "num_classes", "epoch_lr"))
+        """The options that define the run's row (the pair's names included): all of the cell's
+        (common.run_options) but the method and links."""
+        return {key: value for key, value in run_options(self.last).items() if key not in ("method", "links")}
 
 
 # --- reading logs ------------------------------------------------------------------------------------
@@ -452,7 +439,7 @@ def none_as_empty(value):
 
 def parse_options(argv=None):
     ignored = textwrap.fill("Options that do not define a cell (runs differing only in them share it): "
-                            + ", ".join(NOT_CELL_DEFINING) + ".", width=95)
+                            + ", ".join(bookkeeping_options()) + ".", width=95)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1] + "\n" + ignored)

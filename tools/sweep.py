@@ -28,17 +28,17 @@ from dataclasses import dataclass
 from unittest import mock
 
 import slurm
-from common import FOLDERS, ROOT, ToolError, last_line, load_folder, option_value, read_records
-from summarize import NOT_CELL_DEFINING
+from common import (FOLDERS, ROOT, ToolError, bookkeeping_options, last_line, load_folder, option_value,
+                    read_records)
 
 METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
                   "--seed": "--seeds", "--gpu_id": "--gpus", "--resume": "nothing (runs resume by themselves)",
                   "--benchmark": "main.py directly"}
-# main.py's options that are not written after a run folder's name: those that do not change what
-# is trained (summarize.py's list), and those the name shows already.
-NAMELESS_OPTIONS = set(NOT_CELL_DEFINING) | {"depth", "width", "method", "links"}
+# main.py's options that the run folder's name shows already (the others that do not change what is
+# trained, common.bookkeeping_options, are not written after it either).
+NAMED_OPTIONS = ("depth", "width", "method", "links")
 OUTPUT_NAME = "stdout.txt"
 POLL_SECONDS = 0.5
 
@@ -200,8 +200,8 @@ def run_name(folder, method, seed, main_args):
     """The folder's main.py default_save_dir name, then NAME-VALUE (NAME for a flag without value)
     for every passed option that changes what is trained and whose value is not main.py's default."""
     values, defaults = main_option_values(run_flags(method, seed) + main_args, folder)
-    name = os.path.basename(load_folder(folder).main.default_save_dir(argparse.Namespace(**values)))
-    for option in sorted(set(values) - NAMELESS_OPTIONS):
+    name = os.path.basename(load_folder(folder).options.default_save_dir(argparse.Namespace(**values)))
+    for option in sorted(set(values) - set(bookkeeping_options()) - set(NAMED_OPTIONS)):
         if option_value(values[option]) != option_value(defaults[option]):
             name += "_" + (option if values[option] is True else f"{option}-{value_text(values[option])}")
     return name
