@@ -24,7 +24,8 @@ import torch
 
 from conftest import ROOT, import_tools, load_folder, read_log, run_main, write_cifar100
 
-summarize, sweep, plot, evaluate = import_tools("summarize", "sweep", "plot", "evaluate")
+summarize, sweep, plot, evaluate, common, paper = import_tools("summarize", "sweep", "plot", "evaluate", "common",
+                                                               "paper")
 
 TINY = ["--depth", "10", "--width", "1", "--epochs", "2", "--batch_size", "16", "--nthread", "1"]
 TINY_SUFFIX = "_batch_size-16_epochs-2"  # what TINY adds to a run's folder name (--nthread does not)
@@ -519,6 +520,24 @@ def test_options_are_grouped_by_value_not_by_spelling(tmp_path):
     header, *rows = markdown_rows(out)
     assert rows[0][header.index("DCM 1")] == "17.50 ± 0.71 (n=2)"
     assert [row[2] for row in rows] == ["ours", "paper", "ours - paper"]
+
+
+def test_an_option_added_to_main_py_defines_rows_and_at_its_default_keeps_the_papers_values(tmp_path, monkeypatch):
+    # The tools learn of a new option from main.py's parser alone (here as if it had --kl_scale, 1.0).
+    defaults = {**REFERENCE_OPTIONS, "kl_scale": 1.0}
+    monkeypatch.setattr(common, "main_defaults", lambda: defaults)
+    monkeypatch.setattr(paper, "main_defaults", lambda: defaults)
+    for seed in (1, 2):
+        write_run(tmp_path / "default", "wrn", "dcm", seed, (17.0, 17.0), kl_scale=1.0)
+        write_run(tmp_path / "half", "wrn", "dcm", seed, (18.0, 18.0), kl_scale=0.5)
+    code, out, err = call(summarize.main, tmp_path)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    assert header[:4] == ["Net 1", "Net 2", "kl_scale", ""]
+    assert [row[2:4] for row in rows] == [["0.5", "ours"], ["", "paper"], ["1.0", "ours"], ["", "paper"],
+                                          ["", "ours - paper"]]
+    assert "kl_scale 0.5 (the paper's: 1.0)" in rows[1][header.index("DCM 1")]
+    assert rows[4][header.index("DCM 1")] == f"{17.0 - 16.61:+.2f}"
 
 
 def test_the_networks_are_named_as_the_run_logged_them(tmp_path):
