@@ -370,6 +370,17 @@ def write_run(base, pair, method, seed, errors, logged_epochs=(199, 200), **opti
 
 
 @pytest.fixture
+def added_options(monkeypatch):
+    """added_options(NAME=DEFAULT, ...): the tools see main.py's parser as if it had gained these
+    options; they learn of an option from the parser alone."""
+    def add(**defaults):
+        merged = {**REFERENCE_OPTIONS, **defaults}
+        monkeypatch.setattr(common, "main_defaults", lambda: merged)
+        monkeypatch.setattr(paper, "main_defaults", lambda: merged)
+    return add
+
+
+@pytest.fixture
 def paper_logs(tmp_path):
     for (pair, method), (errors1, errors2) in KNOWN_ERRORS.items():
         for seed, errors in enumerate(zip(errors1, errors2), start=1):
@@ -434,8 +445,9 @@ def test_csv_parses_into_one_line_per_cell_with_the_papers_numbers(paper_logs):
     assert float(cell["difference"]) == pytest.approx(16.5 - 16.61)
 
 
-def test_latex_parses_as_a_tabular_with_escaped_text(paper_logs):
-    # An option main.py may gain later: unknown options define rows too, and their text is escaped.
+def test_latex_parses_as_a_tabular_with_escaped_text(paper_logs, added_options):
+    # An option main.py may gain later defines rows too, and its text is escaped.
+    added_options(warmup_mode="none")
     write_run(paper_logs / "other", "wrn", "dcm", 1, (20.0, 20.0), links="same", warmup_mode="linear_5%")
     code, out, _ = call(summarize.main, paper_logs, "--latex")
     assert code == 0
@@ -522,11 +534,8 @@ def test_options_are_grouped_by_value_not_by_spelling(tmp_path):
     assert [row[2] for row in rows] == ["ours", "paper", "ours - paper"]
 
 
-def test_an_option_added_to_main_py_defines_rows_and_at_its_default_keeps_the_papers_values(tmp_path, monkeypatch):
-    # The tools learn of a new option from main.py's parser alone (here as if it had --kl_scale, 1.0).
-    defaults = {**REFERENCE_OPTIONS, "kl_scale": 1.0}
-    monkeypatch.setattr(common, "main_defaults", lambda: defaults)
-    monkeypatch.setattr(paper, "main_defaults", lambda: defaults)
+def test_an_option_added_to_main_py_defines_rows_and_at_its_default_keeps_the_papers_values(tmp_path, added_options):
+    added_options(kl_scale=1.0)
     for seed in (1, 2):
         write_run(tmp_path / "default", "wrn", "dcm", seed, (17.0, 17.0), kl_scale=1.0)
         write_run(tmp_path / "half", "wrn", "dcm", seed, (18.0, 18.0), kl_scale=0.5)

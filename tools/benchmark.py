@@ -20,10 +20,9 @@ from common import FOLDERS, ROOT, markdown_table, setting_flags
 # times its candidates from this list.
 SETTINGS = ("fp32", "fp32+cl", "fp32+cl+compile", "tf32+cl", "bf16", "bf16+cl", "bf16+compile",
             "bf16+cl+compile", "fp16+cl", "fp16+cl+compile")
-# Every pair's default rows, and the MobileNet pair's in both memory layouts too (depthwise
-# convolutions are the layers whose speed depends most on it).
-DEFAULT_SETTINGS = ("fp32", "bf16", "bf16+cl", "bf16+cl+compile")
-MORE_SETTINGS = {"wrn_mobi": ("fp32+cl", "bf16+compile")}
+# Every pair's default rows: fp32 and bf16 in both memory layouts (depthwise convolutions, as in
+# the MobileNet, are the layers whose speed depends most on it), and compiled.
+DEFAULT_SETTINGS = ("fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile")
 TRAIN_IMAGES, EPOCHS = 50_000, 200  # CIFAR-100's training set, the reference schedule
 COLUMNS = ("folder", "pair", "setting", "img/s", "ms/step", "TFLOP/s", "% of matmul peak", "peak memory",
            "pipeline efficiency", f"{EPOCHS} epochs of training")
@@ -33,8 +32,7 @@ def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS)
     parser.add_argument("--settings", nargs="+", choices=SETTINGS,
-                        help="rows to run in every folder (default: fp32, bf16, bf16+cl, bf16+cl+compile; "
-                             "wrn_mobi adds fp32+cl and bf16+compile)")
+                        help="rows to run in every folder (default: " + ", ".join(DEFAULT_SETTINGS) + ")")
     parser.add_argument("--steps", default=20, type=int, help="timed steps per row (after a warm-up)")
     parser.add_argument("--depth", default=28, type=int)
     parser.add_argument("--width", default=10, type=int)
@@ -103,8 +101,7 @@ def main(argv=None):
     started = time.time()
     rows, failures, device = [], 0, None
     for folder in opt.folders:
-        defaults = DEFAULT_SETTINGS + MORE_SETTINGS.get(folder, ())
-        for setting in opt.settings or [setting for setting in SETTINGS if setting in defaults]:
+        for setting in opt.settings or DEFAULT_SETTINGS:
             row_started = time.time()
             cells, error = run_row(opt, folder, setting)
             seconds = time.time() - row_started

@@ -95,13 +95,6 @@ def read_records(path):
     return records
 
 
-def last_line(path):
-    """The last non-empty line of a text file (a run's output: its error message, usually)."""
-    with open(path, errors="replace") as text:
-        lines = [line.strip() for line in text if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
 def option_value(value):
     """An option's value as it is compared: a list given as JSON text ('[60, 120, 160]',
     '[60,120,160]') as the list, anything else as logged (JSON numbers are compared as numbers).

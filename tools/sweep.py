@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from unittest import mock
 
 import slurm
-from common import (FOLDERS, ROOT, ToolError, bookkeeping_options, last_line, load_folder, option_value,
-                    read_records)
+import slurm_job
+from common import FOLDERS, ROOT, ToolError, bookkeeping_options, load_folder, option_value, read_records
 
 METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
@@ -300,7 +300,8 @@ def collect_finished(running):
         if process.returncode == 0:
             print(f"done {job.save} ({(time.time() - started) / 60:.1f} min)", flush=True)
         else:
-            reason = f"exit code {process.returncode}: {last_line(job.output)}"
+            last = (slurm_job.last_lines(job.output) or ["no output"])[-1]
+            reason = f"exit code {process.returncode}: {last}"
             failed.append((job, reason))
             print(f"FAILED {job.save} ({reason}); output in {job.output}", flush=True)
     return failed
