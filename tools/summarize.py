@@ -368,15 +368,18 @@ def title(rows, best, batchstats):
     epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
     lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
              f"n = seeds, one run each."]
-    if any(row.other_cells for row in rows):
+    # The networks measured both ways, as their runs logged them (wrn_mobi's MobileNet, net 2).
+    for net, name, folder in sorted({(net, row.net_names[net - 1], row.options["architecture"])
+                                     for row in rows for _, net in row.other_cells}):
         first, second = ("batchstats", "eval") if batchstats else ("eval", "batchstats")
-        measured = {"eval": "BN in eval mode (the proper measurement, test_acc_net2)",
-                    "batchstats": "BN normalising each test batch by its own statistics (test_acc_net2_batchstats), "
-                                  "as the published wrn_mobi tested it"}
+        measured = {"eval": f"BN in eval mode (the proper measurement, {protocol_key(net, 'eval')})",
+                    "batchstats": f"BN normalising each test batch by its own statistics "
+                                  f"({protocol_key(net, 'batchstats')}), as the published {folder} tested it"}
         compared = "'ours'" if batchstats else f"'ours, {paper.PROTOCOLS['batchstats']}'"
-        lines.append(f"MobileNet (net 2): 'ours' is its error with {measured[first]}; 'ours, "
-                     f"{paper.PROTOCOLS[second]}' with {measured[second]}. The paper's MobileNet values come from "
-                     f"the published wrn_mobi: they are set beside, and differenced against, the {compared} line.")
+        lines.append(f"{paper.display_name(name)} (net {net}): 'ours' is its error with {measured[first]}; 'ours, "
+                     f"{paper.PROTOCOLS[second]}' with {measured[second]}. The paper's {paper.display_name(name)} "
+                     f"values come from the published {folder}: they are set beside, and differenced against, the "
+                     f"{compared} line.")
     if any(net == ENSEMBLE for row in rows for _, net in row.cells):
         lines.append(f"{ENSEMBLE}: the two networks' final classifiers with their softmax averaged ({ENSEMBLE_KEY}).")
     lines.append("Settings of every row: " + ", ".join(f"{key} {value}" for key, value in shared.items()) + ".")

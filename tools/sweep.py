@@ -65,8 +65,7 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS,
-                        help="the training folders, each a pair: wrn, WRN with WRN; wrn_mobi, WRN with MobileNet "
-                             "(default: all)")
+                        help="the training folders, each a pair of networks (default: all)")
     parser.add_argument("--methods", nargs="+", default=["ind", "dml", "dcm"], choices=METHODS,
                         help="default: ind dml dcm (the paper's table); dcm-LINKS is dcm with --links LINKS")
     parser.add_argument("--seeds", nargs="+", default=[1, 2, 3, 4, 5], type=int)
