@@ -18,7 +18,8 @@ SHORT = ["--dataset", "synthetic", "--depth", "10", "--width", "1", "--method", 
 CPU_ONLY = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-summarize, sweep, paper = import_tools("summarize", "sweep", "paper")
+summarize, sweep, paper, common = import_tools("summarize", "sweep", "paper", "common")
+bookkeeping_options, main_defaults, run_options = common.bookkeeping_options, common.main_defaults, common.run_options
 
 
 def file_states(folder):
@@ -172,7 +173,7 @@ def test_subset_is_class_balanced_fixed_by_the_seed_and_leaves_the_test_set(fold
 
 
 def test_subset_keeps_a_row_out_of_the_paper_comparison_and_names_the_sweep_folder():
-    recipe = dict(paper.RECIPE)
+    recipe = run_options({**main_defaults(), "world_size": 1})  # a run of main.py without flags
     assert paper.recipe_differences(recipe) == []
     assert paper.recipe_differences({**recipe, "subset": 10000}) == ["subset 10000 (the paper's: null)"]
     assert paper.recipe_differences({key: value for key, value in recipe.items() if key != "subset"}) == []
@@ -196,7 +197,7 @@ def test_summarize_help_lists_every_ignored_option(capsys):
         summarize.parse_options(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert ("Options that do not define a cell (runs differing only in them share it): "
-            + ", ".join(summarize.NOT_CELL_DEFINING) + ".") in text
+            + ", ".join(bookkeeping_options()) + ".") in text
 
 
 def test_summarize_names_a_run_in_its_first_epoch(tmp_path):

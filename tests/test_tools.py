@@ -24,7 +24,8 @@ import torch
 
 from conftest import ROOT, import_tools, load_folder, read_log, run_main, write_cifar100
 
-summarize, sweep, plot, evaluate = import_tools("summarize", "sweep", "plot", "evaluate")
+summarize, sweep, plot, evaluate, common, paper = import_tools("summarize", "sweep", "plot", "evaluate", "common",
+                                                               "paper")
 
 TINY = ["--depth", "10", "--width", "1", "--epochs", "2", "--batch_size", "16", "--nthread", "1"]
 TINY_SUFFIX = "_batch_size-16_epochs-2"  # what TINY adds to a run's folder name (--nthread does not)
@@ -369,6 +370,17 @@ def write_run(base, pair, method, seed, errors, logged_epochs=(199, 200), **opti
 
 
 @pytest.fixture
+def added_options(monkeypatch):
+    """added_options(NAME=DEFAULT, ...): the tools see main.py's parser as if it had gained these
+    options; they learn of an option from the parser alone."""
+    def add(**defaults):
+        merged = {**REFERENCE_OPTIONS, **defaults}
+        monkeypatch.setattr(common, "main_defaults", lambda: merged)
+        monkeypatch.setattr(paper, "main_defaults", lambda: merged)
+    return add
+
+
+@pytest.fixture
 def paper_logs(tmp_path):
     for (pair, method), (errors1, errors2) in KNOWN_ERRORS.items():
         for seed, errors in enumerate(zip(errors1, errors2), start=1):
@@ -433,8 +445,9 @@ def test_csv_parses_into_one_line_per_cell_with_the_papers_numbers(paper_logs):
     assert float(cell["difference"]) == pytest.approx(16.5 - 16.61)
 
 
-def test_latex_parses_as_a_tabular_with_escaped_text(paper_logs):
-    # An option main.py may gain later: unknown options define rows too, and their text is escaped.
+def test_latex_parses_as_a_tabular_with_escaped_text(paper_logs, added_options):
+    # An option main.py may gain later defines rows too, and its text is escaped.
+    added_options(warmup_mode="none")
     write_run(paper_logs / "other", "wrn", "dcm", 1, (20.0, 20.0), links="same", warmup_mode="linear_5%")
     code, out, _ = call(summarize.main, paper_logs, "--latex")
     assert code == 0
@@ -486,8 +499,8 @@ def test_the_mobilenets_paper_value_is_compared_with_our_published_protocol_erro
     (dict(tf32=True), "tf32 true (the paper's: false)"),
     (dict(world_size=8, sync_bn=False), "world_size 8 without sync_bn"),
     (dict(epoch_step="[60, 120]"), "epoch_step [60, 120] (the paper's: [60, 120, 160])"),
-    (dict(label_smoothing=0.1), "label_smoothing logged, which this tool cannot compare"),
-], ids=["amp_bf16", "tf32", "8_processes_without_sync_bn", "epoch_step", "unknown_option"])
+    (dict(kd_warmup=5.0), "kd_warmup 5.0 (the paper's: 0.0)"),
+], ids=["amp_bf16", "tf32", "8_processes_without_sync_bn", "epoch_step", "kd_warmup"])
 def test_a_row_off_the_papers_recipe_gets_no_paper_values_and_the_table_says_why(tmp_path, options, reason):
     for seed in (1, 2):
         write_run(tmp_path, "wrn", "dcm", seed, (17.0, 17.0), **options)
@@ -519,6 +532,21 @@ def test_options_are_grouped_by_value_not_by_spelling(tmp_path):
     header, *rows = markdown_rows(out)
     assert rows[0][header.index("DCM 1")] == "17.50 ± 0.71 (n=2)"
     assert [row[2] for row in rows] == ["ours", "paper", "ours - paper"]
+
+
+def test_an_option_added_to_main_py_defines_rows_and_at_its_default_keeps_the_papers_values(tmp_path, added_options):
+    added_options(kl_scale=1.0)
+    for seed in (1, 2):
+        write_run(tmp_path / "default", "wrn", "dcm", seed, (17.0, 17.0), kl_scale=1.0)
+        write_run(tmp_path / "half", "wrn", "dcm", seed, (18.0, 18.0), kl_scale=0.5)
+    code, out, err = call(summarize.main, tmp_path)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    assert header[:4] == ["Net 1", "Net 2", "kl_scale", ""]
+    assert [row[2:4] for row in rows] == [["0.5", "ours"], ["", "paper"], ["1.0", "ours"], ["", "paper"],
+                                          ["", "ours - paper"]]
+    assert "kl_scale 0.5 (the paper's: 1.0)" in rows[1][header.index("DCM 1")]
+    assert rows[4][header.index("DCM 1")] == f"{17.0 - 16.61:+.2f}"
 
 
 def test_the_networks_are_named_as_the_run_logged_them(tmp_path):

@@ -2,11 +2,10 @@
 
     python tools/benchmark.py                      # WRN-28-10 pairs, every setting, on GPU 0
     python tools/benchmark.py --steps 10 --settings fp32 bf16+cl+compile --folders wrn
-    python tools/benchmark.py --gpu_id '' --depth 16 --width 1 --settings plain fp32 fp32+cl
+    python tools/benchmark.py --gpu_id '' --depth 16 --width 1 --settings fp32 fp32+cl
 
 Each row runs in a fresh process (its own compile cache warm-up and memory peak) with a time
 limit; a row that fails or runs out of time is reported as such and the others still run.
-The `plain` row is tools/plain_step.py: the textbook eager fp32 step, the baseline to beat.
 Prints a Markdown table; the exit code is 1 if any row failed.
 """
 import argparse
@@ -17,14 +16,13 @@ import time
 
 from common import FOLDERS, ROOT, markdown_table, setting_flags
 
-# The rows a --settings may name: `plain` is tools/plain_step.py, the others main.py with
-# common.setting_flags; tools/preflight.py checks and times its candidates from this list.
-SETTINGS = ("plain", "fp32", "fp32+cl", "fp32+cl+compile", "tf32+cl", "bf16", "bf16+cl", "bf16+compile",
+# The rows a --settings may name (main.py with common.setting_flags); tools/preflight.py checks and
+# times its candidates from this list.
+SETTINGS = ("fp32", "fp32+cl", "fp32+cl+compile", "tf32+cl", "bf16", "bf16+cl", "bf16+compile",
             "bf16+cl+compile", "fp16+cl", "fp16+cl+compile")
-# Every pair's default rows, and the MobileNet pair's in both memory layouts too (depthwise
-# convolutions are the layers whose speed depends most on it).
-DEFAULT_SETTINGS = ("fp32", "bf16", "bf16+cl", "bf16+cl+compile")
-MORE_SETTINGS = {"wrn_mobi": ("fp32+cl", "bf16+compile")}
+# Every pair's default rows: fp32 and bf16 in both memory layouts (depthwise convolutions, as in
+# the MobileNet, are the layers whose speed depends most on it), and compiled.
+DEFAULT_SETTINGS = ("fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile")
 TRAIN_IMAGES, EPOCHS = 50_000, 200  # CIFAR-100's training set, the reference schedule
 COLUMNS = ("folder", "pair", "setting", "img/s", "ms/step", "TFLOP/s", "% of matmul peak", "peak memory",
            "pipeline efficiency", f"{EPOCHS} epochs of training")
@@ -34,8 +32,7 @@ def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS)
     parser.add_argument("--settings", nargs="+", choices=SETTINGS,
-                        help="rows to run in every folder (default: fp32, bf16, bf16+cl, bf16+cl+compile; "
-                             "wrn_mobi adds fp32+cl and bf16+compile)")
+                        help="rows to run in every folder (default: " + ", ".join(DEFAULT_SETTINGS) + ")")
     parser.add_argument("--steps", default=20, type=int, help="timed steps per row (after a warm-up)")
     parser.add_argument("--depth", default=28, type=int)
     parser.add_argument("--width", default=10, type=int)
@@ -48,8 +45,6 @@ def parse_options(argv=None):
     opt = parser.parse_args(argv)
     if opt.steps <= 0 or opt.timeout <= 0:
         parser.error("--steps and --timeout must be positive")
-    if "plain" in (opt.settings or []) and opt.method != "dcm":
-        parser.error("the plain row times the DCM step only; drop 'plain' or use --method dcm")
     return opt
 
 
@@ -57,16 +52,13 @@ def row_command(opt, folder, setting):
     common = ["--depth", opt.depth, "--width", opt.width, "--batch_size", opt.batch_size]
     common += ["--gpu_id", opt.gpu_id] if opt.gpu_id is not None else []
     common += ["--nthread", opt.nthread] if opt.nthread is not None else []
-    if setting == "plain":
-        command = [ROOT / "tools" / "plain_step.py", "--folder", folder, "--steps", opt.steps, *common]
-    else:
-        command = [ROOT / folder / "main.py", "--benchmark", opt.steps, "--method", opt.method, *common,
-                   *setting_flags(setting)]
+    command = [ROOT / folder / "main.py", "--benchmark", opt.steps, "--method", opt.method, *common,
+               *setting_flags(setting)]
     return [sys.executable, *map(str, command)]
 
 
 def parse_line(line):
-    """The figures of a `benchmark | ...` or `plain step | ...` line, as table cells."""
+    """The figures of a `benchmark | ...` line, as table cells."""
     fields = line.split(" | ")
     cells = {"pair": fields[1], "device": fields[5], "img/s": number(line, r"([\d.]+) img/s"),
              "ms/step": number(line, r"([\d.]+) ms/step")}
@@ -97,7 +89,7 @@ def run_row(opt, folder, setting):
                                 text=True, timeout=opt.timeout)
     except subprocess.TimeoutExpired:
         return None, f"no result within --timeout {opt.timeout} s"
-    lines = [line for line in result.stdout.splitlines() if line.startswith(("benchmark | ", "plain step | "))]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("benchmark | ")]
     if result.returncode != 0 or not lines:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"exit code {result.returncode}: {last}"
@@ -109,8 +101,7 @@ def main(argv=None):
     started = time.time()
     rows, failures, device = [], 0, None
     for folder in opt.folders:
-        defaults = DEFAULT_SETTINGS + MORE_SETTINGS.get(folder, ())
-        for setting in opt.settings or [setting for setting in SETTINGS if setting in defaults]:
+        for setting in opt.settings or DEFAULT_SETTINGS:
             row_started = time.time()
             cells, error = run_row(opt, folder, setting)
             seconds = time.time() - row_started

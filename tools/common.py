@@ -40,6 +40,38 @@ def load_folder(folder):
         sys.modules.update(saved)
 
 
+# Options a checkpoint may be resumed with (checkpoint.RESUMABLE_OPTIONS) that still change what
+# is trained: its length and its numerics.
+RESUMABLE_BUT_TRAINED = ("epochs", "amp", "tf32", "sync_bn")
+# What a log line names besides main.py's options that defines the run: the pair, and how many
+# processes shared each batch (BN's statistics without --sync_bn).
+RUN_KEYS = ("architecture", "net1", "net2", "world_size")
+
+
+@functools.cache
+def main_defaults():
+    """{option: default} of main.py's parser (options.py, the same file in every folder). The
+    defaults are the paper's recipe: a run of main.py without flags is the paper's setup."""
+    return vars(load_folder(FOLDERS[0]).options.option_parser().parse_args([]))
+
+
+@functools.cache
+def bookkeeping_options():
+    """main.py's options that do not change what is trained, so that runs differing only in them
+    share a table cell and a sweep folder name: the seed, and the options a checkpoint may be
+    resumed with (checkpoint.RESUMABLE_OPTIONS: files, threads, speed) but RESUMABLE_BUT_TRAINED.
+    Any other option, one added to main.py later included, defines what is trained."""
+    resumable = load_folder(FOLDERS[0]).checkpoint.RESUMABLE_OPTIONS
+    return ("seed", *(name for name in resumable if name not in RESUMABLE_BUT_TRAINED))
+
+
+def run_options(record):
+    """What defines the run of a log line: every option main.py logged but the bookkeeping ones,
+    and RUN_KEYS; the values as option_value compares them."""
+    return {key: option_value(value) for key, value in record.items()
+            if key in RUN_KEYS or (key in main_defaults() and key not in bookkeeping_options())}
+
+
 def read_records(path):
     """The json_stats records of a log.txt of main.py, in order; ToolError for anything else."""
     try:
@@ -61,13 +93,6 @@ def read_records(path):
     if not records:
         raise ToolError(f"{path} holds no epoch; give the {LOG_NAME} of a run that finished one")
     return records
-
-
-def last_line(path):
-    """The last non-empty line of a text file (a run's output: its error message, usually)."""
-    with open(path, errors="replace") as text:
-        lines = [line.strip() for line in text if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def option_value(value):

@@ -4,6 +4,8 @@ Networks are named as models.pair_names names them and main.py logs them (net1, 
 """
 import json
 
+from common import main_defaults, option_value
+
 # The paper's Table (CIFAR-100 test error %, mean, std of 5 runs):
 # (net 1, net 2) -> method -> ((net 1 mean, std), (net 2 mean, std)).
 TABLE = {
@@ -12,13 +14,9 @@ TABLE = {
     ("wrn-28-10", "mobilenet"): {"ind": ((18.72, 0.24), (26.30, 0.35)), "dml": ((17.24, 0.13), (23.91, 0.22)),
                                  "dcm": ((16.83, 0.07), (21.43, 0.20))},
 }
-# The paper's numbers are comparable only with runs of its recipe: the reference value of every
-# option main.py logs that can change the numbers (the networks are the row's names, the method its
-# column). A logged option missing here keeps a row away from the paper's values until its
-# reference value is added.
-RECIPE = {"dataset": "CIFAR100", "batch_size": 128, "lr": 0.1, "epochs": 200, "weight_decay": 0.0005,
-          "epoch_step": [60, 120, 160], "lr_decay_ratio": 0.2, "amp": "none", "tf32": False, "world_size": 1,
-          "sync_bn": False, "temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8, "subset": None}
+# The paper's numbers are comparable only with runs of its recipe, which is main.py's defaults
+# (common.main_defaults): a row whose options hold any other value, one of an option added later
+# included, is kept away from the paper's values.
 # BN's statistics in the paper are those of the whole batch of 128 on one GPU: one process
 # (world_size 1), or any number with --sync_bn, which computes them over the global batch.
 BN_BATCH_OPTIONS = ("world_size", "sync_bn")
@@ -44,18 +42,15 @@ def protocol(net_name):
 
 def recipe_differences(row_options):
     """Why a row's recipe is not the paper's, as phrases ([] when it is): the options whose value
-    differs from RECIPE's, and the logged options RECIPE does not know."""
-    options = {key: value for key, value in row_options.items() if key not in PAIR_KEYS}
-    reasons = [f"{key} {json.dumps(options[key])} (the paper's: {json.dumps(reference)})"
-               for key, reference in RECIPE.items()
-               if key in options and key not in BN_BATCH_OPTIONS and options[key] != reference]
-    world_size, sync_bn = options.get("world_size", 1), options.get("sync_bn", False)
+    differs from main.py's default, and BN statistics of less than the whole batch."""
+    defaults = main_defaults()
+    reasons = [f"{key} {json.dumps(value)} (the paper's: {json.dumps(option_value(defaults[key]))})"
+               for key, value in row_options.items() if key in defaults and key not in PAIR_KEYS + BN_BATCH_OPTIONS
+               and value != option_value(defaults[key])]
+    world_size, sync_bn = row_options.get("world_size", 1), row_options.get("sync_bn", False)
     if world_size != 1 and sync_bn is not True:
         reasons.append(f"world_size {world_size} without sync_bn (BN statistics of each process's slice, the "
                        f"paper's: of the whole batch)")
-    unknown = sorted(set(options) - set(RECIPE))
-    if unknown:
-        reasons.append(f"{', '.join(unknown)} logged, which this tool cannot compare with the paper's recipe")
     return reasons
 
 

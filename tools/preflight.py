@@ -47,7 +47,7 @@ def parse_options(argv=None):
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS)
     parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS,
                         help="the checks after the environment (default: all)")
-    parser.add_argument("--settings", nargs="+", choices=sorted(set(benchmark.SETTINGS) - {"plain", "fp32"}),
+    parser.add_argument("--settings", nargs="+", choices=sorted(set(benchmark.SETTINGS) - {"fp32"}),
                         help="the candidate settings (default: the device's, docs/preflight.md)")
     parser.add_argument("--out", default=str(Path.home() / ".cache" / "dcm-preflight"), metavar="DIR",
                         help="DIR/compile is the compile cache, kept for your runs (default: %(default)s)")

@@ -197,20 +197,10 @@ def failure_lines(save, record):
     for path, count, pattern in ((os.path.join(save, slurm_job.OUTPUT_NAME), 3, None),
                                  *((os.path.join(record["folder"], f"{record['job_id']}_0_log.{suffix}"), 4, REASON)
                                    for suffix in ("out", "err"))):
-        found = last_lines(path, count, pattern)
+        found = slurm_job.last_lines(path, count, pattern)
         if found:
             lines += [f"{os.path.join(save, os.path.relpath(path, save))}:", *(f"| {line}" for line in found)]
     return lines or ["no output: neither main.py nor submitit wrote anything"]
-
-
-def last_lines(path, count, pattern=None):
-    """The last `count` different non-empty lines of a file (those matching `pattern`), or [] without it."""
-    try:
-        with open(path, errors="replace") as output:
-            lines = [line.rstrip() for line in output if line.strip() and (not pattern or pattern.search(line))]
-    except OSError:
-        return []
-    return list(dict.fromkeys(lines))[-count:]  # submitit logs its error twice
 
 
 def status(jobs):

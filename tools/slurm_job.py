@@ -84,7 +84,8 @@ class TrainingRun:
             # warning signal may come before main.py handles it); its USR2 to submitit, which
             # requeues, may follow within the signal delay.
             time.sleep(self.stop_grace_s)
-        raise RuntimeError(f"main.py exited with code {code}: {last_line(self.path(OUTPUT_NAME))} "
+        last = (last_lines(self.path(OUTPUT_NAME)) or ["no output"])[-1]
+        raise RuntimeError(f"main.py exited with code {code}: {last} "
                            f"(output in {os.path.join(self.save, OUTPUT_NAME)})")
 
     def checkpoint(self, *args, **kwargs):
@@ -120,11 +121,12 @@ def job_id():
     return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "?")
 
 
-def last_line(path):
-    """The last non-empty line of main.py's output: its error message, usually."""
+def last_lines(path, count=1, pattern=None):
+    """The last `count` different non-empty lines of a file (those matching `pattern`), or [] without
+    any: of main.py's output, its error message is its last line."""
     try:
         with open(path, errors="replace") as output:
-            lines = [line.strip() for line in output if line.strip()]
+            lines = [line.rstrip() for line in output if line.strip() and (not pattern or pattern.search(line))]
     except OSError:
-        return "no output"
-    return lines[-1] if lines else "no output"
+        return []
+    return list(dict.fromkeys(lines))[-count:]  # submitit logs its error twice

@@ -7,8 +7,8 @@
     python tools/summarize.py 'logs/*mobilenet*' --batchstats   # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
-A row is a pair of networks (as the runs logged them) with its settings: every logged option but
-those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
+A row is a pair of networks (as the runs logged them) with its settings: every logged option of
+main.py but those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
 dcm with other --links), net 1's and net 2's error after the last epoch (--best: the best one),
 mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
 are left out unless --include_unfinished. The paper's values (tools/paper.py) are set below a row
@@ -30,16 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, markdown_table, option_value, read_records
+from common import FOLDERS, LOG_NAME, ROOT, ToolError, bookkeeping_options, markdown_table, read_records, run_options
 
 # Keys of a line of main.py that this tool reads; the published code's logs lack most of them.
 REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "seed", "dataset", "depth", "width", "architecture", "net1",
                  "net2", "test_acc_net1", "test_acc_net2")
-# Options that do not change what is trained: runs that differ only in these share a cell
-# (channels_last and compile change only the float rounding; --amp and --tf32 change the numerics and count).
-NOT_CELL_DEFINING = ("seed", "save", "note", "gpu_id", "resume", "dataroot", "nthread", "benchmark",
-                     "checkpoint_every", "checkpoint_interval", "deterministic", "eval_batch_size", "channels_last",
-                     "compile")
 ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
 ENSEMBLE_KEY = "test_acc_ensemble"
 METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
@@ -79,17 +74,9 @@ class Run:
 
     @property
     def row_options(self):
-        """The options that define the run's row (the pair's names included): all of the cell's but
-        the method and links."""
-        return {key: option_value(value) for key, value in self.last.items()
-                if not is_measurement(key) and key not in NOT_CELL_DEFINING + ("method", "links")}
-
-
-def is_measurement(key):
-    """Keys main.py adds to the options: accuracies, losses, counts, times, the checkpoints' bytes,
-    the epoch and its lr."""
-    return (key.startswith(("train_", "test_", "n_parameters")) or key.endswith(("_time", "_bytes"))
-            or key in ("epoch", "num_classes", "epoch_lr"))
+        """The options that define the run's row (the pair's names included): all of the cell's
+        (common.run_options) but the method and links."""
+        return {key: value for key, value in run_options(self.last).items() if key not in ("method", "links")}
 
 
 # --- reading logs ------------------------------------------------------------------------------------
@@ -381,15 +368,18 @@ def title(rows, best, batchstats):
     epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
     lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
              f"n = seeds, one run each."]
-    if any(row.other_cells for row in rows):
+    # The networks measured both ways, as their runs logged them (wrn_mobi's MobileNet, net 2).
+    for net, name, folder in sorted({(net, row.net_names[net - 1], row.options["architecture"])
+                                     for row in rows for _, net in row.other_cells}):
         first, second = ("batchstats", "eval") if batchstats else ("eval", "batchstats")
-        measured = {"eval": "BN in eval mode (the proper measurement, test_acc_net2)",
-                    "batchstats": "BN normalising each test batch by its own statistics (test_acc_net2_batchstats), "
-                                  "as the published wrn_mobi tested it"}
+        measured = {"eval": f"BN in eval mode (the proper measurement, {protocol_key(net, 'eval')})",
+                    "batchstats": f"BN normalising each test batch by its own statistics "
+                                  f"({protocol_key(net, 'batchstats')}), as the published {folder} tested it"}
         compared = "'ours'" if batchstats else f"'ours, {paper.PROTOCOLS['batchstats']}'"
-        lines.append(f"MobileNet (net 2): 'ours' is its error with {measured[first]}; 'ours, "
-                     f"{paper.PROTOCOLS[second]}' with {measured[second]}. The paper's MobileNet values come from "
-                     f"the published wrn_mobi: they are set beside, and differenced against, the {compared} line.")
+        lines.append(f"{paper.display_name(name)} (net {net}): 'ours' is its error with {measured[first]}; 'ours, "
+                     f"{paper.PROTOCOLS[second]}' with {measured[second]}. The paper's {paper.display_name(name)} "
+                     f"values come from the published {folder}: they are set beside, and differenced against, the "
+                     f"{compared} line.")
     if any(net == ENSEMBLE for row in rows for _, net in row.cells):
         lines.append(f"{ENSEMBLE}: the two networks' final classifiers with their softmax averaged ({ENSEMBLE_KEY}).")
     lines.append("Settings of every row: " + ", ".join(f"{key} {value}" for key, value in shared.items()) + ".")
@@ -452,7 +442,7 @@ def none_as_empty(value):
 
 def parse_options(argv=None):
     ignored = textwrap.fill("Options that do not define a cell (runs differing only in them share it): "
-                            + ", ".join(NOT_CELL_DEFINING) + ".", width=95)
+                            + ", ".join(bookkeeping_options()) + ".", width=95)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1] + "\n" + ignored)

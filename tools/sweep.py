@@ -28,17 +28,17 @@ from dataclasses import dataclass
 from unittest import mock
 
 import slurm
-from common import FOLDERS, ROOT, ToolError, last_line, load_folder, option_value, read_records
-from summarize import NOT_CELL_DEFINING
+import slurm_job
+from common import FOLDERS, ROOT, ToolError, bookkeeping_options, load_folder, option_value, read_records
 
 METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
                   "--seed": "--seeds", "--gpu_id": "--gpus", "--resume": "nothing (runs resume by themselves)",
                   "--benchmark": "main.py directly"}
-# main.py's options that are not written after a run folder's name: those that do not change what
-# is trained (summarize.py's list), and those the name shows already.
-NAMELESS_OPTIONS = set(NOT_CELL_DEFINING) | {"depth", "width", "method", "links"}
+# main.py's options that the run folder's name shows already (the others that do not change what is
+# trained, common.bookkeeping_options, are not written after it either).
+NAMED_OPTIONS = ("depth", "width", "method", "links")
 OUTPUT_NAME = "stdout.txt"
 POLL_SECONDS = 0.5
 
@@ -65,8 +65,7 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS,
-                        help="the training folders, each a pair: wrn, WRN with WRN; wrn_mobi, WRN with MobileNet "
-                             "(default: all)")
+                        help="the training folders, each a pair of networks (default: all)")
     parser.add_argument("--methods", nargs="+", default=["ind", "dml", "dcm"], choices=METHODS,
                         help="default: ind dml dcm (the paper's table); dcm-LINKS is dcm with --links LINKS")
     parser.add_argument("--seeds", nargs="+", default=[1, 2, 3, 4, 5], type=int)
@@ -201,7 +200,7 @@ def run_name(folder, method, seed, main_args):
     for every passed option that changes what is trained and whose value is not main.py's default."""
     values, defaults = main_option_values(run_flags(method, seed) + main_args, folder)
     name = os.path.basename(load_folder(folder).options.default_save_dir(argparse.Namespace(**values)))
-    for option in sorted(set(values) - NAMELESS_OPTIONS):
+    for option in sorted(set(values) - set(bookkeeping_options()) - set(NAMED_OPTIONS)):
         if option_value(values[option]) != option_value(defaults[option]):
             name += "_" + (option if values[option] is True else f"{option}-{value_text(values[option])}")
     return name
@@ -300,7 +299,8 @@ def collect_finished(running):
         if process.returncode == 0:
             print(f"done {job.save} ({(time.time() - started) / 60:.1f} min)", flush=True)
         else:
-            reason = f"exit code {process.returncode}: {last_line(job.output)}"
+            last = (slurm_job.last_lines(job.output) or ["no output"])[-1]
+            reason = f"exit code {process.returncode}: {last}"
             failed.append((job, reason))
             print(f"FAILED {job.save} ({reason}); output in {job.output}", flush=True)
     return failed
