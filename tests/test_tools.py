@@ -230,7 +230,7 @@ def test_sweep_reports_a_failed_run_by_its_output_and_runs_the_others(swept):
     (["--gpus", "0,0"], ["--gpus", "--jobs_per_gpu"]),
     (["--jobs_per_gpu", "0"], ["--jobs_per_gpu"]),
     # Values main.py's own checks refuse, in every run or in some method's or seed's.
-    (["--epochs", "0"], ["--method ind --seed 1", "--epochs: must be > 0, got 0"]),
+    (["--epochs", "0"], ["main.py would refuse", "--epochs: must be > 0, got 0"]),
     (["--folders", "wrn", "--methods", "ind", "ds", "--depth", "10"], ["--method ds", "--depth 10 is too shallow"]),
     (["--seeds", "2", "-1"], ["--seed -1", "--seed: must be >= 0, got -1"]),
     (["--slurm", "--gpus_per_run", "4", "--batch_size", "130"], ["--batch_size 130", "4 processes"]),
