@@ -55,10 +55,9 @@ class TrainingStep:
         self._kd_weight = None  # (value, its 0-dim tensor on the device) of the last training step
         for net in nets:
             net.to(memory_format=self.memory_format)
-        # --compile: each network and the loss apart, DDP around the compiled network, whose graph
-        # Dynamo then splits at DDP's gradient buckets so that the backward pass overlaps the
-        # all-reduce (compiled around DDP, the graph breaks in DDP's hooks: PyTorch's "Where to apply
-        # torch.compile"). dynamic=False: one graph per batch shape, each compiled once.
+        # --compile: each network and the loss apart, and DDP around the compiled network, whose graph
+        # Dynamo splits at the gradient buckets (compiled around DDP, it breaks in DDP's hooks: PyTorch's
+        # "Where to apply torch.compile"). dynamic=False: one graph per batch shape, each compiled once.
         self.run_nets = [torch.compile(net, dynamic=False) for net in nets] if settings.compile else nets
         self.trained_nets = [self.group.wrap(net, device) for net in self.run_nets]
         self.loss = torch.compile(self.eager_loss, dynamic=False) if settings.compile else self.eager_loss
