@@ -6,6 +6,7 @@ The loss itself is checked against closed forms in test_loss.py.
 """
 import copy
 import csv
+import dataclasses
 import io
 import math
 import subprocess
@@ -46,6 +47,16 @@ def test_main_py_defaults_are_the_published_values(folder):
     opt = modules.options.parse_options([])
     published = {"temperature": 1.0, "kd_weight": 1.0, "kd_warmup": 0.0, "kl_eps": 1e-8}
     assert {name: getattr(opt, name) for name in published} == published
+
+
+def test_a_new_step_setting_takes_the_option_of_its_name():
+    # A new knob is its option, its StepSettings field and its use in the loss: nothing passes it on.
+    modules = load_folder("wrn")
+    settings = dataclasses.make_dataclass("WithKnob", [("kl_knob", float, 0.0)], bases=(modules.training.StepSettings,),
+                                          frozen=True)
+    opt = modules.options.parse_options(["--temperature", "2", "--amp", "bf16"])
+    opt.kl_knob = 0.5
+    assert settings.from_options(opt, "same") == settings(links="same", temperature=2.0, amp="bf16", kl_knob=0.5)
 
 
 # --- the defaults train what the published objective trains, bit for bit ----------------------------

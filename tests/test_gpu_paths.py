@@ -86,7 +86,7 @@ def test_a_checkpoint_resumes_onto_an_accelerator_with_the_host_state_on_the_hos
     resumed_meter = position.meter
     assert (resumed_meter.count, resumed_meter.steps) == (meter.count, meter.steps)
     tensors = [value for value in vars(resumed_meter).values() if isinstance(value, torch.Tensor)]
-    assert len(tensors) == 4 and all(tensor.device == device for tensor in tensors)
+    assert len(tensors) == 3 and all(tensor.device == device for tensor in tensors)
 
 
 # --- fp16 loss scaling --------------------------------------------------------------------------------

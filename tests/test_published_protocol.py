@@ -98,19 +98,3 @@ def test_batchstats_evaluation_changes_nothing_the_training_or_the_proper_evalua
     assert proper_after.accuracies() == proper_before.accuracies()
     assert proper_after.loss() == proper_before.loss()
 
-
-def test_batchstats_use_the_statistics_of_each_batch(trained_mobi_step):
-    # Inside the context BN computes what train mode computes, and not what eval mode computes.
-    modules, step, data = trained_mobi_step
-    net = step.nets[1]
-    images = modules.dataset.normalize(data.test_images[:4], data.mean, data.std)
-    with torch.no_grad(), modules.training.batch_statistics(net):
-        inside = net(images)[-1]
-    net.train()
-    with torch.no_grad():
-        train_mode = net(images)[-1]
-    torch.testing.assert_close(inside, train_mode)
-    net.eval()
-    with torch.no_grad():
-        eval_mode = net(images)[-1]
-    assert not torch.allclose(inside, eval_mode)

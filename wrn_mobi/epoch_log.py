@@ -26,16 +26,15 @@ def accuracy_stats(prefix, accuracies, suffix=""):
 
 def meter_stats(split, meter):
     """{split}_loss, {split}_acc_net1/_net2 (final classifiers), {split}_acc_net{1,2}_aux{k},
-    {split}_acc_ensemble (the two final classifiers' softmax averaged), {split}_loss_terms."""
-    stats = {f"{split}_loss": meter.loss()}
-    accuracies = meter.accuracies()
-    for net, count in zip(("net1", "net2"), meter.num_classifiers):
-        stats.update(accuracy_stats(f"{split}_acc_{net}", accuracies[:count]))
-        accuracies = accuracies[count:]
-    stats[f"{split}_acc_ensemble"] = accuracies[0]
-    stats[f"{split}_acc"] = stats[f"{split}_acc_net1"]  # the reference's key: net 1's final classifier
-    stats[f"{split}_loss_terms"] = meter.terms()
-    return stats
+    {split}_acc_ensemble (the two final classifiers' softmax averaged), {split}_acc (the reference's
+    key: net 1's), {split}_loss_terms."""
+    accuracies, count_net1 = meter.accuracies(), meter.num_classifiers[0]
+    return {f"{split}_loss": meter.loss(),
+            **accuracy_stats(f"{split}_acc_net1", accuracies[:count_net1]),
+            **accuracy_stats(f"{split}_acc_net2", accuracies[count_net1:-1]),
+            f"{split}_acc_ensemble": accuracies[-1],
+            f"{split}_acc": accuracies[count_net1 - 1],
+            f"{split}_loss_terms": meter.terms()}
 
 
 def published_protocol_stats(step, data, batch_size):
@@ -43,40 +42,32 @@ def published_protocol_stats(step, data, batch_size):
     test-batch BN statistics (models.py says which): its protocol, next to the proper one. Rank 0
     alone computes them, on the whole test set in order as a single process does (only it logs)."""
     stats = {}
-    if not step.group.is_main:
-        return stats
     for index, uses_batch_statistics in enumerate(models.PUBLISHED_TEST_USES_BATCH_STATISTICS):
-        if uses_batch_statistics:
+        if uses_batch_statistics and step.group.is_main:
             accuracies = training.batch_statistics_accuracies(step, index, dataset.test_batches(data, batch_size))
             stats.update(accuracy_stats(f"test_acc_net{index + 1}", accuracies, suffix="_batchstats"))
     return stats
 
 
-def count_parameters(net, with_aux=True):
-    return sum(p.numel() for name, p in net.named_parameters() if with_aux or not name.startswith(AUX_PREFIXES))
-
-
 def run_info(nets, num_classes, world_size):
-    """The numbers every line repeats: n_parameters counts everything trained (aux included);
-    world_size, the processes that shared each batch (without --sync_bn, BN's batches are theirs)."""
+    """The numbers every line repeats: n_parameters counts everything trained (aux included),
+    n_parameters_net{k} the network alone (as exported); world_size, the processes that shared each
+    batch (without --sync_bn, BN's batches are theirs)."""
+    def count(net, with_aux=True):
+        return sum(p.numel() for name, p in net.named_parameters() if with_aux or not name.startswith(AUX_PREFIXES))
     net1, net2 = nets
-    return {"num_classes": num_classes, "world_size": world_size,
-            "n_parameters": count_parameters(net1) + count_parameters(net2),
-            "n_parameters_net1": count_parameters(net1, with_aux=False),
-            "n_parameters_net2": count_parameters(net2, with_aux=False)}
-
-
-def pair_info(opt):
-    """What every line names: the architecture (the training folder) and its two networks."""
-    net1, net2 = models.pair_names(opt.depth, opt.width)
-    return {"architecture": ARCHITECTURE, "net1": net1, "net2": net2}
+    return {"num_classes": num_classes, "world_size": world_size, "n_parameters": count(net1) + count(net2),
+            "n_parameters_net1": count(net1, with_aux=False), "n_parameters_net2": count(net2, with_aux=False)}
 
 
 def log_epoch(opt, stats):
-    """Append one `json_stats: {...}` line (every option, the pair and this epoch's numbers) to
-    SAVE/log.txt, whole (one write) and durably. Where the line does not fit on the device, the log
-    is cut back to its earlier lines (a full disk writes part of it) and DiskFull raised."""
-    line = ("json_stats: " + json.dumps({**vars(opt), **pair_info(opt), **stats}) + "\n").encode()
+    """Append one `json_stats: {...}` line (every option, the architecture and the names of its net1
+    and net2, this epoch's numbers) to SAVE/log.txt, whole (one write) and durably. Where the line
+    does not fit on the device, the log is cut back to its earlier lines (a full disk writes part of
+    it) and DiskFull raised."""
+    net1, net2 = models.pair_names(opt.depth, opt.width)
+    pair = {"architecture": ARCHITECTURE, "net1": net1, "net2": net2}
+    line = ("json_stats: " + json.dumps({**vars(opt), **pair, **stats}) + "\n").encode()
     path = os.path.join(opt.save, LOG)
     descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -101,16 +92,12 @@ def drop_lines_after(opt, size):
     if os.path.exists(path) and os.path.getsize(path) > size:
         with open(path, "r+b") as log:
             log.truncate(size)
-            log.flush()
             os.fsync(log.fileno())
 
 
 def print_summary(stats, epochs):
     """The epoch's line on stdout: its lr, losses, accuracies and seconds."""
-    line = (f"epoch {stats['epoch']}/{epochs}  lr {stats['epoch_lr']:.4g}  "
-            f"train: loss {stats['train_loss']:.3f}, acc net 1 {stats['train_acc_net1']:.2f}%, "
-            f"net 2 {stats['train_acc_net2']:.2f}%  "
-            f"test: loss {stats['test_loss']:.3f}, acc net 1 {stats['test_acc_net1']:.2f}%, "
-            f"net 2 {stats['test_acc_net2']:.2f}%  "
-            f"({stats['train_time']:.0f} s training, {stats['test_time']:.0f} s testing)")
-    print(line, flush=True)
+    line = ("epoch {epoch}/{epochs}  lr {epoch_lr:.4g}  train: loss {train_loss:.3f}, acc net 1 {train_acc_net1:.2f}%, "
+            "net 2 {train_acc_net2:.2f}%  test: loss {test_loss:.3f}, acc net 1 {test_acc_net1:.2f}%, net 2 "
+            "{test_acc_net2:.2f}%  ({train_time:.0f} s training, {test_time:.0f} s testing)")
+    print(line.format(**stats, epochs=epochs), flush=True)
