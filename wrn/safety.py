@@ -64,7 +64,7 @@ class StopRequest:
             self.signal = signal.SIGTERM
         return self.signal is not None
 
-    def report(self, argv, before_training=False):
+    def report(self, opt, argv, before_training=False):
         """Say how to go on: from the checkpoint just written, or from the start (`before_training`:
         nothing was written); return the signal's exit code. From here on stop signals are ignored."""
         ignore_stop_signals()
@@ -72,7 +72,7 @@ class StopRequest:
         distributed.print_on_rank0(
             f"stopped by {name} before training began; nothing new to save. Start it again with\n  "
             f"{shlex.join(['python', sys.argv[0], *argv])}" if before_training else
-            f"stopped by {name}: the checkpoint holds the run; continue it with\n  {resume_command(argv)}")
+            f"stopped by {name}: {CHECKPOINT} in {opt.save} holds the run; continue it with\n  {resume_command(argv)}")
         return EXIT_CODES[self.signal]
 
 
@@ -88,8 +88,8 @@ def check_save_dir(opt):
         raise CheckpointError(f"--save {opt.save}: {existing} is not writable by you; choose another --save")
     checkpoint = os.path.join(opt.save, CHECKPOINT) if opt.resume is True else opt.resume
     if checkpoint and not os.path.isfile(checkpoint):
-        raise CheckpointError(f"--resume: there is no {checkpoint}; check --save (and the flags that name the "
-                              f"default folder), or give the checkpoint: --resume PATH")
+        raise CheckpointError(f"--resume: there is no {checkpoint}; give a checkpoint: --resume PATH, or --resume "
+                              f"alone with the run's --save (or the flags that name its default folder)")
     if not checkpoint and any(os.path.exists(os.path.join(opt.save, f)) for f in (LOG, CHECKPOINT)):
         raise CheckpointError(f"{opt.save} already holds a run ({LOG} / {CHECKPOINT}); continue it with --resume, "
                               f"or choose another --save")

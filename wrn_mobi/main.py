@@ -216,7 +216,7 @@ def main(argv=None):
     stop = safety.StopRequest(group)
     stop.install(EARLY_STOP_SIGNALS)
     if stop.agreed():  # a stop signal came before training began: there is nothing new to save
-        return stop.report(argv, before_training=True)
+        return stop.report(opt, argv, before_training=True)
     write_on_rank0(group, lambda: os.makedirs(opt.save, exist_ok=True))
     checkpoints = safety.Checkpoints(opt, step)
     # What every line repeats, with the device and threads select_device chose for --gpu_id and --nthread.
@@ -229,7 +229,7 @@ def main(argv=None):
         started = time.time()
         train_stats = train(opt, step, optimizer, data, epoch, position, checkpoints, stop)
         if train_stats is None:  # a stop request ended the epoch, checkpointed
-            return stop.report(argv)
+            return stop.report(opt, argv)
         stats = {**train_stats, **test(opt, step, data), "epoch": epoch, **run_info, **checkpoints.cost()}
         write_on_rank0(group, epoch_log.log_epoch, opt, stats)
         epoch_log.print_summary(stats, opt.epochs)  # stdout is rank 0's alone (distributed.start)
@@ -238,7 +238,7 @@ def main(argv=None):
         if stopping or checkpoints.due(epoch, time.time() - started):  # after the line, so that it knows it
             checkpoints.save(position, optimizer)
         if stopping:
-            return stop.report(argv)
+            return stop.report(opt, argv)
 
     # Every rank waits: one that leaves the process group while rank 0 still writes can abort (gloo).
     write_on_rank0(group, export_networks, opt, step.nets)
