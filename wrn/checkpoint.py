@@ -122,12 +122,15 @@ def mismatched_options(opt, saved_options):
 def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn):
     """Refuse a resume whose process count and --sync_bn give BN other batches than the checkpoint's
     run had (the recipe would change mid-run): raise CheckpointError naming both and the fix."""
-    saved, now = (1 if saved_sync_bn else saved_world_size), (1 if sync_bn else world_size)  # BN's slices of a batch
-    if saved != now:
+    def processes(count, sync):
+        return f"{count} process{'es' * (count > 1)}" + " with --sync_bn" * sync
+
+    saved = 1 if saved_sync_bn else saved_world_size  # the slices of each batch BN normalises by
+    if saved != (1 if sync_bn else world_size):
         fix = ("add --sync_bn, or resume in one process" if saved == 1
                else f"resume it with {saved_world_size} processes in all and without --sync_bn")
-        raise CheckpointError(f"--resume {path} was trained with BN normalising by 1/{saved} of each batch; "
-                              f"{world_size} process(es){' with --sync_bn' * sync_bn} would make it 1/{now}: {fix}")
+        raise CheckpointError(f"--resume {path} was trained by {processes(saved_world_size, saved_sync_bn)}; "
+                              f"{processes(world_size, sync_bn)} would change BN's batches mid-run: {fix}")
 
 
 def load_checkpoint(opt, path, step, optimizer, device):
