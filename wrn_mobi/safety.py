@@ -143,8 +143,7 @@ class Checkpoints:
     def __init__(self, opt, step):
         self.opt, self.step = opt, step
         self.epochs_ended = 0
-        # Rank 0's: when its last checkpoint was written (or the process started), and what
-        # checkpoints cost since cost() was asked.
+        # Rank 0's: when it last wrote a checkpoint (or started), and what they cost since cost().
         self.last_written = time.time()
         self.seconds, self.bytes = 0.0, 0
 
