@@ -145,10 +145,9 @@ def test_checkpoints_past_epochs_are_refused_and_unexported_ones_go_on(tmp_path)
     modules = load_folder("wrn")
     safety, Position = modules.safety, modules.checkpoint.Position
     opt = SimpleNamespace(epochs=2, save=str(tmp_path))
-    with pytest.raises(safety.CheckpointError, match=r"has finished epoch 3, past --epochs 2; pass --epochs 3"):
-        safety.finished_already(opt, Position(epoch=3))
-    with pytest.raises(safety.CheckpointError, match=r"is at step 5 of epoch 3, past --epochs 2; pass --epochs 3"):
-        safety.finished_already(opt, Position(epoch=2, step=5))
+    for position in (Position(epoch=3), Position(epoch=2, step=5)):
+        with pytest.raises(safety.CheckpointError, match=r"has begun epoch 3, past --epochs 2; pass --epochs 3"):
+            safety.finished_already(opt, position)
     assert not safety.finished_already(opt, Position(epoch=2))  # not exported yet: main.py exports it
     assert not safety.finished_already(opt, Position(epoch=1, step=7))
 

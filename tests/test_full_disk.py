@@ -1,13 +1,11 @@
 """A full disk while the run writes its files (checkpoint.pt, log.txt, net1.pt and net2.pt): one
-line that names the file, what it needed and what was free, the checkpoint that is intact and the
-command that continues the run; exit code 1, no temporary file left, and under torchrun every
+line that names the file, the checkpoint that is intact and the command that continues the run; exit code 1, no temporary file left, and under torchrun every
 process leaves. The disk is a stand-in (stand_ins/small_disk.py): the files under the run's folder
 share a few bytes, and a write beyond them fails with ENOSPC as on a full device.
 
 The runs train 32 synthetic images for one step per epoch; their checkpoint is about 1.3 MB.
 """
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -51,10 +49,8 @@ def test_a_full_disk_at_a_checkpoint_says_so_in_one_line_and_the_run_resumes_wit
     save = tmp_path / "run"
     result = run(main_command(save, "--epochs", 3), tmp_path, ONE_CHECKPOINT)
     line = error_line(result)
-    free = ONE_CHECKPOINT - sum(path.stat().st_size for path in save.iterdir())
-    assert line.startswith(f"error: no space left on the device of {save / 'checkpoint.pt'}: writing it needs "
-                           f"about 1.3 MB, {free / 1e3:.1f} kB free; {save / 'checkpoint.pt'} (epoch 1) is intact: "
-                           f"free some space, then continue with: "), line
+    assert line.startswith(f"error: no space left on the device of {save / 'checkpoint.pt'}; {save / 'checkpoint.pt'} "
+                           f"is intact: free some space, then continue with: "), line
     assert line.endswith(f"--save {save} --epochs 3 --resume")
     assert sorted(path.name for path in save.iterdir()) == ["checkpoint.pt", "log.txt"]  # no temporary file
     assert [record["epoch"] for record in read_log(save)] == [1, 2]
@@ -70,24 +66,21 @@ def test_a_full_disk_at_a_checkpoint_says_so_in_one_line_and_the_run_resumes_wit
 def test_a_full_disk_at_the_log_line_leaves_no_part_of_it(tmp_path):
     save = tmp_path / "run"
     line = error_line(run(main_command(save, "--epochs", 1), tmp_path, 500))
-    assert re.fullmatch(re.escape(f"error: no space left on the device of {save / 'log.txt'}: writing it needs "
-                                  f"about ") + r"1\.\d kB" + re.escape(f", 500 bytes free; {save} holds no "
-                                  f"checkpoint.pt yet: free some space, then remove {save} and start the run "
-                                  f"again"), line), line
+    assert line == (f"error: no space left on the device of {save / 'log.txt'}; {save} holds no checkpoint.pt yet: "
+                    f"free some space, then remove {save} and start the run again")
     assert [(path.name, path.stat().st_size) for path in save.iterdir()] == [("log.txt", 0)]
 
 
 def test_a_full_disk_at_an_export_raises_disk_full_and_leaves_no_temporary_file(tmp_path, monkeypatch):
     checkpoint = load_folder("wrn").checkpoint
     nets = [load_folder("wrn").models.wrn(10, 1, num_classes=10, aux=False) for _ in range(2)]
-    # The stand-in replaces these three in this process: monkeypatch puts them back afterwards.
-    for module, name in (("builtins", "open"), ("os", "write"), ("shutil", "disk_usage")):
+    # The stand-in replaces these two in this process: monkeypatch puts them back afterwards.
+    for module, name in (("builtins", "open"), ("os", "write")):
         monkeypatch.setattr(f"{module}.{name}", getattr(sys.modules[module], name))
     small_disk.install(tmp_path, 400_000)  # net1.pt fits (313 kB), net2.pt not beside it
     with pytest.raises(checkpoint.DiskFull) as raised:
         checkpoint.export_networks(type("Options", (), {"save": str(tmp_path)}), nets)
-    assert str(raised.value) == (f"no space left on the device of {tmp_path / 'net2.pt'}: writing it needs about "
-                                 f"313.4 kB, {(400_000 - (tmp_path / 'net1.pt').stat().st_size) / 1e3:.1f} kB free")
+    assert str(raised.value) == f"no space left on the device of {tmp_path / 'net2.pt'}"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["net1.pt"]
 
 

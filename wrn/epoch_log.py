@@ -79,7 +79,7 @@ def log_epoch(opt, stats):
         except OSError as error:
             os.ftruncate(descriptor, size)
             if out_of_space(error):
-                raise DiskFull(path, len(line)) from None
+                raise DiskFull(path) from None
             raise
     finally:
         os.close(descriptor)

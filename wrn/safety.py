@@ -1,20 +1,6 @@
-"""Keeping a run safe to interrupt: a --save folder that holds no other run, stop requests
-(SIGINT, SIGTERM, SIGUSR1, SIGUSR2), when to checkpoint (about every --checkpoint_interval minutes at
-the end of an epoch, every --checkpoint_every steps inside one), and the guard against a loss that
-is no longer finite.
-
-SIGINT (Ctrl-C), SIGTERM (a launcher, a cluster preempting the job) or SIGUSR1/SIGUSR2 (a
-cluster's warning before the time limit) lets the current step finish; the run then writes a
-checkpoint, prints the command that resumes it, and exits with 130 (SIGINT) or 143 (the others).
-A second Ctrl-C exits at once (the last checkpoint on disk stays whole). A stop signal that came
-before the training loop listened (main.py records them from its first line) stops the run before
-its first step, with nothing written and the same exit code. Once the run leaves, every
-later stop signal is ignored, so that none changes its exit code or prints a traceback. A loss that
-stops being finite ends the run before anything is saved after it, so checkpoint.pt keeps the last
-good state.
-Under torchrun every rank takes these decisions together (distributed.Group.any), and rank 0
-alone writes and prints.
-This file is identical in wrn/ and wrn_mobi/.
+"""Keeping a run safe to interrupt: a --save folder that holds no other run, stop signals, when to
+checkpoint, and the guard against a non-finite loss; under torchrun the ranks decide together and
+rank 0 writes. The rules and their reasons: docs/interrupting.md. Identical in wrn/ and wrn_mobi/.
 """
 import os
 import shlex
@@ -25,11 +11,8 @@ import time
 import distributed
 from checkpoint import CHECKPOINT, LOG, CheckpointError, save_checkpoint, write_on_rank0
 
-# The signals that stop a run, and its exit code for each. SLURM's --signal warns with USR1 or USR2
-# before the time limit, and on some clusters it signals every process of the job, main.py too.
-# Windows has no USR signals.
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143,
-              **{getattr(signal, name): 143 for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name)}}
+# The signals that stop a run, and its exit code for each (SLURM's --signal warns with USR1 or USR2).
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 143, signal.SIGUSR2: 143}
 FINITE_CHECK_EVERY = 20  # steps; the check waits for the device, so it is not made after every step
 
 
@@ -38,20 +21,16 @@ class NonFiniteLoss(Exception):
 
 
 def ignore_stop_signals():
-    """Ignore every stop signal from here on: the run is leaving, with its exit code decided. A
-    Python handler would still run while the interpreter exits, inside its atexit callbacks, where
-    a KeyboardInterrupt prints a traceback; and the interpreter's last step restores the default
-    actions, which would kill the process by the signal (exit -2 for SIGINT) instead of its exit
-    code. An ignored signal does neither. A signal already pending runs its handler first (Python
-    checks before changing a handler): a second Ctrl-C then raises KeyboardInterrupt from here."""
+    """Ignore every stop signal from here on: the run is leaving, with its exit code decided (a
+    handler would print a traceback from atexit callbacks; the default action would replace the exit
+    code). A pending second Ctrl-C still raises KeyboardInterrupt from here."""
     for signum in EXIT_CODES:
         signal.signal(signum, signal.SIG_IGN)
 
 
 def interrupt_at_once(signum=signal.SIGINT, frame=None):
-    """Ctrl-C's handler where it quits at once (main.py installs it before the training loop, and
-    a StopRequest calls it on the second Ctrl-C): raises KeyboardInterrupt, which main.py turns
-    into exit 130, after ignoring every later stop signal."""
+    """Ctrl-C's handler where it quits at once (before the training loop, and the second Ctrl-C in
+    it): ignore every later stop signal and raise KeyboardInterrupt (main.py: exit 130)."""
     ignore_stop_signals()
     raise KeyboardInterrupt
 
@@ -79,27 +58,21 @@ class StopRequest:
                                    f"checkpoint (Ctrl-C again to quit at once)")
 
     def agreed(self):
-        """Whether a stop was requested on any rank (collective), so that all stop at the same step.
-        torchrun sends a signal to every rank; a rank whose signal has not arrived yet takes
-        SIGTERM's exit code."""
+        """Whether a stop was requested on any rank (collective), so that all stop at the same step;
+        a rank whose own signal has not arrived yet takes SIGTERM's exit code."""
         if self.group.any(self.signal is not None) and self.signal is None:
             self.signal = signal.SIGTERM
         return self.signal is not None
 
-    def report(self, opt, argv):
-        """Say how to continue the stopped run; return the exit code its signal calls for. The
-        checkpoint is written: from here on the run is leaving, and stop signals are ignored."""
+    def report(self, opt, argv, before_training=False):
+        """Say how to go on: from the checkpoint just written, or from the start (`before_training`:
+        nothing was written); return the signal's exit code. From here on stop signals are ignored."""
         ignore_stop_signals()
-        distributed.print_on_rank0(f"stopped by {signal.Signals(self.signal).name}: checkpoint.pt in {opt.save} "
-                                   f"holds the run; continue it with\n  {resume_command(argv)}")
-        return EXIT_CODES[self.signal]
-
-    def report_before_training(self, argv):
-        """Say that the run stopped before it trained a step (it wrote nothing), and how to start it
-        again; return the exit code its signal calls for."""
-        ignore_stop_signals()
-        distributed.print_on_rank0(f"stopped by {signal.Signals(self.signal).name} before training began; nothing "
-                                   f"new to save. Start it again with\n  {shlex.join(['python', sys.argv[0], *argv])}")
+        name = signal.Signals(self.signal).name
+        distributed.print_on_rank0(
+            f"stopped by {name} before training began; nothing new to save. Start it again with\n  "
+            f"{shlex.join(['python', sys.argv[0], *argv])}" if before_training else
+            f"stopped by {name}: {CHECKPOINT} in {opt.save} holds the run; continue it with\n  {resume_command(argv)}")
         return EXIT_CODES[self.signal]
 
 
@@ -113,37 +86,25 @@ def check_save_dir(opt):
         raise CheckpointError(f"--save {opt.save}: {existing} is a file, not a folder; choose another --save")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CheckpointError(f"--save {opt.save}: {existing} is not writable by you; choose another --save")
-    holds_run = any(os.path.exists(os.path.join(opt.save, f)) for f in (LOG, CHECKPOINT))
-    if opt.resume is True:
-        checkpoint = os.path.join(opt.save, CHECKPOINT)
-        if not os.path.isfile(checkpoint):
-            raise CheckpointError(f"--resume: there is no {CHECKPOINT} in {opt.save}; check --save (and the flags "
-                                  f"that name the default folder), or give the checkpoint: --resume PATH")
-    elif opt.resume:
-        checkpoint = opt.resume
-        if not os.path.isfile(checkpoint):
-            raise CheckpointError(f"--resume {checkpoint}: no such file")
-    else:
-        checkpoint = None
-        if holds_run:
-            raise CheckpointError(f"{opt.save} already holds a run ({LOG} / {CHECKPOINT}); continue it "
-                                  f"with --resume, or choose another --save")
-    return checkpoint
+    checkpoint = os.path.join(opt.save, CHECKPOINT) if opt.resume is True else opt.resume
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise CheckpointError(f"--resume: there is no {checkpoint}; give a checkpoint: --resume PATH, or --resume "
+                              f"alone with the run's --save (or the flags that name its default folder)")
+    if not checkpoint and any(os.path.exists(os.path.join(opt.save, f)) for f in (LOG, CHECKPOINT)):
+        raise CheckpointError(f"{opt.save} already holds a run ({LOG} / {CHECKPOINT}); continue it with --resume, "
+                              f"or choose another --save")
+    return checkpoint or None
 
 
 def finished_already(opt, position):
     """Whether the resumed checkpoint (at `position`, a checkpoint.Position) ends the run: --epochs
-    epochs trained and net1.pt, net2.pt exported in --save. Then it says so, and main.py returns
-    without writing anything. Raises CheckpointError for a checkpoint that has gone past --epochs.
-    A finished run that was not exported yet goes on: main.py exports it."""
+    epochs trained and net1.pt, net2.pt exported in --save (then it says so; a run not exported yet
+    goes on, to export). Raises CheckpointError for a checkpoint that has gone past --epochs."""
     epochs_begun = position.epoch + (position.step > 0)
     if epochs_begun > opt.epochs:
-        where = (f"is at step {position.step} of epoch {epochs_begun}" if position.step
-                 else f"has finished epoch {position.epoch}")
-        raise CheckpointError(f"--resume: the checkpoint {where}, past --epochs {opt.epochs}; pass --epochs "
-                              f"{epochs_begun} or more to go on")
-    exported = all(os.path.isfile(os.path.join(opt.save, f"net{k}.pt")) for k in (1, 2))
-    if position.epoch < opt.epochs or not exported:
+        raise CheckpointError(f"--resume: the checkpoint has begun epoch {epochs_begun}, past --epochs {opt.epochs}; "
+                              f"pass --epochs {epochs_begun} or more to go on")
+    if position.epoch < opt.epochs or not all(os.path.isfile(os.path.join(opt.save, f"net{k}.pt")) for k in (1, 2)):
         return False
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{opt.save}: already finished (epoch {position.epoch} of {opt.epochs}); nothing changed. Pass a "
@@ -153,15 +114,11 @@ def finished_already(opt, position):
 
 def resume_command(argv):
     """The command line that continues this run: its own arguments, --resume instead of any --resume."""
-    kept, skip_next = [], False
-    for index, argument in enumerate(argv):
-        if skip_next:
-            skip_next = False
-        elif argument == "--resume":
-            # --resume takes an optional PATH: the next argument, unless it is another option.
-            skip_next = index + 1 < len(argv) and not argv[index + 1].startswith("--")
-        elif not argument.startswith("--resume="):
+    kept, after_resume = [], False
+    for argument in argv:  # --resume's optional PATH: the next argument, unless it is an option
+        if not (argument.startswith("--resume") or after_resume and not argument.startswith("--")):
             kept.append(argument)
+        after_resume = argument == "--resume"
     return shlex.join(["python", sys.argv[0], *kept, "--resume"])
 
 
@@ -178,26 +135,15 @@ def check_finite(meter, epoch, lr, save):
 
 
 class Checkpoints:
-    """When a run is checkpointed, and the checkpoints, written by rank 0 while every rank waits.
-
-    At the end of an epoch when the next epoch would end --checkpoint_interval minutes or more
-    after the last checkpoint (judged by the epoch just ended), so that checkpoints are at most an
-    interval apart and a crash loses at most an interval, or one epoch where an epoch is longer
-    (then --checkpoint_every N steps bounds the loss). Always at the end of the first epoch a
-    process trains (it shows at once that writing to --save works, and a crash soon after the start
-    loses one epoch) and of the last; main.py adds a stop request. The interval, not every epoch: a
-    checkpoint costs what its size and the storage make it cost, whatever an epoch takes, so per
-    epoch it costs a share of the run that grows with the speed of the GPU; every 10 minutes, a
-    write of w seconds costs at most w / 600 of the run beyond the first and the last (1% for
-    6 s). Ends of epochs, not any step: there the log line is written, so a resume drops no line
-    the checkpoint knows, and the ranks agree on rank 0's clock once per epoch, not with a
-    collective after every step. Both rules count from the last checkpoint of either kind."""
+    """When a run is checkpointed, and the checkpoints, written by rank 0 while every rank waits: at
+    the end of the first epoch a process trains, of the last, and of an epoch after which the next
+    would end --checkpoint_interval minutes or more after the last checkpoint; every
+    --checkpoint_every steps inside an epoch. Why two rules: docs/interrupting.md."""
 
     def __init__(self, opt, step):
         self.opt, self.step = opt, step
         self.epochs_ended = 0
-        # Rank 0's: when its last checkpoint was written (the state the process started from is the
-        # run's start, or the checkpoint it resumed), and what checkpoints cost since cost() was asked.
+        # Rank 0's: when it last wrote a checkpoint (or started), and what they cost since cost().
         self.last_written = time.time()
         self.seconds, self.bytes = 0.0, 0
 
@@ -206,17 +152,13 @@ class Checkpoints:
         checkpointed. Collective: every rank takes rank 0's answer."""
         group = self.step.group
         self.epochs_ended += 1
-        return (self.epochs_ended == 1 or epoch == self.opt.epochs
-                or group.any(group.is_main and self.interval_would_pass(epoch_seconds)))
+        # Would another epoch as long as this one end an interval or more after the last checkpoint?
+        interval_passes = time.time() - self.last_written + epoch_seconds >= self.opt.checkpoint_interval * 60
+        return self.epochs_ended == 1 or epoch == self.opt.epochs or group.any(group.is_main and interval_passes)
 
     def due_in_epoch(self, steps):
         """Whether the epoch's step `steps` (1-based) is checkpointed: every --checkpoint_every steps."""
         return bool(self.opt.checkpoint_every) and steps % self.opt.checkpoint_every == 0
-
-    def interval_would_pass(self, epoch_seconds):
-        """Whether another epoch as long as the last one would end --checkpoint_interval minutes or
-        more after the last checkpoint."""
-        return time.time() - self.last_written + epoch_seconds >= self.opt.checkpoint_interval * 60
 
     def save(self, position, optimizer):
         """Write the checkpoint of `position` (a checkpoint.Position) on rank 0; every rank waits."""

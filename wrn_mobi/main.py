@@ -182,7 +182,7 @@ def main(argv=None):
     stop = safety.StopRequest(group)
     stop.install(EARLY_STOP_SIGNALS)
     if stop.agreed():  # a stop signal came before training began: there is nothing new to save
-        return stop.report_before_training(argv)
+        return stop.report(opt, argv, before_training=True)
     write_on_rank0(group, lambda: os.makedirs(opt.save, exist_ok=True))
     checkpoints = safety.Checkpoints(opt, step)
     # What every line repeats, with the device and threads select_device chose for --gpu_id and --nthread.

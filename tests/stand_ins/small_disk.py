@@ -1,21 +1,17 @@
 """A stand-in for a small disk, for the tests: the files under one folder share `capacity` bytes, and
 a write that does not fit fails as on a full device, with OSError ENOSPC (os.write first writes what
-fits, as the kernel does); shutil.disk_usage reports that device for the folder. Writes through
-open() and os.write are watched, which is how main.py writes its files. sitecustomize.py beside it
-installs it in a Python process started with this folder on PYTHONPATH and SMALL_DISK=FOLDER:BYTES."""
+fits, as the kernel does). Writes through open() and os.write are watched, which is how main.py
+writes its files. sitecustomize.py beside it installs it in a Python process started with this
+folder on PYTHONPATH and SMALL_DISK=FOLDER:BYTES."""
 import builtins
-import collections
 import errno
 import os
-import shutil
 import stat
-
-DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 
 
 def install(folder, capacity):
     folder = os.path.abspath(folder)
-    real_open, real_write, real_disk_usage = builtins.open, os.write, shutil.disk_usage
+    real_open, real_write = builtins.open, os.write
 
     def inside(path):
         path = os.path.abspath(os.fsdecode(path))
@@ -72,10 +68,4 @@ def install(folder, capacity):
             return real_write(descriptor, bytes(data)[:fits])
         return real_write(descriptor, data)
 
-    def small_disk_usage(path):
-        if inside(path):
-            taken = used()
-            return DiskUsage(capacity, taken, max(0, capacity - taken))
-        return real_disk_usage(path)
-
-    builtins.open, os.write, shutil.disk_usage = small_disk_open, small_disk_write, small_disk_usage
+    builtins.open, os.write = small_disk_open, small_disk_write
