@@ -6,6 +6,8 @@ Why, and what it holds: docs/interrupting.md. This file is identical in wrn/ and
 """
 import errno
 import os
+import shlex
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -38,24 +40,30 @@ class CheckpointError(Exception):
 
 
 class DiskFull(Exception):
-    """A file of the run (`path`) did not fit on its device."""
+    """A file of the run (`path`) did not fit on its device: the message says how to go on from the
+    checkpoint beside it (atomic_save left it whole), or to start again where there is none yet."""
 
     def __init__(self, path):
-        self.path = path
-        super().__init__(f"no space left on the device of {path}")
-
-    def fix(self, resume_command):
-        """What to do, in words: continue with `resume_command` from the checkpoint beside the file
-        (atomic_save left it whole), or start again where there is none yet."""
-        folder = os.path.dirname(self.path) or "."
+        folder = os.path.dirname(path) or "."
         checkpoint = os.path.join(folder, CHECKPOINT)
-        if os.path.isfile(checkpoint):
-            return f"{checkpoint} is intact: free some space, then continue with: {resume_command}"
-        return f"{folder} holds no {CHECKPOINT} yet: free some space, then remove {folder} and start the run again"
+        fix = (f"{checkpoint} is intact: free some space, then continue with: {resume_command(sys.argv[1:])}"
+               if os.path.isfile(checkpoint) else
+               f"{folder} holds no {CHECKPOINT} yet: free some space, then remove {folder} and start the run again")
+        super().__init__(f"no space left on the device of {path}; {fix}")
 
 
 class RankFailed(Exception):
     """Rank 0 failed to write a file of the run (write_on_rank0): raised on the other ranks, rank 0 says why."""
+
+
+def resume_command(argv):
+    """The command line that continues this run: its own arguments, --resume instead of any --resume."""
+    kept, after_resume = [], False
+    for argument in argv:  # --resume's optional PATH: the next argument, unless it is an option
+        if not (argument.startswith("--resume") or after_resume and not argument.startswith("--")):
+            kept.append(argument)
+        after_resume = argument == "--resume"
+    return shlex.join(["python", sys.argv[0], *kept, "--resume"])
 
 
 def out_of_space(error):

@@ -10,14 +10,12 @@ is identical in wrn/ and wrn_mobi/; models.build_pair() decides which two networ
 """
 import signal
 
-# Stop signals that came before the training loop listened for them (main.py run as a script). SLURM
-# may send its warning (--signal) up to 60 s early, while torch still imports: recorded from the first
-# line on, it does not kill the run; the training loop's safety.StopRequest takes it over.
+# Stop signals recorded from the first line on (main.py run as a script): SLURM's warning (--signal) may
+# come while torch still imports; the training loop's safety.StopRequest takes them over.
 EARLY_STOP_SIGNALS = []
 if __name__ == "__main__":
-    for _name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
-        if hasattr(signal, _name):  # Windows has no USR signals
-            signal.signal(getattr(signal, _name), lambda signum, frame: EARLY_STOP_SIGNALS.append(signum))
+    for _signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(_signum, lambda signum, frame: EARLY_STOP_SIGNALS.append(signum))
 
 import contextlib
 import os
@@ -34,7 +32,8 @@ import hardware
 import models
 import safety
 import training
-from checkpoint import CheckpointError, DiskFull, Position, RankFailed, export_networks, load_checkpoint, write_on_rank0
+from checkpoint import (CheckpointError, DiskFull, Position, RankFailed, export_networks, load_checkpoint,
+                        resume_command, write_on_rank0)
 from dcm_loss import kd_weight_at
 from options import METHODS, UsageError, distillation_links, lr_drop_epochs, parse_options
 
@@ -139,25 +138,14 @@ def load_data(opt, device, group):
 
 
 def resume(opt, path, step, optimizer, device):
-    """Restore the checkpoint at `path`; return where the run stands, or None for a finished run
-    (said so; nothing is written). log.txt in the checkpoint's own folder loses the lines written
-    after it: their epochs are trained again."""
+    """Restore the checkpoint at `path`; return where the run stands, or None for a finished run. log.txt
+    in the checkpoint's own folder loses the lines written after it: their epochs are trained again."""
     position, log_bytes = load_checkpoint(opt, path, step, optimizer, device)
     if safety.finished_already(opt, position):
         return None
     if os.path.abspath(os.path.dirname(path)) == os.path.abspath(opt.save):
         write_on_rank0(step.group, epoch_log.drop_lines_after, opt, log_bytes)
     return position
-
-
-def announce(opt, step, data, device, position, run_info):
-    """The run's first line (rank 0's: the other ranks' stdout goes nowhere)."""
-    # The full path: the default --save is relative to the folder main.py was started in.
-    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.settings.links} links) on {opt.dataset} "
-          f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {step.group}, "
-          f"{hardware.device_name(device)}, {step.describe_settings()}, "
-          f"from epoch {position.epoch + 1} step {position.step} to epoch {opt.epochs}, "
-          f"{run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -187,7 +175,11 @@ def main(argv=None):
     checkpoints = safety.Checkpoints(opt, step)
     # What every line repeats, with the device and threads select_device chose for --gpu_id and --nthread.
     run_info = {**epoch_log.run_info(step.nets, data.num_classes, group.size), **used}
-    announce(opt, step, data, device, position, run_info)
+    # The run's first line, with the full path: the default --save is relative to where main.py started.
+    print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.settings.links} links) on {opt.dataset} "
+          f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {group}, "
+          f"{hardware.device_name(device)}, {step.describe_settings()}, from epoch {position.epoch + 1} step "
+          f"{position.step} to epoch {opt.epochs}, {run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
 
     for epoch in range(position.epoch + 1, opt.epochs + 1):
         if position.step == 0:  # mid-epoch, the optimizer of this epoch comes from the checkpoint
@@ -220,17 +212,14 @@ if __name__ == "__main__":
     except (UsageError, CheckpointError, dataset.DatasetError, hardware.DeviceError) as error:
         distributed.print_on_rank0(f"error: {error}")
         sys.exit(2)
-    except safety.NonFiniteLoss as error:
+    except (safety.NonFiniteLoss, DiskFull) as error:  # a run that stopped part-way; every rank leaves
         distributed.print_on_rank0(f"error: {error}")
-        sys.exit(1)
-    except DiskFull as error:  # a run that stopped part-way, as above; every rank leaves
-        distributed.print_on_rank0(f"error: {error}; {error.fix(safety.resume_command(sys.argv[1:]))}")
         sys.exit(1)
     except RankFailed:  # rank 0 says why
         sys.exit(1)
     except KeyboardInterrupt:
         distributed.print_on_rank0(f"\ninterrupted at once: nothing after the last checkpoint is kept; if --save "
-                                   f"holds checkpoint.pt, continue with\n  {safety.resume_command(sys.argv[1:])}")
+                                   f"holds checkpoint.pt, continue with\n  {resume_command(sys.argv[1:])}")
         sys.exit(130)
     finally:
         # The run is leaving: a stop signal from here on changes neither its exit code nor its output.

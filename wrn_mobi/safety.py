@@ -9,7 +9,7 @@ import sys
 import time
 
 import distributed
-from checkpoint import CHECKPOINT, LOG, CheckpointError, save_checkpoint, write_on_rank0
+from checkpoint import CHECKPOINT, LOG, CheckpointError, resume_command, save_checkpoint, write_on_rank0
 
 # The signals that stop a run, and its exit code for each (SLURM's --signal warns with USR1 or USR2).
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 143, signal.SIGUSR2: 143}
@@ -110,16 +110,6 @@ def finished_already(opt, position):
         print(f"{opt.save}: already finished (epoch {position.epoch} of {opt.epochs}); nothing changed. Pass a "
               f"larger --epochs to extend it", flush=True)
     return True
-
-
-def resume_command(argv):
-    """The command line that continues this run: its own arguments, --resume instead of any --resume."""
-    kept, after_resume = [], False
-    for argument in argv:  # --resume's optional PATH: the next argument, unless it is an option
-        if not (argument.startswith("--resume") or after_resume and not argument.startswith("--")):
-            kept.append(argument)
-        after_resume = argument == "--resume"
-    return shlex.join(["python", sys.argv[0], *kept, "--resume"])
 
 
 def check_finite(meter, epoch, lr, save):
