@@ -45,7 +45,7 @@ def load_dataset(name, root, device):
         return random_image_data(2048, NUM_CLASSES[name], device, num_test=512)
     if name in CIFAR_FILES:
         arrays, mean, std = read_cifar(name, root), CIFAR_MEAN, CIFAR_STD
-    else:
+    else:  # FashionMNIST: --dataset's choices (DATASETS) admit no other name
         arrays, mean, std = read_fashion_mnist(root), FASHION_MNIST_MEAN, FASHION_MNIST_STD
     mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (mean, std))
     return ImageData(*(torch.as_tensor(array).to(device) for array in arrays), NUM_CLASSES[name], mean, std)
