@@ -302,9 +302,3 @@ def test_a_failed_download_says_where_to_put_the_files_and_leaves_no_folder(fold
     assert "network is unreachable" in message
     assert re.search(r"download .*https?://", message) and "\n" not in message  # from where, on one line
     assert list(tmp_path.iterdir()) == []
-
-
-def test_unknown_dataset_raises_dataset_error(folder):
-    dataset = load_folder(folder).dataset
-    with pytest.raises(dataset.DatasetError, match="unknown dataset"):
-        dataset.load_dataset("ImageNet", "unused", CPU)

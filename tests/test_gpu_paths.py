@@ -143,20 +143,6 @@ def test_a_resume_that_changes_bn_batches_is_refused_naming_both_counts_and_the_
     assert f"by {saved[0]} process" in message and f"; {given[0]} process" in message
 
 
-# --- bf16 on CUDA -------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("major,native", [(7, False), (8, True), (9, True)])
-def test_bf16_counts_only_where_the_gpu_computes_it(folder, monkeypatch, major, native):
-    # torch.cuda.is_bf16_supported() of a Volta/Turing says True by default (emulated bf16).
-    hardware = load_folder(folder).hardware
-
-    def is_bf16_supported(including_emulation=True):
-        return major >= 8 or including_emulation
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert hardware.cuda_bf16_support() is native
-
-
 # --- TF32: one precision, whatever API set it before ---------------------------------------------------
 
 def fp32_precision_readings():

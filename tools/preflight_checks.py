@@ -59,7 +59,7 @@ def environment(config):
     # TF32 tensor cores came with Ampere (sm 8.0), as bf16 ones did; emulated bf16 is no speed setting.
     emit("environment: GPUs", f"{len(gpus)}: {names}; driver {driver}", "pass",
          gpus=[{"name": gpu.name, "memory": gpu.total_memory} for gpu in gpus],
-         bf16=hardware.cuda_bf16_support(), tf32=torch.cuda.get_device_capability(0) >= (8, 0))
+         bf16=torch.cuda.is_bf16_supported(including_emulation=False), tf32=gpus[0].major >= 8)
 
 
 def read_or_dash(read):

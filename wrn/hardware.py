@@ -1,5 +1,4 @@
-"""The machine a run uses: the training device, the CPU allocator and threads, timing and memory.
-main.py and benchmark.py call these; nothing here is about DCM."""
+"""The machine a run uses (main.py, benchmark.py): the device, the CPU allocator and threads, timing, memory."""
 import ctypes
 import os
 import resource
@@ -9,19 +8,17 @@ import torch
 
 import distributed
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt() parameters (malloc.h)
-
 
 def keep_freed_memory():
-    """Make glibc's malloc keep freed memory for reuse instead of unmapping it: by default every
-    large block (a CPU step's activations and gradients) is a fresh mmap, whose pages each step
-    faults in again (half the MobileNet pair's CPU time). The process keeps its peak memory, which
-    training reaches every step anyway. Returns whether it took effect (False without glibc)."""
+    """Make glibc's malloc keep freed memory, which training needs again every step: else every large block
+    (a CPU step's activations, gradients) is a fresh mmap whose pages each step faults in (half the MobileNet
+    pair's CPU time)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl)
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+        return
+    mallopt(-4, 0)  # M_MMAP_MAX (malloc.h): large blocks from the heap, not fresh mmaps
+    mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: freed memory stays in the heap
 
 
 class DeviceError(Exception):
@@ -29,17 +26,14 @@ class DeviceError(Exception):
 
 
 def available_cores():
-    """The CPU cores this process may use (its affinity mask, which a cluster's job limits), shared
-    by the processes torchrun started on this node."""
+    """The CPU cores this process may use (its affinity mask), shared by torchrun's processes on this node."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def select_device(opt):
-    """(the training device, {"gpu_id": ..., "nthread": ...}: the GPU and CPU threads used, in
-    --gpu_id's and --nthread's terms, for the log). Under torchrun each process trains on GPU
-    LOCAL_RANK of the visible ones (the CPU with --gpu_id ''); without --gpu_id on GPU 0, or on the
-    CPU where there is none (said in one line). Raises DeviceError for a GPU that is not there."""
+    """(the device, the {"gpu_id", "nthread"} used, for the log): under torchrun GPU LOCAL_RANK (the CPU with
+    --gpu_id ''); else --gpu_id's, or GPU 0, or the CPU where there is none. DeviceError for a GPU not there."""
     single_process = distributed.launched_ranks() == 1
     if opt.gpu_id is not None and (single_process or opt.gpu_id == ""):
         # Must run before CUDA is initialised; like the reference, --gpu_id picks the visible GPU.
@@ -47,8 +41,7 @@ def select_device(opt):
     torch.set_num_threads(min(opt.nthread, os.cpu_count() or 1) if opt.nthread else available_cores())
     nthread = torch.get_num_threads()
     if opt.deterministic:
-        # cuDNN then picks deterministic algorithms and cuBLAS needs this workspace for reproducible
-        # sums; an op without a deterministic CUDA kernel warns instead of stopping the run.
+        # Deterministic cuDNN algorithms, cuBLAS sums (in this workspace); an op without one warns.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if not torch.cuda.is_available():
@@ -56,7 +49,7 @@ def select_device(opt):
             raise DeviceError(f"--gpu_id {opt.gpu_id}: this machine shows no such GPU (torch.cuda.is_available() "
                               f"is False); drop --gpu_id to train on the CPU, or check CUDA_VISIBLE_DEVICES")
         if opt.gpu_id is None:  # on stderr: --benchmark's stdout is its one result line
-            distributed.print_on_rank0(f"no GPU found: training on the CPU ({threads(nthread)})")
+            distributed.print_on_rank0("no GPU found: training on the CPU")
         return torch.device("cpu"), {"gpu_id": "", "nthread": nthread}
     torch.backends.cudnn.benchmark = not opt.deterministic  # autotuning may pick another kernel per run
     if single_process:
@@ -67,27 +60,20 @@ def select_device(opt):
 
 
 def set_fp32_precision(tf32):
-    """fp32 convolutions (cuDNN) and matmuls (cuBLAS) in IEEE fp32, or in TF32 (a 10-bit mantissa,
-    fp32 sums; Ampere and newer) when `tf32` is True; oneDNN's on the CPU in IEEE fp32 either way.
-    PyTorch's defaults differ (cuDNN TF32, cuBLAS IEEE), and torch 2.9 and later keep a precision
-    per backend beside the older flags, whose readers raise where the two disagree (e.g.
-    get_float32_matmul_precision() after set_float32_matmul_precision("high") and the old cuBLAS
-    flag alone set False). So every setting of both kinds is set, each to the same precision."""
+    """cuDNN's convolutions and cuBLAS's matmuls in TF32 (Ampere+) if `tf32`, else IEEE fp32; oneDNN's in IEEE
+    fp32. torch 2.9's per-backend precisions and the older flags all set: their readers raise if they differ."""
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
     if hasattr(torch.backends, "fp32_precision"):  # torch 2.9 and later
-        precision = "tf32" if tf32 else "ieee"
         # RNNs as convolutions: the old cudnn.allow_tf32 reader compares the two.
-        torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "tf32" if tf32 else "ieee"
         torch.backends.mkldnn.matmul.fp32_precision = torch.backends.mkldnn.conv.fp32_precision = "ieee"
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads(torch.get_num_threads())}"
-
-
-def threads(count):
-    return f"{count} thread" + ("s" if count != 1 else "")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() != 1 else "")
 
 
 def synchronize(device):
@@ -108,16 +94,9 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
-def cuda_bf16_support():
-    """Whether the current GPU computes in bf16 (Ampere and newer), not merely emulates it (Volta, Turing)."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
 def cpu_bf16_support():
-    """(kind, words) of bf16 on this CPU: 'native' (AVX512_BF16 or AMX instructions), 'avx512'
-    (oneDNN emulates bf16 on AVX-512) or 'none' (AVX2 and older: slow reference kernels; a WRN-10-1
-    pair trained 11.9x slower under --amp bf16 than in fp32 on an AMD EPYC limited to AVX2,
-    docs/speed.md)."""
+    """(kind, words) of bf16 on this CPU: 'native' (AVX512_BF16 or AMX instructions), 'avx512' (oneDNN
+    emulates it) or 'none' (AVX2 and older: slow reference kernels, 11.9x slower than fp32, docs/speed.md)."""
     capability = torch.backends.cpu.get_cpu_capability()
     native = [name for name, probe in (("AVX512_BF16", torch.cpu._is_avx512_bf16_supported),
                                        ("AMX", torch.cpu._is_amx_tile_supported)) if probe()]
@@ -130,9 +109,7 @@ def cpu_bf16_support():
 
 def warn_slow_cpu_bf16(opt, device):
     """One line on stderr where --amp bf16 is asked of a CPU without bf16 support (about 10x slower)."""
-    if opt.amp != "bf16" or device.type != "cpu":
-        return
-    support, words = cpu_bf16_support()
+    support, words = cpu_bf16_support() if opt.amp == "bf16" and device.type == "cpu" else (None, None)
     if support == "none":
         distributed.print_on_rank0(f"warning: --amp bf16 on this CPU ({words}) runs about 10x slower than fp32; "
                                    f"drop --amp on it")

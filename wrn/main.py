@@ -80,7 +80,7 @@ def train(opt, step, optimizer, data, epoch, position, checkpoints, stop):
     """Train 1-based `epoch` from `position` (past its first steps when the run resumed part-way
     through it); return its log.txt stats, or None when a stop request ended it (checkpointed)."""
     started = time.time() - position.train_time  # an epoch resumed part-way counts what it trained before
-    total = dataset.num_batches(len(data.train_labels), opt.batch_size)
+    total = -(-len(data.train_labels) // opt.batch_size)  # batches, the last one partial
     lr = optimizer.param_groups[0]["lr"]
 
     def after_step(meter):

@@ -1,10 +1,6 @@
-"""Image datasets held as uint8 tensors on the training device, and batched augmentation there.
-
-The whole dataset (CIFAR is 150 MB) is loaded once onto the device; every training batch is
-augmented in one gather (reflect-pad 4, random horizontal flip, random 32x32 crop, each drawn per
-sample) and normalised there. No worker processes, and the same (seed, epoch) gives the same
-batches on any device, because the random draws are made on the CPU.
-"""
+"""Image datasets held whole (CIFAR is 150 MB) as uint8 tensors on the training device, where each
+training batch is augmented in one gather (reflect-pad 4, random flip, random 32x32 crop, drawn per
+sample on the CPU: the same (seed, epoch) gives the same batches on any device) and normalised."""
 import importlib.metadata
 import os
 import pickle
@@ -17,9 +13,8 @@ import torch
 PAD = 4
 CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
-# Those of the 60000 FashionMNIST training images zero-padded 28x28 -> 32x32, as the networks see
-# them (measured on the real files: 0.218996, 0.331811); the unpadded images' (0.2860, 0.3530)
-# would feed inputs of mean -0.19, std 0.94.
+# Of the 60000 training images zero-padded 28x28 -> 32x32 as the networks see them (the real files:
+# 0.218996, 0.331811); the unpadded images' (0.2860, 0.3530) would feed inputs of mean -0.19, std 0.94.
 FASHION_MNIST_MEAN = (0.2190,) * 3
 FASHION_MNIST_STD = (0.3318,) * 3
 NUM_CLASSES = {"CIFAR100": 100, "CIFAR10": 10, "FashionMNIST": 10, "synthetic": 10}
@@ -46,23 +41,19 @@ class ImageData:
 
 def load_dataset(name, root, device):
     """Dataset `name` from `root`, downloaded there through torchvision where it is missing."""
+    if name == "synthetic":
+        return random_image_data(2048, NUM_CLASSES[name], device, num_test=512)
     if name in CIFAR_FILES:
         arrays, mean, std = read_cifar(name, root), CIFAR_MEAN, CIFAR_STD
-    elif name == "FashionMNIST":
+    else:  # FashionMNIST: --dataset's choices (DATASETS) admit no other name
         arrays, mean, std = read_fashion_mnist(root), FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    elif name == "synthetic":
-        arrays, mean, std = make_synthetic(), (0.5,) * 3, (0.25,) * 3
-    else:
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    train_images, train_labels, test_images, test_labels = (torch.as_tensor(a).to(device) for a in arrays)
     mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (mean, std))
-    return ImageData(train_images, train_labels.long(), test_images, test_labels.long(), NUM_CLASSES[name], mean, std)
+    return ImageData(*(torch.as_tensor(array).to(device) for array in arrays), NUM_CLASSES[name], mean, std)
 
 
 def read_cifar(name, root):
-    """[train images, train labels, test images, test labels] from CIFAR-10/100's python pickles in
-    torchvision's layout (root/cifar-100-python/train, ...). Read here: torchvision's reader refuses
-    every file whose md5 is not the original's, the tests' tiny ones too."""
+    """[train images, train labels, test images, test labels] of CIFAR-10/100's pickles in torchvision's
+    layout (root/cifar-100-python/train, ...): its reader refuses files of another md5, the tests' too."""
     folder, *splits, label_key = CIFAR_FILES[name]
     splits = [[os.path.join(root, folder, filename) for filename in files] for files in splits]
     if not all(os.path.isfile(path) for path in splits[0] + splits[1]):
@@ -70,26 +61,22 @@ def read_cifar(name, root):
         from_torchvision(name, root, os.path.join(root, folder))
     arrays = []
     for paths in splits:
-        images, labels = zip(*(read_cifar_file(path, label_key) for path in paths))
+        images, labels = [], []
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    content = pickle.load(f, encoding="bytes")
+                images.append(np.asarray(content[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(content[label_key], dtype=np.int64))
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+                raise DatasetError(f"{path} is not a readable CIFAR file ({type(error).__name__}: {error}); delete "
+                                   f"its folder to download it again, or replace it") from None
         arrays += [np.concatenate(images), np.concatenate(labels)]
     return arrays
 
 
-def read_cifar_file(path, label_key):
-    """(uint8 images (N, 3, 32, 32), int64 labels (N,)) of one CIFAR pickle; DatasetError if it is none."""
-    try:
-        with open(path, "rb") as f:
-            content = pickle.load(f, encoding="bytes")
-        return (np.asarray(content[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
-                np.asarray(content[label_key], dtype=np.int64))
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
-        raise DatasetError(f"{path} is not a readable CIFAR file ({type(error).__name__}: {error}); delete "
-                           f"its folder to download it again, or replace it") from None
-
-
 def read_fashion_mnist(root):
-    """FashionMNIST as torchvision reads it from its layout (the four unpacked idx files in
-    root/FashionMNIST/raw), padded 28 -> 32 with zeros and replicated to 3 channels."""
+    """FashionMNIST read by torchvision (root/FashionMNIST/raw), zero-padded 28 -> 32, in 3 channels."""
     arrays = []
     for split in from_torchvision("FashionMNIST", root, os.path.join(root, "FashionMNIST", "raw")):
         arrays += [torch.nn.functional.pad(split.data, (2, 2, 2, 2))[:, None].repeat(1, 3, 1, 1), split.targets]
@@ -97,9 +84,8 @@ def read_fashion_mnist(root):
 
 
 def from_torchvision(name, root, expected):
-    """[training set, test set] of torchvision's dataset `name` in `root`, downloaded there where
-    missing (torchvision checks the md5 of what it fetches). Where that fails, the folders the
-    download created go, and DatasetError says where to put the files by hand."""
+    """[training set, test set] of torchvision's dataset `name`, downloaded into `root` where missing; if
+    that fails, DatasetError says where to put the files by hand, and the folders it created go."""
     source = getattr(import_torchvision().datasets, name)
     top = os.path.abspath(root)  # the outermost folder that a download creates, if any
     while not os.path.exists(os.path.dirname(top)):
@@ -118,9 +104,8 @@ def from_torchvision(name, root, expected):
 
 
 def import_torchvision():
-    """torchvision, imported only where a dataset needs it (it is slow to import). One built for
-    another torch dies inside its import (`RuntimeError: operator torchvision::nms does not exist`):
-    DatasetError names both versions and pip's command that installs both from torch's wheel index."""
+    """torchvision, imported where needed (slowly). One built for another torch dies in its import
+    (`operator torchvision::nms does not exist`): DatasetError gives pip's command to match them."""
     try:
         import torchvision
     except (ImportError, RuntimeError) as error:
@@ -134,34 +119,25 @@ def import_torchvision():
     return torchvision
 
 
-def make_synthetic(num_train=2048, num_test=512, num_classes=10):
-    """Deterministic 32x32 images: a smooth random colour pattern per class plus pixel noise."""
-    generator = torch.Generator().manual_seed(0)
+def random_image_data(num_train, num_classes, device, seed=0, num_test=0):
+    """ImageData of 32x32 images drawn on the CPU from `seed`, a smooth random colour pattern per class
+    plus pixel noise: --dataset synthetic's, and the batches timed without a dataset."""
+    generator = torch.Generator().manual_seed(seed)
     patterns = torch.rand(num_classes, 3, 4, 4, generator=generator) * 255
     patterns = torch.nn.functional.interpolate(patterns, size=32, mode="bilinear", align_corners=False)
 
     def sample(count):
         labels = torch.randint(num_classes, (count,), generator=generator)
         noise = torch.randn(count, 3, 32, 32, generator=generator) * 40
-        return (patterns[labels] + noise).clamp(0, 255).round().to(torch.uint8).numpy(), labels.numpy()
+        return (patterns[labels] + noise).clamp(0, 255).round().to(torch.uint8).to(device), labels.to(device)
 
-    return (*sample(num_train), *sample(num_test))
-
-
-def random_image_data(num_train, num_classes, device, seed=0):
-    """Uniform random uint8 images and labels made on `device`, for timing the pipeline without a dataset."""
-    generator = torch.Generator(device).manual_seed(seed)
-    images = torch.randint(0, 256, (num_train, 3, 32, 32), generator=generator, device=device, dtype=torch.uint8)
-    labels = torch.randint(0, num_classes, (num_train,), generator=generator, device=device)
-    mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (CIFAR_MEAN, CIFAR_STD))
-    return ImageData(images, labels, images[:0], labels[:0], num_classes, mean, std)
+    mean, std = (torch.full((1, 3, 1, 1), value, device=device) for value in (0.5, 0.25))
+    return ImageData(*sample(num_train), *sample(num_test), num_classes, mean, std)
 
 
 def training_subset(data, size, seed):
-    """`data` with `size` training images only: the same for every epoch of a run, chosen by
-    `seed`, with every class as evenly represented as the training set allows (counts differ by
-    at most one while every class has images left). The test set stays whole. Raises
-    DatasetError when the training set holds fewer than `size` images."""
+    """`data` with `size` training images chosen by `seed`, classes as even as the training set allows
+    (counts differ by at most one while every class has images left); DatasetError if it holds fewer."""
     labels = data.train_labels.cpu()
     if size > len(labels):
         raise DatasetError(f"--subset {size}: the training set holds only {len(labels)} images; "
@@ -191,13 +167,11 @@ def reflect(index, size):
 
 
 def augment(images, flips, offsets):
-    """Reflect-pad 4, flip the padded image where flips is True, crop at offsets (y, x) in [0, 8];
-    in one gather: output pixel (r, c) of sample b is the unpadded image's pixel at row
-    reflect(y_b + r - 4), column reflect(x_b + c - 4) (of the mirrored column when flipped)."""
+    """Reflect-pad 4, flip where `flips`, crop at `offsets` (y, x) in [0, 8], in one gather: pixel (r, c) of
+    sample b is the image's at row reflect(y_b + r - 4), column reflect(x_b + c - 4) (mirrored if flipped)."""
     batch, channels, size = images.shape[0], images.shape[1], images.shape[-1]
     steps = torch.arange(size, device=images.device)
-    rows = offsets[:, :1] + steps  # (B, size), coordinates in the padded image
-    cols = offsets[:, 1:] + steps
+    rows, cols = offsets[:, :1] + steps, offsets[:, 1:] + steps  # (B, size), coordinates in the padded image
     cols = torch.where(flips[:, None], size + 2 * PAD - 1 - cols, cols)
     rows, cols = reflect(rows - PAD, size), reflect(cols - PAD, size)
     return images[torch.arange(batch, device=images.device)[:, None, None, None],
@@ -205,15 +179,10 @@ def augment(images, flips, offsets):
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def epoch_generator(seed, epoch):
-    """The CPU generator of one epoch: shuffling and augmentation depend only on (seed, epoch)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-
-
 def train_batches(data, batch_size, seed, epoch, first_batch=0):
     """Shuffled, augmented, normalised (images, labels) batches of one training epoch, from batch
     `first_batch` on (the same batches as the whole epoch's, for a run resumed mid-epoch)."""
-    generator = epoch_generator(seed, epoch)
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
     count, device = len(data.train_labels), data.train_images.device
     order = torch.randperm(count, generator=generator).to(device)
     flips = (torch.rand(count, generator=generator) < 0.5).to(device)
@@ -225,13 +194,7 @@ def train_batches(data, batch_size, seed, epoch, first_batch=0):
 
 
 def test_batches(data, batch_size, start=0, stop=None):
-    """The test set in order, normalised, not augmented; images [start, stop) only (a process's
-    shard under torchrun) when given."""
-    stop = len(data.test_labels) if stop is None else stop
-    for first in range(start, stop, batch_size):
-        last = min(first + batch_size, stop)
-        yield normalize(data.test_images[first:last], data.mean, data.std), data.test_labels[first:last]
-
-
-def num_batches(count, batch_size):
-    return (count + batch_size - 1) // batch_size
+    """Test images [start, stop) (all, or a process's shard under torchrun) in order, normalised, not augmented."""
+    images, labels = data.test_images[start:stop], data.test_labels[start:stop]
+    for first in range(0, len(labels), batch_size):
+        yield normalize(images[first:first + batch_size], data.mean, data.std), labels[first:first + batch_size]

@@ -1,9 +1,6 @@
-"""Training on the processes (ranks) torchrun launches, one per GPU, or on CPUs with gloo (docs/torchrun.md).
-
-Every rank draws the global batch one process would draw and trains on its slice under DDP: the step
-is the single-process step. Meters are summed over the ranks, stop decisions taken together, and rank 0
-alone prints and writes. Without torchrun every method here is the single-process one.
-"""
+"""Training on the processes (ranks) torchrun launches, one per GPU, or on CPUs with gloo (docs/torchrun.md):
+each rank draws one process's global batch and trains on its slice under DDP; meters are summed over the
+ranks, stops decided together, and rank 0 alone prints and writes. Without torchrun, one process's code."""
 import datetime
 import gc
 import os
@@ -16,9 +13,8 @@ import torch.distributed.nn.functional
 
 from dataset import DatasetError
 
-# How long the other ranks wait for rank 0 to write a file (checkpoint.write_on_rank0's Group.any):
-# gigabytes written and fsynced to network storage can take longer than the training collectives'
-# timeout (NCCL's default: 10 minutes), which would end the run.
+# How long the other ranks wait for rank 0 to write a file (checkpoint.write_on_rank0): gigabytes fsynced
+# to network storage can outlast the training collectives' timeout (NCCL's: 10 minutes), ending the run.
 WRITE_WAIT = datetime.timedelta(minutes=60)
 
 
@@ -39,9 +35,8 @@ class Group:
 
     def __init__(self, rank=0, size=1, control=None):
         self.rank, self.size, self.is_main = rank, size, rank == 0
-        # A gloo group for the decisions every rank takes together and for waiting on rank 0's
-        # writes: a CPU flag reduced there does not wait for the GPU, which keeps queuing the next
-        # step's work, and its collectives time out after WRITE_WAIT.
+        # A gloo group for joint decisions and rank 0's writes: a CPU flag reduced there does not wait for
+        # the GPU, which keeps queuing the next step's work, and its collectives time out after WRITE_WAIT.
         self.control = control
 
     def __str__(self):
@@ -67,11 +62,9 @@ class Group:
                                f"leaves at least {self.size} images in the last batch, or use fewer processes")
 
     def sync_batchnorm(self, net, device, compiled=False):
-        """`net` with BN statistics over the global batch (--sync_bn; unchanged in one process): torch's
-        SyncBatchNorm (fused CUDA kernels) on GPUs in eager mode; GlobalBatchNorm2d, in place (the same
-        parameters and buffers), on CPUs, where SyncBatchNorm refuses to run, and when `compiled`, since
-        Dynamo breaks the graph at every SyncBatchNorm (pytorch issues 107372, 161302). Raises
-        UsageError for `compiled` on a torch whose functional all_reduce has no gradient."""
+        """`net` with BN statistics over the global batch (--sync_bn): SyncBatchNorm on GPUs in eager mode;
+        GlobalBatchNorm2d in place on CPUs, where SyncBatchNorm refuses to run, and when `compiled` (Dynamo
+        breaks the graph at every SyncBatchNorm, pytorch issues 107372, 161302; UsageError on an old torch)."""
         if self.size == 1:
             return net
         if device.type == "cuda" and not compiled:
@@ -92,9 +85,8 @@ class Group:
         return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
     def broadcast_buffers(self, nets):
-        """Rank 0's BN running statistics copied into every rank's `nets` (collective): DDP copies
-        them only before a training forward pass, and the test numbers must be those of the network
-        that rank 0 checkpoints and exports, not of each rank's own last slice."""
+        """Rank 0's BN running statistics into every rank's `nets` (collective; DDP copies them only before a
+        training forward): the test numbers are then those of the networks rank 0 saves."""
         if self.size > 1:
             for buffer in (buffer for net in nets for buffer in net.buffers()):
                 dist.broadcast(buffer, src=0)
@@ -126,17 +118,15 @@ def start(device):
 
 
 def finish():
-    """Leave the process group, if this process joined one, after freeing the DDP wrappers: a
-    TrainingStep refers to itself (through its loss method), so only the garbage collector frees it,
-    and otherwise it would release its gloo groups during the interpreter's shutdown."""
+    """Leave the process group, if any, after freeing the DDP wrappers (only the garbage collector frees a
+    TrainingStep, which refers to itself; else its gloo groups would go during the interpreter's shutdown)."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
 
 
-# The functional all_reduce: Dynamo traces it into the graph, and out of place its compiled backward sums
-# the ranks' gradients as eager autograd does (torch.distributed.nn.functional's in-place one gives zeros
-# on torch 2.11: pytorch issue 141111). Older torch releases have no gradient for it.
+# The functional all_reduce: Dynamo traces it, and its compiled backward sums the ranks' gradients (the in-place
+# torch.distributed.nn.functional one's gives zeros on torch 2.11: pytorch issue 141111). Older torch: no gradient.
 SUM_IS_DIFFERENTIABLE = torch._C._dispatch_has_kernel_for_dispatch_key("_c10d_functional::all_reduce", "Autograd")
 
 
@@ -149,10 +139,9 @@ def all_reduce_sum(tensor):
 
 class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
     """BatchNorm2d (affine, with a momentum) of rank `rank` among `ranks` with the global batch's training
-    statistics (Group.sync_batchnorm). One all-reduce per layer each way: each rank's count, mean and sum
-    of squared deviations from that mean (two passes, for accuracy) in its own row of a [ranks, 2C+1] zero
-    tensor, summed, then combined by Chan et al.'s parallel formula ("Updating formulae and a pairwise
-    algorithm for computing sample variances", 1979). Running statistics and eval mode as BatchNorm2d."""
+    statistics. One all-reduce per layer each way: each rank's count, mean and sum of squared deviations
+    (two passes, for accuracy) in its row of a [ranks, 2C+1] zero tensor, combined by Chan et al.'s parallel
+    formula ("Updating formulae and a pairwise algorithm for computing sample variances", 1979)."""
 
     def forward(self, input):
         if not self.training:

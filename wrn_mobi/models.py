@@ -1,10 +1,8 @@
-"""The networks this folder trains: WRN-d-k (net 1) against the CIFAR MobileNet (net 2).
+"""The networks this folder trains: WRN-d-k (net 1, wrn/models.py's code) against the CIFAR MobileNet (net 2).
 
-Each returns the logits of all its classifiers, shallow to deep, its own (final) classifier last:
-[aux1, aux2, final] with aux=True, [final] with aux=False. The auxiliary classifiers are the
-sub-modules aux1 and aux2, so a model built with aux=False loads the backbone of an aux=True model:
-the deployed network has no extra parameters. The Wide ResNet part is wrn/models.py's (tests/test_mirror.py).
-"""
+Each returns its classifiers' logits shallow to deep, its own (final) one last: [aux1, aux2, final] with
+aux=True, [final] with aux=False. The auxiliary classifiers are the sub-modules aux1 and aux2, so an aux=False
+model loads an aux=True model's backbone: the deployed network has no extra parameters."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,8 +11,7 @@ import torch.nn.functional as F
 # --- Wide ResNet (Zagoruyko & Komodakis), pre-activation, no dropout ----------------------------
 
 class PreActBlock(nn.Module):
-    """o1 = relu(bn0(x)); out = conv3x3(relu(bn1(conv3x3(o1, stride)))) + shortcut, the shortcut
-    being conv1x1(o1, stride) when the shape changes and x otherwise."""
+    """o1 = relu(bn0(x)); out = conv3x3(relu(bn1(conv3x3(o1, stride)))) + (conv1x1(o1, stride) or x)."""
 
     def __init__(self, in_channels, out_channels, stride):
         super().__init__()
@@ -38,8 +35,7 @@ def wrn_group(in_channels, out_channels, num_blocks, stride):
 
 
 class Head(nn.Module):
-    """BN - ReLU - global average pooling (8x8 for 32x32 inputs) - FC: a WRN's classifier; without
-    `bn` (no BN - ReLU), the MobileNet's."""
+    """BN - ReLU - global average pooling (8x8 here) - FC: a WRN's classifier; without `bn`, the MobileNet's."""
 
     def __init__(self, channels, num_classes, bn=True):
         super().__init__()
@@ -52,9 +48,8 @@ class Head(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-d-k: conv0, three groups of n = (d-4)/6 blocks of widths (16k, 32k, 64k), head. aux1
-    branches from group0's output (n blocks to 32k, then n//2 to 64k, both stride 2, its own head),
-    aux2 from group1's (n blocks to 128k, stride 2, its own head)."""
+    """WRN-d-k: conv0, three groups of n = (d-4)/6 blocks of widths (16k, 32k, 64k), head. aux1 from group0
+    (n blocks to 32k, n//2 to 64k, both stride 2, a head), aux2 from group1 (n blocks to 128k, stride 2, a head)."""
 
     def __init__(self, depth, width, num_classes, aux):
         super().__init__()
@@ -92,21 +87,17 @@ def init_wrn_weights(model):
 
 def wrn(depth=28, width=10, num_classes=100, aux=True):
     """WRN-depth-width; depth must be 6n+4, and at least 16 to carry the auxiliary classifiers."""
-    if depth < 10 or (depth - 4) % 6 != 0:
-        raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+    if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
+        raise ValueError(f"WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...) and width >= 1, got {depth} and {width}")
     if aux and depth < 16:
-        raise ValueError(f"WRN-{depth} is too shallow for the auxiliary classifiers (aux1 needs "
-                         f"(depth-4)/6 >= 2, i.e. depth >= 16); use depth >= 16 or aux=False")
-    if width < 1:
-        raise ValueError(f"WRN width must be a positive integer, got {width}")
+        raise ValueError(f"WRN-{depth} is too shallow for the auxiliary classifiers: use depth >= 16, or aux=False")
     return WideResNet(depth, width, num_classes, aux)
 
 
 # --- MobileNet, CIFAR variant (32x32 inputs: stride 1 stem, first stage at full resolution) ------
 
 def mobilenet_stage(in_channels, widths, stride):
-    """Depthwise-separable blocks (depthwise 3x3 - BN - ReLU, pointwise 1x1 - BN - ReLU) of the given
-    output widths; only the first one may downsample (`stride`)."""
+    """Depthwise-separable blocks (depthwise 3x3 - BN - ReLU, pointwise 1x1 - BN - ReLU) to `widths`, 1st strided."""
     blocks = []
     for i, out_channels in enumerate(widths):
         blocks.append(nn.Sequential(
@@ -118,9 +109,8 @@ def mobilenet_stage(in_channels, widths, stride):
 
 
 class MobileNet(nn.Module):
-    """stem conv 3->32; stage1 [64, 128, 128, 256, 256] at 32x32; stage2 [512 s2, 512 x5]; stage3
-    [1024 s2, 1024]; pool - FC. aux1 branches from stage1's output: [512 s2, 512 x3], [1024 s2, 1024],
-    pool - FC; aux2 from stage2's: [2048 s2, 2048], pool - FC. PyTorch's default initialisation."""
+    """stem conv 3->32; stage1 [64, 128, 128, 256, 256]; stage2 [512 s2, 512 x5]; stage3 [1024 s2, 1024]; pool - FC.
+    aux1 from stage1: [512 s2, 512 x3], [1024 s2, 1024], pool - FC; aux2 from stage2: [2048 s2, 2048], pool - FC."""
 
     def __init__(self, num_classes, aux):
         super().__init__()
@@ -143,11 +133,9 @@ class MobileNet(nn.Module):
 
 
 def mobilenet(num_classes=100, aux=True):
-    """The CIFAR MobileNet of the paper (3.31M parameters without aux for 100 classes)."""
+    """The CIFAR MobileNet of the paper (3.31M parameters without aux for 100 classes), PyTorch's default init."""
     return MobileNet(num_classes, aux)
 
-
-# --- The pair this folder trains --------------------------------------------------------------
 
 def build_pair(depth, width, num_classes, aux):
     """Net 1 and net 2: WRN-depth-width and the MobileNet (depth and width are net 1's only)."""
@@ -158,6 +146,5 @@ def pair_names(depth, width):
     return f"wrn-{depth}-{width}", "mobilenet"
 
 
-# Net 1, net 2: does the published code test it with BN normalising each test batch by its own statistics?
-# Its wrn_mobi/ never switches the MobileNet to eval mode; main.py logs those numbers as *_batchstats.
+# Net 1, net 2: does the published code test it in train mode (BN on each test batch)? main.py logs *_batchstats.
 PUBLISHED_TEST_USES_BATCH_STATISTICS = (False, True)
