@@ -77,8 +77,8 @@ def optimizer_for_epoch(opt, optimizer, params, epoch):
 # --- the epoch: train, test ------------------------------------------------------------------------
 
 def train(opt, step, optimizer, data, epoch, position, checkpoints, stop):
-    """Train 1-based `epoch` from `position` (past its first steps when the run resumed part-way
-    through it); return its log.txt stats, or None when a stop request ended it (checkpointed)."""
+    """Train 1-based `epoch` from `position` (a run resumed part-way through it); return its log.txt
+    stats, or None when a stop request ended it (checkpointed)."""
     started = time.time() - position.train_time  # an epoch resumed part-way counts what it trained before
     total = -(-len(data.train_labels) // opt.batch_size)  # batches, the last one partial
     lr = optimizer.param_groups[0]["lr"]
@@ -212,10 +212,8 @@ if __name__ == "__main__":
     except (UsageError, CheckpointError, dataset.DatasetError, hardware.DeviceError) as error:
         distributed.print_on_rank0(f"error: {error}")
         sys.exit(2)
-    except (safety.NonFiniteLoss, DiskFull) as error:  # a run that stopped part-way; every rank leaves
-        distributed.print_on_rank0(f"error: {error}")
-        sys.exit(1)
-    except RankFailed:  # rank 0 says why
+    except (safety.NonFiniteLoss, DiskFull, RankFailed) as error:  # stopped part-way; every rank leaves
+        distributed.print_on_rank0(f"error: {error}")  # RankFailed: rank 0's own error says why
         sys.exit(1)
     except KeyboardInterrupt:
         distributed.print_on_rank0(f"\ninterrupted at once: nothing after the last checkpoint is kept; if --save "

@@ -29,8 +29,7 @@ def ignore_stop_signals():
 
 
 def interrupt_at_once(signum=signal.SIGINT, frame=None):
-    """Ctrl-C's handler where it quits at once (before the training loop, and the second Ctrl-C in
-    it): ignore every later stop signal and raise KeyboardInterrupt (main.py: exit 130)."""
+    """Ctrl-C's handler before the training loop, and the second Ctrl-C in it: quit at once (exit 130)."""
     ignore_stop_signals()
     raise KeyboardInterrupt
 
@@ -43,12 +42,10 @@ class StopRequest:
         self.group = group
 
     def install(self, early_signals=()):
-        """Handle the stop signals from here on; a stop signal main.py recorded before
-        (`early_signals`, in the order they came) counts as if it came now."""
+        """Handle the stop signals from here on; the first of `early_signals` (main.py's) counts as if it came now."""
         for signum in EXIT_CODES:
             signal.signal(signum, self.handle)
-        if early_signals and self.signal is None:
-            self.signal = early_signals[0]
+        self.signal = self.signal or (early_signals[0] if early_signals else None)
 
     def handle(self, signum, frame):
         if self.signal == signal.SIGINT and signum == signal.SIGINT:
@@ -115,8 +112,7 @@ def finished_already(opt, position):
 def check_finite(meter, epoch, lr, save):
     """Raise NonFiniteLoss where the loss of `meter` (summed over the ranks) stopped being finite in
     1-based `epoch`, trained at `lr`, before anything after it is saved in the folder `save`."""
-    bad = meter.nonfinite()
-    if bad is not None:
+    if bad := meter.nonfinite():
         step, terms = bad
         raise NonFiniteLoss(f"the loss is not finite at epoch {epoch}, step {step}: {', '.join(terms)} went bad "
                             f"(lr {lr:g}). The run stopped before saving anything after it: checkpoint.pt in {save} "
@@ -152,13 +148,12 @@ class Checkpoints:
 
     def save(self, position, optimizer):
         """Write the checkpoint of `position` (a checkpoint.Position) on rank 0; every rank waits."""
-        write_on_rank0(self.step.group, self.write, position, optimizer)
-
-    def write(self, position, optimizer):
-        start = time.time()
-        self.bytes += save_checkpoint(self.opt, position, self.step, optimizer)
-        self.last_written = time.time()
-        self.seconds += self.last_written - start
+        def write():
+            start = time.time()
+            self.bytes += save_checkpoint(self.opt, position, self.step, optimizer)
+            self.last_written = time.time()
+            self.seconds += self.last_written - start
+        write_on_rank0(self.step.group, write)
 
     def cost(self):
         """What the checkpoints written since the last call cost (rank 0's figures; log.txt's keys)."""

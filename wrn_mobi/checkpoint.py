@@ -1,9 +1,6 @@
-"""The training state on disk: SAVE/checkpoint.pt to resume a run, SAVE/net1.pt and net2.pt to deploy.
-
-A checkpoint holds all a resumed run needs to compute what the uninterrupted run would, as a plain
-dict loaded with weights_only=True (loading never runs code); every file is written atomically.
-Why, and what it holds: docs/interrupting.md. This file is identical in wrn/ and wrn_mobi/.
-"""
+"""The training state on disk: SAVE/checkpoint.pt to resume a run (a plain dict loaded with
+weights_only=True: loading never runs code), SAVE/net1.pt and net2.pt to deploy; every file written
+atomically. What a checkpoint holds and why: docs/interrupting.md. Identical in wrn/ and wrn_mobi/."""
 import errno
 import os
 import shlex
@@ -27,8 +24,7 @@ RESUMABLE_OPTIONS = ("epochs", "save", "resume", "dataroot", "nthread", "gpu_id"
 
 @dataclass
 class Position:
-    """Where a run stands: `epoch` epochs completed, `step` steps trained into the next one, and
-    that epoch's partial meter (training.EpochMeter, summed over the ranks) and training seconds."""
+    """`epoch` epochs completed, `step` steps into the next, its partial meter (summed over the ranks) and seconds."""
     epoch: int = 0
     step: int = 0
     meter: training.EpochMeter | None = None
@@ -100,15 +96,13 @@ def atomic_save(obj, path):
 def save_checkpoint(opt, position, step, optimizer):
     """SAVE/checkpoint.pt: the run at `position` (a Position), with the size log.txt has now, whose
     lines after it a resume cuts off. Returns the file's size in bytes."""
-    net1, net2 = step.nets
     log = os.path.join(opt.save, LOG)
     state = {
         "epoch": position.epoch,
         "step": position.step,
         "epoch_meter": position.meter.state_dict() if position.step else None,
         "epoch_train_time": position.train_time,
-        "net1": net1.state_dict(),
-        "net2": net2.state_dict(),
+        **{f"net{index}": net.state_dict() for index, net in enumerate(step.nets, start=1)},
         "optimizer": optimizer.state_dict(),
         "grad_scaler": step.scaler.state_dict(),  # empty unless --amp fp16
         "options": vars(opt),
@@ -130,9 +124,7 @@ def mismatched_options(opt, saved_options):
 def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn):
     """Refuse a resume whose process count and --sync_bn give BN other batches than the checkpoint's
     run had (the recipe would change mid-run): raise CheckpointError naming both and the fix."""
-    def processes(count, sync):
-        return f"{count} process{'es' * (count > 1)}" + " with --sync_bn" * sync
-
+    processes = lambda count, sync: f"{count} process{'es' * (count > 1)}" + " with --sync_bn" * sync  # noqa: E731
     saved = 1 if saved_sync_bn else saved_world_size  # the slices of each batch BN normalises by
     if saved != (1 if sync_bn else world_size):
         fix = ("add --sync_bn, or resume in one process" if saved == 1
@@ -144,10 +136,9 @@ def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn)
 def load_checkpoint(opt, path, step, optimizer, device):
     """Restore the checkpoint at `path` into the networks, the optimizer and the loss scaler; return
     (its Position, whose partial meter is on `device`, the training device; log.txt's size then)."""
-    try:
+    try:  # onto the host: load_state_dict moves the tensors to their parameters' device
         with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
-            # Onto the host: load_state_dict moves the tensors to their parameters' device.
             state = torch.load(path, map_location="cpu", weights_only=True)
         saved_options = state["options"]
     except Exception as error:  # truncated, corrupt, or needing arbitrary unpickling (refused unrun)
@@ -159,10 +150,9 @@ def load_checkpoint(opt, path, step, optimizer, device):
         raise CheckpointError(f"--resume {path} belongs to another run: it was trained with {', '.join(mismatched)}; "
                               f"rerun with the run's own flags")
     check_bn_batches(path, state["world_size"], saved_options["sync_bn"], step.group.size, opt.sync_bn)
-    net1, net2 = step.nets
     try:
-        net1.load_state_dict(state["net1"])
-        net2.load_state_dict(state["net2"])
+        for index, net in enumerate(step.nets, start=1):
+            net.load_state_dict(state[f"net{index}"])
     except RuntimeError:
         raise CheckpointError(f"--resume {path} holds networks of another shape (trained by the other folder, "
                               f"wrn/ or wrn_mobi/?); resume it where it was trained") from None
