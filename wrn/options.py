@@ -38,19 +38,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def number_type(convert, minimum, strict):
-    """An argparse type: `convert`(text), finite and > minimum (`strict`) or >= minimum."""
+def number_type(convert, positive):
+    """An argparse type: `convert`(text), finite and > 0 (`positive`) or >= 0."""
     def parse(text):
         value = convert(text)
-        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if positive else '>='} 0, got {text}")
         return value
     parse.__name__ = convert.__name__  # argparse's "invalid int value: '1.5'"
     return parse
 
 
-POSITIVE_INT, POSITIVE = number_type(int, 0, strict=True), number_type(float, 0, strict=True)
-NONNEGATIVE_INT, NONNEGATIVE = number_type(int, 0, strict=False), number_type(float, 0, strict=False)
+POSITIVE_INT, POSITIVE, NONNEGATIVE_INT, NONNEGATIVE = (number_type(convert, positive) for positive in (True, False)
+                                                        for convert in (int, float))
 
 
 def option_parser():
