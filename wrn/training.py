@@ -1,5 +1,5 @@
-"""The training step and the evaluation pass of the two networks, and the epoch loops around them; without
-speed settings (docs/speed.md), the reference's IEEE fp32 eager step. This file is identical in wrn/ and wrn_mobi/.
+"""The training step and the evaluation pass of the two networks, and the epoch loops around them.
+Without speed settings (docs/speed.md) the step is the reference's IEEE fp32 eager one. Same in wrn/ and wrn_mobi/.
 """
 import copy
 import functools
