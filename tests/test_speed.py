@@ -19,8 +19,8 @@ ONE_BATCH = 32  # the training set of a main.py run of one step per epoch
 BENCHMARK_LINE = re.compile(
     r"^benchmark \| (?P<pair>[^|]+) \| (?P<method>\w+) \((?P<links>\w+) links\) \| batch (?P<batch>\d+) \| "
     r"(?P<settings>[^|]+) \| (?P<device>[^|]+) \| (?P<images>[\d.]+) img/s \| (?P<ms>[\d.]+) ms/step \| "
-    r"(?P<tflops>[\d.]+) TFLOP/s \| (?P<fraction>[\d.]+)% of (?P<dtype>\w+) matmul peak (?P<peak>[\d.]+) TFLOP/s \| "
-    r"peak (?P<memory_kind>GPU memory|process RSS) (?P<memory>[\d.]+) GiB \| pipeline efficiency (?P<efficiency>[\d.]+)$")
+    r"(?P<tflops>[\d.]+) TFLOP/s \| peak (?P<memory_kind>GPU memory|process RSS) (?P<memory>[\d.]+) GiB \| "
+    r"pipeline efficiency (?P<efficiency>[\d.]+)$")
 
 
 def run_ok(folder, *args, **kwargs):
@@ -304,15 +304,15 @@ def test_benchmark_prints_one_line_with_every_figure_and_writes_nothing(tmp_path
     net2 = "wrn-16-1" if folder_name == "wrn" else "mobilenet"
     assert figures["pair"] == f"wrn-16-1 + {net2}" and figures["method"] == "dcm" and figures["links"] == "dense"
     assert figures["batch"] == "4" and figures["settings"] == "fp32, channels_last, eager"
-    assert figures["dtype"] == "fp32" and figures["memory_kind"] == "process RSS"
-    for key in ("images", "ms", "tflops", "fraction", "peak", "memory", "efficiency"):
+    assert figures["memory_kind"] == "process RSS"
+    for key in ("images", "ms", "tflops", "memory", "efficiency"):
         assert float(figures[key]) > 0, key
     # img/s is printed to 0.1: on a slow machine (~1 img/s) that rounding alone is a few %.
     seconds = float(figures["ms"]) / 1e3
     assert float(figures["images"]) * seconds == pytest.approx(4, abs=0.04 + 0.05 * seconds)
     assert list(tmp_path.iterdir()) == [], "--benchmark must not write files"
     phases = [line for line in result.stderr.splitlines() if line.startswith("benchmark: ")]
-    assert len(phases) == 5 and "warm-up" in phases[1], result.stderr  # each phase says it has started
+    assert len(phases) == 4 and "warm-up" in phases[1], result.stderr  # each phase says it has started
 
 
 def test_benchmark_tool_prints_the_table(tmp_path):
@@ -325,5 +325,5 @@ def test_benchmark_tool_prints_the_table(tmp_path):
     assert len(rows) == 1, result.stdout
     bf16 = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert bf16[:3] == ["wrn/", "wrn-16-1 + wrn-16-1", "bf16"]
-    assert float(bf16[3]) > 0 and "% of bf16 peak " in bf16[6] and bf16[9].endswith(" h")
+    assert float(bf16[3]) > 0 and float(bf16[5]) > 0 and bf16[8].endswith(" h")
     assert list(tmp_path.iterdir()) == []

@@ -1,8 +1,6 @@
-"""`python main.py --benchmark N [model and speed flags]`: how fast this machine trains the pair.
-
-Times N bare training steps and N steps of the epoch code after a warm-up, on random images made in
-memory (no dataset is read, nothing is written), and prints one line; docs/speed.md says what each
-of its figures means. This file is identical in wrn/ and wrn_mobi/.
+"""`python main.py --benchmark N [model and speed flags]`: how fast this machine trains the pair, on
+random images made in memory (nothing is read or written); docs/speed.md explains the line it
+prints. This file is identical in wrn/ and wrn_mobi/.
 """
 import itertools
 import math
@@ -16,8 +14,6 @@ import hardware
 import training
 
 WARMUP_STEPS = 3  # the first steps pick cuDNN algorithms and, with --compile, compile the step
-MATMUL_SHAPE = {"cuda": (8192, 10), "cpu": (1024, 1)}  # (matrix size, matmuls per timing)
-MATMUL_SECONDS = 0.5
 
 
 def run(opt, step, optimizer, num_classes, device, pair_name):
@@ -49,16 +45,12 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
     epoch_code(0, WARMUP_STEPS)
     epoch_seconds = timed(device, lambda: epoch_code(1, opt.benchmark))
     memory, memory_kind = hardware.peak_memory(device)
-    phase(f"timing the matmul peak ({MATMUL_SECONDS} s)")
-    peak_flops = matmul_peak(device, step.amp_dtype)
 
     seconds_per_step = bare_seconds / opt.benchmark
-    achieved = flops_per_step / seconds_per_step
     fields = ["benchmark", pair_name, f"{opt.method} ({step.settings.links} links)", f"batch {opt.batch_size}",
               step.describe_settings(), hardware.device_name(device),
               f"{opt.batch_size / seconds_per_step:.1f} img/s", f"{seconds_per_step * 1e3:.2f} ms/step",
-              f"{achieved / 1e12:.3f} TFLOP/s",
-              f"{100 * achieved / peak_flops:.1f}% of {step.precision()} matmul peak {peak_flops / 1e12:.3f} TFLOP/s",
+              f"{flops_per_step / seconds_per_step / 1e12:.3f} TFLOP/s",
               f"peak {memory_kind} {memory / 2 ** 30:.2f} GiB",
               f"pipeline efficiency {bare_seconds / epoch_seconds:.3f}"]
     print(" | ".join(fields), flush=True)
@@ -101,15 +93,3 @@ def training_step_flops(step, images, targets):
         net.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
-
-def matmul_peak(device, amp_dtype):
-    """FLOP/s of the fastest of several timed square matmuls in the step's dtype (TF32 under --tf32
-    on a GPU: hardware.set_fp32_precision has set cuBLAS's matmuls to it, as cuDNN's convolutions)."""
-    size, repeats = MATMUL_SHAPE.get(device.type, MATMUL_SHAPE["cpu"])
-    a, b = (torch.randn(size, size, device=device).to(amp_dtype or torch.float32) for _ in range(2))
-    a @ b  # warm-up
-    best, deadline = 0.0, time.perf_counter() + MATMUL_SECONDS
-    while time.perf_counter() < deadline:
-        seconds = timed(device, lambda: [a @ b for _ in range(repeats)])
-        best = max(best, repeats * 2 * size ** 3 / seconds)
-    return best

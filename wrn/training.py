@@ -1,14 +1,9 @@
 """The training step and the evaluation pass of the two networks, and the epoch loops around them.
-
-The speed settings (--amp, --tf32, --channels_last, --compile: docs/speed.md) change nothing else in
-the program; with none of them (the default) the step is the reference's plain IEEE fp32 eager step.
-Under torchrun each rank trains on its slice of the global batch and the meters are summed over the
-ranks (distributed.py). This file is identical in wrn/ and wrn_mobi/.
+Without speed settings (docs/speed.md) the step is the reference's IEEE fp32 eager one. Same in wrn/ and wrn_mobi/.
 """
 import copy
 import functools
 import sys
-import time
 from dataclasses import dataclass, fields
 
 import torch
@@ -19,13 +14,11 @@ import distributed
 from dcm_loss import SMOOTHING, loss_terms
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BAR_SECONDS = 2.0  # how often the progress bar's loss and accuracies are refreshed
 
 
 @dataclass(frozen=True)
 class StepSettings:
-    """What one training step computes (the distillation of dcm_loss.loss_terms) and how fast (the
-    speed settings). Each field is main.py's option of the same name (from_options)."""
+    """What one training step computes and how fast: main.py's options of the same names (from_options)."""
     links: str = "dense"  # dcm_loss.LINKS: which classifier pairs distil each other
     temperature: float = 1.0
     kd_weight: float = 1.0  # the KL weight once any --kd_warmup is over; test batches use it
@@ -43,21 +36,18 @@ class StepSettings:
 
 
 class TrainingStep:
-    """Both networks with their StepSettings. `nets` stay the plain modules (checkpoints and exports
-    hold their state dicts); training runs them under DistributedDataParallel when `group` has
-    several ranks."""
+    """Both networks with their StepSettings. `nets` stay the plain modules (checkpoints and exports hold
+    their state dicts); training runs them under DistributedDataParallel when `group` has several ranks."""
 
     def __init__(self, nets, settings, device, group=None):
         self.nets, self.settings, self.device = nets, settings, device
         self.group = group or distributed.Group()
         self.amp_dtype = AMP_DTYPES[settings.amp]
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self._kd_weight = None  # (value, its 0-dim tensor on the device) of the last training step
         for net in nets:
             net.to(memory_format=self.memory_format)
-        # --compile: each network and the loss apart, and DDP around the compiled network, whose graph
-        # Dynamo splits at the gradient buckets (compiled around DDP, it breaks in DDP's hooks: PyTorch's
-        # "Where to apply torch.compile"). dynamic=False: one graph per batch shape, each compiled once.
+        # --compile: each network and the loss apart, DDP around the compiled network (PyTorch's "Where to
+        # apply torch.compile"); dynamic=False: one graph per batch shape, each compiled once.
         self.run_nets = [torch.compile(net, dynamic=False) for net in nets] if settings.compile else nets
         self.trained_nets = [self.group.wrap(net, device) for net in self.run_nets]
         self.loss = torch.compile(self.eager_loss, dynamic=False) if settings.compile else self.eager_loss
@@ -68,10 +58,9 @@ class TrainingStep:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def forward_and_loss(self, images, targets, kd_weight, training=True, eager=False):
-        """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch under
-        autocast, the KL terms weighted by `kd_weight` (a number or a 0-dim tensor). Evaluation runs
-        without DDP, whose forward pass is a collective that ranks testing shards of different sizes
-        cannot all join; `eager`: the plain modules and loss, whose FLOPs benchmark.py counts."""
+        """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch under autocast, the
+        KL terms weighted by `kd_weight`. Evaluation runs without DDP, whose forward pass is a collective that
+        ranks testing shards of different sizes cannot all join; `eager`: the plain modules and loss."""
         nets = self.nets if eager else self.trained_nets if training else self.run_nets
         loss = self.eager_loss if eager else self.loss
         images = images.contiguous(memory_format=self.memory_format)
@@ -86,13 +75,10 @@ class TrainingStep:
         return terms, sum(terms.values())
 
     def train(self, images, targets, optimizer, kd_weight, loss_weight=1.0):
-        """One SGD step on the batch; (outputs of net 1, of net 2, the loss terms). `loss_weight`
-        scales its gradient (distributed.Group.shard)."""
-        # The KL weight as a 0-dim tensor on the device: a compiled step takes every weight of a
-        # warm-up without recompiling.
-        if self._kd_weight is None or self._kd_weight[0] != kd_weight:
-            self._kd_weight = kd_weight, torch.full((), kd_weight, device=self.device)
-        outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(images, targets, self._kd_weight[1])
+        """One SGD step; (outputs of net 1, of net 2, loss terms). `loss_weight` scales the gradient (Group.shard)."""
+        # The KL weight as a 0-dim tensor: a compiled step takes every weight of a warm-up without recompiling.
+        kd_weight = torch.full((), kd_weight, device=self.device)
+        outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(images, targets, kd_weight)
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * loss_weight).backward()
         self.scaler.step(optimizer)
@@ -106,26 +92,19 @@ class TrainingStep:
     def parameters(self):
         return [p for net in self.nets for p in net.parameters()]
 
-    def precision(self):
-        """'bf16', 'fp16', 'tf32' (--tf32 on a GPU: CPUs have no TF32) or 'fp32' (IEEE)."""
-        s = self.settings
-        return s.amp if s.amp != "none" else "tf32" if s.tf32 and self.device.type == "cuda" else "fp32"
-
     def describe_settings(self):
         """The speed settings in words, e.g. 'amp bf16, channels_last, compile' or 'fp32, eager'."""
         s = self.settings
-        words = [f"amp {s.amp}" if s.amp != "none" else self.precision(), "channels_last" if s.channels_last else "",
+        fp32 = "tf32" if s.tf32 and self.device.type == "cuda" else "fp32"  # CPUs have no TF32
+        words = [f"amp {s.amp}" if s.amp != "none" else fp32, "channels_last" if s.channels_last else "",
                  "compile" if s.compile else "eager"]
-        return ", ".join(word for word in words if word)
-
-
-NEVER = 2 ** 62  # EpochMeter's first non-finite step of a term that stayed finite
+        return ", ".join(filter(None, words))
 
 
 class EpochMeter:
-    """Sums of every loss term and correct counts of every classifier and of the pair's ensemble,
-    kept on the device so that training never waits for the host; read once at the end of the
-    epoch. Also, for each term, the first step (1-based) whose value was not finite."""
+    """Sums of every loss term and correct counts of every classifier and of the pair's ensemble, kept on
+    the device (training never waits for the host), and each term's first non-finite step (1-based)."""
+    NEVER = 2 ** 62  # the first non-finite step of a term that stayed finite
 
     def __init__(self):
         self.num_classifiers = None  # (net 1's, net 2's)
@@ -145,20 +124,19 @@ class EpochMeter:
             self.num_classifiers = (len(outputs_net1), len(outputs_net2))
             self.term_names = list(terms)
             self.term_sums, self.correct = torch.zeros_like(term_values), torch.zeros_like(correct)
-            self.first_nonfinite = torch.full_like(term_values, NEVER, dtype=torch.long)
+            self.first_nonfinite = torch.full_like(term_values, self.NEVER, dtype=torch.long)
         self.term_sums += term_values * batch
         self.correct += correct
         self.count += batch
         self.steps += 1
-        this_step = torch.where(torch.isfinite(term_values), NEVER, self.steps)  # on the device: no wait
+        this_step = torch.where(torch.isfinite(term_values), self.NEVER, self.steps)  # on the device: no wait
         self.first_nonfinite = torch.minimum(self.first_nonfinite, this_step)
 
     def loss(self):
         return self.term_sums.sum().item() / self.count
 
     def accuracies(self):
-        """Top-1 accuracy (%) of every classifier, net 1's then net 2's, shallow to deep, then of the
-        ensemble of the two final classifiers."""
+        """Top-1 accuracy (%) of every classifier, net 1's then net 2's, shallow to deep, then of the ensemble."""
         return (self.correct.double() * 100 / self.count).tolist()
 
     def terms(self):
@@ -167,8 +145,8 @@ class EpochMeter:
     def nonfinite(self):
         """None, or (step, names of the terms) of the first step whose loss was not finite."""
         first = self.first_nonfinite.tolist() if self.steps else []
-        step = min(first, default=NEVER)
-        return None if step == NEVER else (step, [name for name, at in zip(self.term_names, first) if at == step])
+        step = min(first, default=self.NEVER)
+        return None if step == self.NEVER else (step, [name for name, at in zip(self.term_names, first) if at == step])
 
     def summed_over(self, group):
         """The meter of the global batches: every rank's sums added, each term's first non-finite
@@ -185,8 +163,7 @@ class EpochMeter:
         return total
 
     def clear_sums(self):
-        """Keep the step count, zero the sums: a resumed epoch's sums come back on rank 0 only, so
-        that summing over the ranks counts them once."""
+        """Zero the sums, keep the steps: a resumed epoch's sums come back on rank 0 alone (counted once)."""
         self.term_sums, self.correct, self.count = torch.zeros_like(self.term_sums), torch.zeros_like(self.correct), 0
 
     def state_dict(self):
@@ -199,29 +176,16 @@ class EpochMeter:
 
 
 def train_epoch(step, optimizer, batches, total_batches, description, kd_weight_at, meter=None, after_step=None):
-    """Train on `batches`; return the epoch's meter, summed over the ranks (each trains on its slice
-    of every batch). `meter` continues an epoch resumed part-way; `after_step(meter)` runs after
-    every step and ends the epoch early by returning True; `kd_weight_at(index)` is the KL weight of
-    the epoch's step `index` (0-based)."""
+    """Train on `batches`; return the epoch's meter, summed over the ranks. `meter` continues an epoch
+    resumed part-way; `after_step(meter)` runs after every step and ends the epoch by returning True;
+    `kd_weight_at(index)` is the KL weight of the epoch's step `index` (0-based)."""
     step.set_mode(training=True)
     meter = meter or EpochMeter()
-    progress = tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
-                    dynamic_ncols=True, disable=not sys.stdout.isatty())
-    if step.settings.compile and not progress.disable:
-        progress.set_postfix_str("compiling the step")
-    shown = None  # when the bar's numbers were last read
-    for images, targets in progress:
+    for images, targets in tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
+                                dynamic_ncols=True, disable=not sys.stdout.isatty()):
         images, targets, loss_weight = step.group.shard(images, targets)
-        outputs_net1, outputs_net2, terms = step.train(images, targets, optimizer, kd_weight_at(meter.steps),
-                                                       loss_weight)
-        meter.update(terms, outputs_net1, outputs_net2, targets)
-        # Reading the meter waits for the device: done every BAR_SECONDS, not every step. The bar
-        # (rank 0's) shows rank 0's slices.
-        if not progress.disable and (shown is None or time.monotonic() - shown >= BAR_SECONDS):
-            shown = time.monotonic()
-            accuracies = meter.accuracies()
-            progress.set_postfix(loss=f"{meter.loss():.3f}", acc_net1=f"{accuracies[len(outputs_net1) - 1]:.1f}",
-                                 acc_net2=f"{accuracies[len(outputs_net1) + len(outputs_net2) - 1]:.1f}")
+        *outputs, terms = step.train(images, targets, optimizer, kd_weight_at(meter.steps), loss_weight)
+        meter.update(terms, *outputs, targets)
         if after_step is not None and after_step(meter):
             break
     return meter.summed_over(step.group)
@@ -229,14 +193,12 @@ def train_epoch(step, optimizer, batches, total_batches, description, kd_weight_
 
 @torch.no_grad()
 def batch_statistics_accuracies(step, index, batches):
-    """Top-1 accuracy (%) of every classifier of network `index` (0: net 1, 1: net 2) with BN
-    normalising each test batch by its own statistics: the published code's test protocol for a
-    network it never switched to eval mode. It tests a copy: the network is left as it was."""
+    """Top-1 accuracy (%) of every classifier of network `index` (0: net 1, 1: net 2), on a copy, with BN
+    normalising each test batch by its own statistics: the published code's protocol for a network in train mode."""
     net, correct, count = copy.deepcopy(step.nets[index]), 0, 0
     for norm in net.modules():
         if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
-            # Batch statistics, none tracked; BatchNorm2d's own forward for --sync_bn's global BN
-            # too (rank 0 runs this alone, as the published single-GPU code did).
+            # BatchNorm2d's own forward for --sync_bn's global BN too: rank 0 runs this alone.
             norm.train()
             norm.track_running_stats = False
             norm.forward = functools.partial(torch.nn.BatchNorm2d.forward, norm)
@@ -250,16 +212,14 @@ def batch_statistics_accuracies(step, index, batches):
 
 @torch.no_grad()
 def evaluate(step, batches):
-    """The meter of `batches` (each rank's shard of the test set), summed over the ranks, the KL
-    terms weighted by the full --kd_weight (the objective a warm-up leads to)."""
-    # BN in eval mode: the numbers do not depend on how the test set is cut into batches or shards;
-    # every rank uses rank 0's running statistics, those of the network checkpointed and exported.
+    """The meter of `batches` (each rank's shard of the test set), summed over the ranks, the KL terms
+    weighted by the full --kd_weight. BN in eval mode, with rank 0's running statistics on every rank
+    (those checkpointed and exported): the numbers do not depend on how the test set is cut."""
     step.group.broadcast_buffers(step.nets)
     step.set_mode(training=False)
     meter = EpochMeter()
     for images, targets in tqdm(batches, desc="testing", leave=False, dynamic_ncols=True,
                                 disable=not sys.stdout.isatty()):
-        outputs_net1, outputs_net2, terms, _ = step.forward_and_loss(images, targets, step.settings.kd_weight,
-                                                                     training=False)
-        meter.update(terms, outputs_net1, outputs_net2, targets)
+        *outputs, terms, _ = step.forward_and_loss(images, targets, step.settings.kd_weight, training=False)
+        meter.update(terms, *outputs, targets)
     return meter.summed_over(step.group)
