@@ -83,7 +83,7 @@ def exported_network_numbers(save, data, amp):
     images = modules.dataset.normalize(test_data.test_images, test_data.mean, test_data.std)
     numbers = []
     for name in ("net1.pt", "net2.pt"):
-        network = modules.models.wrn(10, 1, NUM_CLASSES, aux=False)
+        network = modules.models.wrn(10, 1, test_data.num_classes, aux=False)
         network.load_state_dict(torch.load(save / name, weights_only=True))
         with torch.autocast("cpu", dtype=AMP_DTYPES[amp], enabled=amp != "none"):
             logits = network.eval()(images)[-1].float()

@@ -843,7 +843,7 @@ def bad_files(tmp_path_factory, swept):
     records = read_log(save)
     states = {"with_aux": models.wrn(16, 1, 10, aux=True).state_dict(),  # what a checkpoint holds under "net1"
               "missing_key": {key: value for key, value in net1.items() if key != "head.bn.weight"},
-              "hundred_classes": models.wrn(10, 1, 100, aux=False).state_dict(),
+              "ten_classes": models.wrn(10, 1, 10, aux=False).state_dict(),
               "other_network": {"weight": torch.zeros(3)}, "no_log": net1}
     files = {"checkpoint": save / "checkpoint.pt", "missing": base / "missing" / "net1.pt",
              "text": base / "text" / "net1.pt", "renamed": base / "renamed" / "weights.pt"}
@@ -851,8 +851,8 @@ def bad_files(tmp_path_factory, swept):
     for name, path in files.items():
         path.parent.mkdir(exist_ok=True)
         if name not in ("checkpoint", "missing", "no_log"):
-            # The hundred-class network's run logged 100 classes, as it would have.
-            classes = 100 if name == "hundred_classes" else 10
+            # The ten-class network's run logged 10 classes, as it would have; CIFAR100 has 100.
+            classes = 10 if name == "ten_classes" else 100
             (path.parent / "log.txt").write_text("".join(f"json_stats: {json.dumps({**r, 'num_classes': classes})}\n"
                                                          for r in records))
     for name, state in states.items():
@@ -866,7 +866,7 @@ def bad_files(tmp_path_factory, swept):
     ("checkpoint", ["training checkpoint", "net1.pt"]),
     ("with_aux", ["auxiliary classifiers", "aux1."]),
     ("missing_key", ["does not fit WRN-10-1", "head.bn.weight"]),
-    ("hundred_classes", ["100 classes", "CIFAR100 has 10", "--dataset"]),
+    ("ten_classes", ["10 classes", "CIFAR100 has 100", "--dataset"]),
     ("other_network", ["does not fit WRN-10-1", "Missing key"]),
     ("no_log", ["beside its run's log.txt", "--save folder"]),
     ("renamed", ["not a net1.pt or net2.pt"]),
