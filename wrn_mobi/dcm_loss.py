@@ -4,14 +4,12 @@
          + kd_weight * T^2 * sum over linked cross-network pairs (i of one net, j of the other),
            both directions, of KL(p_j.detach() || p_i),   p = softmax(logits / T) (smoothed, see below)
 
-Each network learns from the other's predictions as fixed targets; no pair lies inside one
-network. The link sets of the paper's ablation pick which pairs (i, j) are linked:
-dense (all), same (stage k <-> stage k), cross (k <-> l, k != l), final (final <-> final),
-none (cross-entropy only: independent training and deep supervision).
-The published values are T = 1, kd_weight = 1 and the smoothing eps = 1e-8. T^2 keeps the KL
-gradient at the scale of the cross-entropy's whatever T (Hinton, Vinyals & Dean 2015, "Distilling
-the Knowledge in a Neural Network", section 2); the cross-entropy terms are always at T = 1.
-Every term is computed from fp32 logits, so the loss keeps full precision under --amp.
+Each network learns from the other's predictions as fixed targets; no pair lies inside one network.
+The paper's ablation links pairs (i, j): dense (all), same (stage k <-> stage k), cross (k <-> l, k != l),
+final (final <-> final), none (cross-entropy only: independent training and deep supervision). The
+published values are T = 1, kd_weight = 1 and the smoothing eps = 1e-8. T^2 keeps the KL gradient at the
+cross-entropy's scale whatever T (Hinton, Vinyals & Dean 2015, section 2); the cross-entropy stays at
+T = 1. Every term is computed from fp32 logits, so the loss keeps full precision under --amp.
 """
 import math
 
@@ -74,10 +72,9 @@ def loss_terms(outputs_1, outputs_2, targets, links="dense", temperature=1.0, kd
     be a float or a 0-dim tensor (the warm-up's weight of this step, without recompiling).
     """
     names_1, names_2 = classifier_names(len(outputs_1)), classifier_names(len(outputs_2))
-    terms = {}
-    for net, names, outputs in (("net1", names_1, outputs_1), ("net2", names_2, outputs_2)):
-        for name, logits in zip(names, outputs):
-            terms[f"ce_{net}_{name}"] = F.cross_entropy(logits.float(), targets)
+    terms = {f"ce_{net}_{name}": F.cross_entropy(logits.float(), targets)
+             for net, names, outputs in (("net1", names_1, outputs_1), ("net2", names_2, outputs_2))
+             for name, logits in zip(names, outputs)}
     # At the published values the scale is exactly 1: multiplying by it leaves every bit as it was.
     scale = kd_weight * temperature ** 2
     for i, j in linked_pairs(len(outputs_1), len(outputs_2), links):

@@ -45,7 +45,8 @@ def build_training_step(opt, num_classes, device, group):
     links they distil along, the speed settings and the processes that train them."""
     hardware.set_fp32_precision(opt.tf32)  # process-wide, so set by every step built, before its first convolution
     torch.manual_seed(opt.seed)
-    nets = [net.to(device) for net in models.build_pair(opt.depth, opt.width, num_classes, METHODS[opt.method].uses_aux)]
+    nets = models.build_pair(opt.depth, opt.width, num_classes, METHODS[opt.method].uses_aux)
+    nets = [net.to(device) for net in nets]
     nets = [group.sync_batchnorm(net, device, opt.compile) for net in nets] if opt.sync_bn else nets
     return training.TrainingStep(nets, training.StepSettings.from_options(opt, distillation_links(opt)), device, group)
 
@@ -179,7 +180,8 @@ def main(argv=None):
     print(f"{os.path.abspath(opt.save)}: {opt.method} ({step.settings.links} links) on {opt.dataset} "
           f"({len(data.train_labels)} training, {len(data.test_labels)} test images), {group}, "
           f"{hardware.device_name(device)}, {step.describe_settings()}, from epoch {position.epoch + 1} step "
-          f"{position.step} to epoch {opt.epochs}, {run_info['n_parameters'] / 1e6:.2f}M parameters trained", flush=True)
+          f"{position.step} to epoch {opt.epochs}, {run_info['n_parameters'] / 1e6:.2f}M parameters trained",
+          flush=True)
 
     for epoch in range(position.epoch + 1, opt.epochs + 1):
         if position.step == 0:  # mid-epoch, the optimizer of this epoch comes from the checkpoint

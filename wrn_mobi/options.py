@@ -73,29 +73,24 @@ def option_parser():
         help="JSON list of 1-based epochs at whose start the lr is multiplied by --lr_decay_ratio")
     add("--lr_decay_ratio", default=0.2, type=POSITIVE, help="the lr's factor at each --epoch_step")
     add("--seed", default=1, type=NONNEGATIVE_INT, help="initialisation, shuffling, augmentation and --subset")
-    add("--nthread", default=None, type=POSITIVE_INT,
-        help="CPU threads for torch (default: the cores this process may use)")
+    add("--nthread", default=None, type=POSITIVE_INT, help="CPU threads (default: the cores this process may use)")
     add("--resume", nargs="?", const=True, default="", metavar="PATH",
         help="continue the run in --save (no PATH), or from the checkpoint file PATH")
     add("--checkpoint_interval", default=10.0, type=NONNEGATIVE, metavar="MINUTES",
         help="checkpoint at the end of an epoch when the next epoch would end MINUTES or more after the last "
              "checkpoint (0: after every epoch); the first and last epochs and a stop are always checkpointed")
-    add("--checkpoint_every", default=None, type=POSITIVE_INT, metavar="N",
-        help="also checkpoint every N steps inside an epoch, for epochs longer than you want to lose")
-    add("--deterministic", action="store_true",
-        help="deterministic algorithms (bit-exact reruns and resumes on the CPU; slower on a GPU)")
+    add("--checkpoint_every", default=None, type=POSITIVE_INT, metavar="N", help="also every N steps in an epoch")
+    add("--deterministic", action="store_true", help="deterministic algorithms (slower on a GPU)")
     add("--note", default="", help="free text copied into every log line")
     add("--gpu_id", default=None, help="the GPU to train on (sets CUDA_VISIBLE_DEVICES; '' for the CPU). Default: "
         "GPU 0 of the visible ones, or the CPU; under torchrun each process takes GPU LOCAL_RANK")
-    add("--sync_bn", action="store_true",
-        help="under torchrun, BN statistics of the global batch instead of each process's slice")
+    add("--sync_bn", action="store_true", help="under torchrun, BN statistics of the global batch, not each slice's")
     add("--method", default="dcm", choices=sorted(METHODS),
         help="ind: independent, dml: deep mutual learning, ds: deep supervision, dcm (default)")
-    add("--links", default="dense", choices=[links for links in LINKS if links != "none"],
-        help="which classifier pairs DCM distils between (ablation); dcm only")
+    add("--links", default="dense", choices=[name for name in LINKS if name != "none"],
+        help="which classifier pairs dcm distils between (ablation)")
     # Every option of this group belongs to the KL terms: parse_options refuses it changed for ind and ds.
-    parser.distillation = kd = parser.add_argument_group("distillation of dml and dcm (the defaults are the "
-                                                         "published DCM's)")
+    parser.distillation = kd = parser.add_argument_group("distillation of dml and dcm (defaults: the published DCM's)")
     kd.add_argument("--temperature", default=1.0, type=POSITIVE, metavar="T", help="every KL term on "
                     "softmax(z / T) of both sides, times T^2 (Hinton et al. 2015); the cross-entropy stays at T = 1")
     kd.add_argument("--kd_weight", default=1.0, type=NONNEGATIVE, metavar="L", help="the weight of every KL term")
@@ -110,8 +105,7 @@ def option_parser():
                        "on Ampere and newer GPUs (changes the numerics; ignored on CPUs)")
     speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for networks and batches")
     speed.add_argument("--compile", action="store_true", help="torch.compile each network's forward pass and the loss")
-    speed.add_argument("--eval_batch_size", default=500, type=POSITIVE_INT,
-                       help="test batch size (BN in eval mode: the numbers do not depend on it)")
+    speed.add_argument("--eval_batch_size", default=500, type=POSITIVE_INT, help="test batch size (BN in eval mode)")
     speed.add_argument("--benchmark", default=None, type=POSITIVE_INT, metavar="N",
                        help="time N training steps on random in-memory data, print one line and exit")
     return parser
