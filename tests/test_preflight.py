@@ -22,10 +22,10 @@ from conftest import ROOT, load_folder
 STANDIN = ROOT / "tests" / "standin_compile"
 
 
-def load_preflight():
+def load_preflight(name="preflight"):
     sys.path.insert(0, str(ROOT / "tools"))
     try:
-        spec = importlib.util.spec_from_file_location("preflight", ROOT / "tools" / "preflight.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -146,11 +146,12 @@ def test_the_gpu_rows_project_the_table_and_recommend_each_folders_fastest_setti
     assert preflight.candidate_settings("cuda", False, bf16=False, tf32=False) == ["fp16+cl", "fp16+cl+compile"]
 
 
-@pytest.mark.parametrize("support, amp, warned", [("none", "bf16", True), ("avx512", "bf16", False),
-                                                  ("native", "bf16", False), ("none", "none", False)])
-def test_main_warns_in_one_line_about_bf16_on_a_cpu_without_bf16_support(monkeypatch, capsys, support, amp, warned):
+@pytest.mark.parametrize("kernels, amp, warned", [(False, "bf16", True), (True, "bf16", False), (False, "none", False)])
+def test_main_warns_in_one_line_about_bf16_on_a_cpu_without_bf16_support(monkeypatch, capsys, kernels, amp, warned):
     hardware = load_folder("wrn").hardware
-    monkeypatch.setattr(hardware, "cpu_bf16_support", lambda: (support, "AVX2, no bf16 instructions"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: kernels)
     hardware.warn_slow_cpu_bf16(SimpleNamespace(amp=amp), torch.device("cpu"))
     lines = capsys.readouterr().err.splitlines()
     assert lines == (["warning: --amp bf16 on this CPU (AVX2, no bf16 instructions) runs about 10x slower than fp32; "
@@ -158,11 +159,11 @@ def test_main_warns_in_one_line_about_bf16_on_a_cpu_without_bf16_support(monkeyp
 
 
 def test_cpu_bf16_support_names_the_capability_and_the_bf16_instructions(monkeypatch):
-    hardware = load_folder("wrn").hardware
-    kind, words = hardware.cpu_bf16_support()
+    checks = load_preflight("preflight_checks")
+    kind, words = checks.cpu_bf16_support()
     assert kind in ("native", "avx512", "none")
     assert words.startswith(torch.backends.cpu.get_cpu_capability())
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: True)
-    assert hardware.cpu_bf16_support() == (
+    assert checks.cpu_bf16_support() == (
         "native", f"{torch.backends.cpu.get_cpu_capability()}, bf16 instructions (AVX512_BF16 and AMX)")

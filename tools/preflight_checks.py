@@ -5,7 +5,6 @@
 Each prints its rows as lines `PREFLIGHT {"check", "figure", "verdict", "why", ...}` as soon as it
 knows them (verdict: pass, fail or skipped; the other keys: the numbers preflight.py decides with). Whatever a
 check writes goes under TMPDIR, which preflight.py removes at its end; the repository is never written to.
-Resume and torchrun run main.py as a user would, on its synthetic dataset (no download, no files).
 """
 import json
 import os
@@ -22,9 +21,8 @@ import torch
 from common import ROOT, load_folder
 
 NUM_CLASSES = 100  # the numerics' random CIFAR-100-shaped batches
-# Relative difference of the first step's loss from IEEE fp32's that a setting may have: another
-# kernel order for fp32 layouts and compile, the 10-bit mantissa of TF32's inputs, the 8-bit (bf16)
-# or 11-bit (fp16) mantissa of the activations under --amp.
+# Relative difference of the first step's loss from IEEE fp32's that a setting may have: another kernel order for
+# fp32 layouts and compile, TF32's 10-bit input mantissa, the 8-bit (bf16) or 11-bit (fp16) one of --amp's activations.
 LOSS_TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 1e-2, "fp16": 1e-2}
 EXTRA_STEPS = 3  # steps after the first, each on another batch: all must stay finite
 # Resume and torchrun train a small pair on main.py's synthetic dataset (10 classes).
@@ -41,12 +39,11 @@ def emit(check, figure, verdict, why="", **data):
 # --- environment ---------------------------------------------------------------------------------
 
 def environment(config):
-    hardware = load_folder("wrn").hardware
     nccl = read_or_dash(lambda: ".".join(map(str, torch.cuda.nccl.version())))
     emit("environment: software", f"torch {torch.__version__}, CUDA {torch.version.cuda or '-'}, cuDNN "
          f"{torch.backends.cudnn.version() or '-'}, NCCL {nccl}, Triton {read_or_dash(lambda: version('triton'))}",
          "pass")
-    bf16_kind, bf16_words = hardware.cpu_bf16_support()
+    bf16_kind, bf16_words = cpu_bf16_support()
     cpu = read_or_dash(lambda: next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                     if line.startswith("model name")))
     emit("environment: CPU", f"{cpu}, {os.cpu_count()} cores, {bf16_words}", "pass", bf16=bf16_kind != "none")
@@ -68,6 +65,18 @@ def read_or_dash(read):
         return read()
     except Exception:
         return "-"
+
+
+def cpu_bf16_support():
+    """(kind, words): 'native' (AVX512_BF16 or AMX instructions), 'avx512' (oneDNN emulates bf16) or 'none'."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    native = [name for name, probe in (("AVX512_BF16", torch.cpu._is_avx512_bf16_supported),
+                                       ("AMX", torch.cpu._is_amx_tile_supported)) if probe()]
+    if native:
+        return "native", f"{capability}, bf16 instructions ({' and '.join(native)})"
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "avx512", f"{capability}, bf16 emulated on AVX-512 by oneDNN (no bf16 instructions)"
+    return "none", f"{capability}, no bf16 instructions"
 
 
 # --- numerics ------------------------------------------------------------------------------------
@@ -130,7 +139,6 @@ def main_py(config, save, *flags):
 
 
 def finish(process):
-    """(exit code, last line of the output) of a started process."""
     output, _ = process.communicate()
     lines = [line for line in (output or "").splitlines() if line.strip()]
     return process.returncode, lines[-1] if lines else "no output"
@@ -141,7 +149,6 @@ def start(command):
 
 
 def weights(save):
-    """The floating-point tensors of each network in SAVE/checkpoint.pt."""
     state = torch.load(Path(save) / "checkpoint.pt", map_location="cpu", weights_only=True)
     return [{key: value.float() for key, value in state[net].items() if value.is_floating_point()}
             for net in ("net1", "net2")]

@@ -1,7 +1,6 @@
-"""Keeping a run safe to interrupt: a --save folder that holds no other run, stop signals, when to
-checkpoint, and the guard against a non-finite loss; under torchrun the ranks decide together and
-rank 0 writes. The rules and their reasons: docs/interrupting.md. Identical in wrn/ and wrn_mobi/.
-"""
+"""Keeping a run safe to interrupt: a --save folder that holds no other run, stop signals, when to checkpoint,
+and the guard against a non-finite loss; under torchrun the ranks decide together and rank 0 writes. The rules
+and their reasons: docs/interrupting.md. Identical in wrn/ and wrn_mobi/."""
 import os
 import shlex
 import signal
@@ -21,9 +20,8 @@ class NonFiniteLoss(Exception):
 
 
 def ignore_stop_signals():
-    """Ignore every stop signal from here on: the run is leaving, with its exit code decided (a
-    handler would print a traceback from atexit callbacks; the default action would replace the exit
-    code). A pending second Ctrl-C still raises KeyboardInterrupt from here."""
+    """Ignore every stop signal from here on: the run is leaving, its exit code decided (a handler would print
+    a traceback from atexit callbacks, the default action replace the exit code); a pending Ctrl-C still raises."""
     for signum in EXIT_CODES:
         signal.signal(signum, signal.SIG_IGN)
 
@@ -55,15 +53,13 @@ class StopRequest:
                                    f"checkpoint (Ctrl-C again to quit at once)")
 
     def agreed(self):
-        """Whether a stop was requested on any rank (collective), so that all stop at the same step;
-        a rank whose own signal has not arrived yet takes SIGTERM's exit code."""
+        """Whether a stop was requested on any rank (collective), so that all stop at the same step."""
         if self.group.any(self.signal is not None) and self.signal is None:
             self.signal = signal.SIGTERM
         return self.signal is not None
 
     def report(self, opt, argv, before_training=False):
-        """Say how to go on: from the checkpoint just written, or from the start (`before_training`:
-        nothing was written); return the signal's exit code. From here on stop signals are ignored."""
+        """Say how to go on: from the checkpoint, or from the start `before_training`; return the exit code."""
         ignore_stop_signals()
         name = signal.Signals(self.signal).name
         distributed.print_on_rank0(
@@ -74,8 +70,7 @@ class StopRequest:
 
 
 def check_save_dir(opt):
-    """Refuse a --save that cannot hold this run (a file, unwritable, or holding another run
-    without --resume); return the checkpoint to resume, or None. Creates nothing."""
+    """Refuse a --save that cannot hold this run; return the checkpoint to resume, or None. Creates nothing."""
     existing = os.path.abspath(opt.save)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -94,9 +89,8 @@ def check_save_dir(opt):
 
 
 def finished_already(opt, position):
-    """Whether the resumed checkpoint (at `position`, a checkpoint.Position) ends the run: --epochs
-    epochs trained and net1.pt, net2.pt exported in --save (then it says so; a run not exported yet
-    goes on, to export). Raises CheckpointError for a checkpoint that has gone past --epochs."""
+    """Whether the run resumed at `position` (a checkpoint.Position) is trained and exported (then it says so;
+    a run not exported yet goes on, to export). Raises CheckpointError for a checkpoint past --epochs."""
     epochs_begun = position.epoch + (position.step > 0)
     if epochs_begun > opt.epochs:
         raise CheckpointError(f"--resume: the checkpoint has begun epoch {epochs_begun}, past --epochs {opt.epochs}; "
@@ -110,8 +104,7 @@ def finished_already(opt, position):
 
 
 def check_finite(meter, epoch, lr, save):
-    """Raise NonFiniteLoss where the loss of `meter` (summed over the ranks) stopped being finite in
-    1-based `epoch`, trained at `lr`, before anything after it is saved in the folder `save`."""
+    """Raise NonFiniteLoss where the loss of `meter` (summed over the ranks) stopped being finite in 1-based `epoch`."""
     if bad := meter.nonfinite():
         step, terms = bad
         raise NonFiniteLoss(f"the loss is not finite at epoch {epoch}, step {step}: {', '.join(terms)} went bad "
@@ -121,10 +114,9 @@ def check_finite(meter, epoch, lr, save):
 
 
 class Checkpoints:
-    """When a run is checkpointed, and the checkpoints, written by rank 0 while every rank waits: at
-    the end of the first epoch a process trains, of the last, and of an epoch after which the next
-    would end --checkpoint_interval minutes or more after the last checkpoint; every
-    --checkpoint_every steps inside an epoch. Why two rules: docs/interrupting.md."""
+    """When a run is checkpointed (rank 0 writes, every rank waits): at the end of the first epoch a process
+    trains, of the last, and of an epoch after which the next would end --checkpoint_interval minutes or more
+    after the last checkpoint; every --checkpoint_every steps inside an epoch. Why two rules: docs/interrupting.md."""
 
     def __init__(self, opt, step):
         self.opt, self.step = opt, step
@@ -134,20 +126,16 @@ class Checkpoints:
         self.seconds, self.bytes = 0.0, 0
 
     def due(self, epoch, epoch_seconds):
-        """Whether the end of 1-based `epoch`, which took `epoch_seconds` (training and testing), is
-        checkpointed. Collective: every rank takes rank 0's answer."""
+        """Whether the end of 1-based `epoch`, `epoch_seconds` long with testing, is checkpointed (collective)."""
         group = self.step.group
         self.epochs_ended += 1
-        # Would another epoch as long as this one end an interval or more after the last checkpoint?
         interval_passes = time.time() - self.last_written + epoch_seconds >= self.opt.checkpoint_interval * 60
         return self.epochs_ended == 1 or epoch == self.opt.epochs or group.any(group.is_main and interval_passes)
 
     def due_in_epoch(self, steps):
-        """Whether the epoch's step `steps` (1-based) is checkpointed: every --checkpoint_every steps."""
         return bool(self.opt.checkpoint_every) and steps % self.opt.checkpoint_every == 0
 
     def save(self, position, optimizer):
-        """Write the checkpoint of `position` (a checkpoint.Position) on rank 0; every rank waits."""
         def write():
             start = time.time()
             self.bytes += save_checkpoint(self.opt, position, self.step, optimizer)

@@ -36,8 +36,7 @@ class CheckpointError(Exception):
 
 
 class DiskFull(Exception):
-    """A file of the run (`path`) did not fit on its device: the message says how to go on from the
-    checkpoint beside it (atomic_save left it whole), or to start again where there is none yet."""
+    """A file of the run (`path`) did not fit on its device; atomic_save left the checkpoint beside it whole."""
 
     def __init__(self, path):
         folder = os.path.dirname(path) or "."
@@ -63,16 +62,15 @@ def resume_command(argv):
 
 
 def out_of_space(error):
-    """Whether `error`, or an error it arose from, says the device or the quota is full (torch.save
-    raises a RuntimeError of its own from its write's OSError)."""
+    """Whether `error`, or one it arose from (torch.save wraps its OSError), says the device or quota is full."""
     while error is not None and not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
         error = error.__cause__ or error.__context__
     return error is not None
 
 
 def atomic_save(obj, path):
-    """torch.save(obj, path) so that `path` is always either the old file or the whole new one, and
-    no temporary file is left; the rename is made durable. Raises DiskFull where the new file did not fit."""
+    """torch.save(obj, path) so that `path` is always either the old file or the whole new one, and no temporary
+    file is left; durable. Returns the file's size in bytes; raises DiskFull where the new file did not fit."""
     temporary = path + ".tmp"
     try:
         with open(temporary, "wb") as f:
@@ -86,16 +84,14 @@ def atomic_save(obj, path):
         if out_of_space(error):
             raise DiskFull(path) from None
         raise
-    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)  # the rename made durable
+    os.fsync(folder)
+    os.close(folder)
+    return os.path.getsize(path)
 
 
 def save_checkpoint(opt, position, step, optimizer):
-    """SAVE/checkpoint.pt: the run at `position` (a Position), with the size log.txt has now, whose
-    lines after it a resume cuts off. Returns the file's size in bytes."""
+    """SAVE/checkpoint.pt: the run at `position` (a Position); returns the file's size in bytes."""
     log = os.path.join(opt.save, LOG)
     state = {
         "epoch": position.epoch,
@@ -107,23 +103,19 @@ def save_checkpoint(opt, position, step, optimizer):
         "grad_scaler": step.scaler.state_dict(),  # empty unless --amp fp16
         "options": vars(opt),
         "world_size": step.group.size,  # the processes that shared each batch (BN's batches without --sync_bn)
-        "log_bytes": os.path.getsize(log) if os.path.exists(log) else 0,
+        "log_bytes": os.path.getsize(log) if os.path.exists(log) else 0,  # a resume cuts off log.txt after it
     }
-    path = os.path.join(opt.save, CHECKPOINT)
-    atomic_save(state, path)
-    return os.path.getsize(path)
+    return atomic_save(state, os.path.join(opt.save, CHECKPOINT))
 
 
 def mismatched_options(opt, saved_options):
-    """'--NAME SAVED (not GIVEN)' for every option outside RESUMABLE_OPTIONS whose value differs
-    from the checkpoint's (options.parse_options spells each value one way: '[60,120,160]', 0.1)."""
+    """'--NAME SAVED (not GIVEN)' per option outside RESUMABLE_OPTIONS changed (parse_options spells values one way)."""
     return [f"--{name} {saved_options.get(name)} (not {value})" for name, value in vars(opt).items()
             if name not in RESUMABLE_OPTIONS and saved_options.get(name) != value]
 
 
 def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn):
-    """Refuse a resume whose process count and --sync_bn give BN other batches than the checkpoint's
-    run had (the recipe would change mid-run): raise CheckpointError naming both and the fix."""
+    """CheckpointError for a resume whose process count and --sync_bn give BN other batches than its run's."""
     processes = lambda count, sync: f"{count} process{'es' * (count > 1)}" + " with --sync_bn" * sync  # noqa: E731
     saved = 1 if saved_sync_bn else saved_world_size  # the slices of each batch BN normalises by
     if saved != (1 if sync_bn else world_size):
@@ -134,8 +126,7 @@ def check_bn_batches(path, saved_world_size, saved_sync_bn, world_size, sync_bn)
 
 
 def load_checkpoint(opt, path, step, optimizer, device):
-    """Restore the checkpoint at `path` into the networks, the optimizer and the loss scaler; return
-    (its Position, whose partial meter is on `device`, the training device; log.txt's size then)."""
+    """Restore `path` into the nets, optimizer and loss scaler; return (its Position, meter on `device`; log bytes)."""
     try:  # onto the host: load_state_dict moves the tensors to their parameters' device
         with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error below says it
             warnings.simplefilter("ignore")
@@ -145,8 +136,7 @@ def load_checkpoint(opt, path, step, optimizer, device):
         raise CheckpointError(f"--resume {path} is not a checkpoint this script can load safely "
                               f"({type(error).__name__}): truncated, corrupt, or needing arbitrary unpickling "
                               f"(refused); give another file") from None
-    mismatched = mismatched_options(opt, saved_options)
-    if mismatched:
+    if mismatched := mismatched_options(opt, saved_options):
         raise CheckpointError(f"--resume {path} belongs to another run: it was trained with {', '.join(mismatched)}; "
                               f"rerun with the run's own flags")
     check_bn_batches(path, state["world_size"], saved_options["sync_bn"], step.group.size, opt.sync_bn)
@@ -175,8 +165,7 @@ def load_checkpoint(opt, path, step, optimizer, device):
 
 
 def write_on_rank0(group, write, *args):
-    """write(*args) on rank 0 alone, every rank waiting for it (collective). A failure there is
-    raised on rank 0, and as RankFailed on the others: all leave together instead of timing out."""
+    """write(*args) on rank 0 alone (collective): a failure is raised there, and as RankFailed on the others."""
     failure = None
     if group.is_main:
         try:
@@ -188,8 +177,7 @@ def write_on_rank0(group, write, *args):
 
 
 def export_networks(opt, nets):
-    """SAVE/net1.pt, SAVE/net2.pt: state dicts without the auxiliary classifiers, loadable into
-    models.wrn(..., aux=False) / models.mobilenet(..., aux=False)."""
+    """SAVE/net1.pt, net2.pt: state dicts without the auxiliary classifiers, for models.py's nets with aux=False."""
     for index, net in enumerate(nets, start=1):
         # contiguous(): the same plain NCHW tensors whether or not the run trained in channels_last.
         backbone = {key: value.cpu().contiguous() for key, value in net.state_dict().items()

@@ -10,9 +10,8 @@ import distributed
 
 
 def keep_freed_memory():
-    """Make glibc's malloc keep freed memory, which training needs again every step: else every large block
-    (a CPU step's activations, gradients) is a fresh mmap whose pages each step faults in (half the MobileNet
-    pair's CPU time)."""
+    """Make glibc's malloc keep freed memory, which training needs again every step: else each large block (a
+    CPU step's activations, gradients) is a fresh mmap, faulted in every step (half the MobileNet pair's CPU time)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl)
@@ -71,9 +70,8 @@ def set_fp32_precision(tf32):
 
 
 def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() != 1 else "")
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} thread" + ("s" if torch.get_num_threads() != 1 else ""))
 
 
 def synchronize(device):
@@ -94,22 +92,9 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024), "process RSS"
 
 
-def cpu_bf16_support():
-    """(kind, words) of bf16 on this CPU: 'native' (AVX512_BF16 or AMX instructions), 'avx512' (oneDNN
-    emulates it) or 'none' (AVX2 and older: slow reference kernels, 11.9x slower than fp32, docs/speed.md)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    native = [name for name, probe in (("AVX512_BF16", torch.cpu._is_avx512_bf16_supported),
-                                       ("AMX", torch.cpu._is_amx_tile_supported)) if probe()]
-    if native:
-        return "native", f"{capability}, bf16 instructions ({' and '.join(native)})"
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "avx512", f"{capability}, bf16 emulated on AVX-512 by oneDNN (no bf16 instructions)"
-    return "none", f"{capability}, no bf16 instructions"
-
-
 def warn_slow_cpu_bf16(opt, device):
-    """One line on stderr where --amp bf16 is asked of a CPU without bf16 support (about 10x slower)."""
-    support, words = cpu_bf16_support() if opt.amp == "bf16" and device.type == "cpu" else (None, None)
-    if support == "none":
-        distributed.print_on_rank0(f"warning: --amp bf16 on this CPU ({words}) runs about 10x slower than fp32; "
-                                   f"drop --amp on it")
+    """One line on stderr for --amp bf16 on a CPU without oneDNN's bf16 kernels (11.9x slower: docs/speed.md)."""
+    if opt.amp == "bf16" and device.type == "cpu" and not (
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        distributed.print_on_rank0(f"warning: --amp bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}, "
+                                   f"no bf16 instructions) runs about 10x slower than fp32; drop --amp on it")
