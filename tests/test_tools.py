@@ -334,7 +334,7 @@ KNOWN_ERRORS = {
     ("mobi", "dml"): ([17.2, 17.3, 17.1], [24.0, 23.8, 23.9]),
     ("mobi", "dcm"): ([16.9, 16.8, 16.7], [21.5, 21.4, 21.2]),
 }
-BEST_GAIN = 0.3  # epoch 199 is this much better than the last one in the hand-written logs
+EARLIER_GAIN = 0.3  # epoch 199 is this much better than the last one in the hand-written logs: the table takes the last
 # The MobileNet's error with test-batch BN statistics (the published protocol) is this much higher
 # than with BN in eval mode in the hand-written logs.
 PUBLISHED_PROTOCOL_GAP = 1.8
@@ -361,10 +361,10 @@ def write_log(path, records):
 
 
 def write_run(base, pair, method, seed, errors, logged_epochs=(199, 200), **options):
-    """A run whose last logged epoch has `errors` (net 1, net 2), the epoch before it BEST_GAIN less."""
+    """A run whose last logged epoch has `errors` (net 1, net 2), the epoch before it EARLIER_GAIN less."""
     save = base / f"{pair}_{method}_seed{seed}"
     options = {"method": method, "seed": seed, "save": str(save), **options}
-    records = [log_record(epoch, *(e - (0 if epoch == logged_epochs[-1] else BEST_GAIN) for e in errors), pair,
+    records = [log_record(epoch, *(e - (0 if epoch == logged_epochs[-1] else EARLIER_GAIN) for e in errors), pair,
                           **options) for epoch in logged_epochs]
     return write_log(save, records)
 
@@ -417,16 +417,6 @@ def test_paper_cells_are_mean_and_std_by_hand_beside_the_papers_values(paper_log
     assert "The paper's MobileNet values come from the published wrn_mobi" in out
 
 
-def test_best_takes_each_runs_best_epoch(paper_logs):
-    code, out, _ = call(summarize.main, paper_logs, "--best", "--csv")
-    assert code == 0
-    cells = {(row["net2"], row["method"], row["net"]): row for row in csv.DictReader(io.StringIO(out))
-             if row["protocol"] == "eval"}
-    errors = np.array(KNOWN_ERRORS["mobi", "dcm"][1]) - BEST_GAIN
-    assert float(cells["mobilenet", "dcm", "2"]["mean"]) == pytest.approx(errors.mean())
-    assert float(cells["mobilenet", "dcm", "2"]["std"]) == pytest.approx(errors.std(ddof=1))
-
-
 def test_csv_parses_into_one_line_per_cell_with_the_papers_numbers(paper_logs):
     code, out, _ = call(summarize.main, paper_logs, "--csv")
     assert code == 0
@@ -443,23 +433,6 @@ def test_csv_parses_into_one_line_per_cell_with_the_papers_numbers(paper_logs):
     assert float(cell["mean"]) == pytest.approx(16.5) and float(cell["std"]) == pytest.approx(0.5)
     assert (float(cell["paper_mean"]), float(cell["paper_std"])) == (16.61, 0.24)
     assert float(cell["difference"]) == pytest.approx(16.5 - 16.61)
-
-
-def test_latex_parses_as_a_tabular_with_escaped_text(paper_logs, added_options):
-    # An option main.py may gain later defines rows too, and its text is escaped.
-    added_options(warmup_mode="none")
-    write_run(paper_logs / "other", "wrn", "dcm", 1, (20.0, 20.0), links="same", warmup_mode="linear_5%")
-    code, out, _ = call(summarize.main, paper_logs, "--latex")
-    assert code == 0
-    lines = [line for line in out.splitlines() if not line.startswith("%")]
-    spec = re.fullmatch(r"\\begin\{tabular\}\{([lc]+)\}", lines[0]).group(1)
-    assert lines[-1] == r"\end{tabular}"
-    body = [line for line in lines[1:-1] if line != r"\hline"]
-    assert all(line.endswith(r" \\") and line.count(" & ") == len(spec) - 1 for line in body), body
-    assert body[0].split(" & ")[-2:] == ["DCM-same 1", r"DCM-same 2 \\"]
-    assert any(r"16.50 $\pm$ 0.50 (n=3)" in line for line in body)
-    assert all("±" not in line for line in body)
-    assert r"warmup\_mode" in body[0] and any(r"linear\_5\%" in line for line in body)
 
 
 def test_runs_differing_only_in_seed_save_note_gpu_nthread_dataroot_share_a_cell(tmp_path):

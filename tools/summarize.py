@@ -2,14 +2,13 @@
 
     python tools/summarize.py logs                              # every log.txt under logs/
     python tools/summarize.py 'logs/*_seed1' 'logs/*_seed2'    # globs
-    python tools/summarize.py logs --best                       # best epoch instead of the last
-    python tools/summarize.py logs --latex > table.tex          # or --csv: one line per cell
+    python tools/summarize.py logs --csv > table.csv            # one line per cell, plain numbers
     python tools/summarize.py 'logs/*mobilenet*' --batchstats   # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
 A row is a pair of networks (as the runs logged them) with its settings: every logged option of
 main.py but those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
-dcm with other --links), net 1's and net 2's error after the last epoch (--best: the best one),
+dcm with other --links), net 1's and net 2's error after the last epoch (the paper's protocol),
 mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
 are left out unless --include_unfinished. The paper's values (tools/paper.py) are set below a row
 only where its recipe is the paper's and the error is measured as the paper measured it (its
@@ -39,8 +38,6 @@ ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and ne
 ENSEMBLE_KEY = "test_acc_ensemble"
 METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 METHOD_HEADERS = {"ind": "Ind", "dml": "DML", "ds": "DS", "dcm": "DCM"}
-LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
 
 
 @dataclass
@@ -189,14 +186,6 @@ def protocol_key(net, protocol):
     return f"test_acc_net{net}" + ("_batchstats" if protocol == "batchstats" else "")
 
 
-def run_error(run, key, best):
-    """100 - accuracy at the last epoch (or the best one); None when the log lacks `key`."""
-    accuracies = [record[key] for record in run.records if key in record]
-    if best:
-        return 100 - max(accuracies) if accuracies else None
-    return 100 - run.last[key] if key in run.last else None
-
-
 def group_rows(runs):
     """{row key (the row's options as JSON): {method: [runs]}}, rows in the paper's order."""
     groups = defaultdict(lambda: defaultdict(list))
@@ -214,7 +203,7 @@ def method_order(method):
     return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
-def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensemble=False):
+def tabulate(runs, include_unfinished=False, batchstats=False, ensemble=False):
     """The rows of the table, and the notes to print below it; `ensemble` adds the pair's ensemble
     to the networks of each method."""
     rows, notes, counted_runs = [], [], []
@@ -233,7 +222,7 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
                 if batchstats:
                     protocols.reverse()
                 for index, protocol in enumerate(protocols):
-                    cell, missing = measure_cell(method_runs, net, best, include_unfinished, protocol)
+                    cell, missing = measure_cell(method_runs, net, include_unfinished, protocol)
                     cell.repeated = repeated
                     compared = net != ENSEMBLE and protocol == paper.protocol(net_names[net - 1])
                     paper_value = paper.value(options, method, net) if compared else None
@@ -260,7 +249,7 @@ def logged_both(methods, net):
     return any(protocol_key(net, "batchstats") in run.last for runs in methods.values() for run in runs)
 
 
-def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
+def measure_cell(method_runs, net, include_unfinished, protocol="eval"):
     """The Cell of network `net` measured by `protocol` over the runs of one method, and (log,
     key) of the runs whose log lacks the accuracy the cell needs."""
     errors, seeds, missing = [], [], []
@@ -268,11 +257,10 @@ def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
         if not (run.finished or include_unfinished):
             continue
         key = protocol_key(net, protocol)
-        error = run_error(run, key, best)
-        if error is None:
+        if key not in run.last:
             missing.append((run.path, key))
             continue
-        errors.append(error)
+        errors.append(100 - run.last[key])
         seeds.append(run.seed)
     unfinished = sum(not run.finished for run in method_runs)
     return Cell(errors, seeds, unfinished, include_unfinished, protocol), missing
@@ -335,15 +323,13 @@ def cell_text(cell):
 def table_lines(rows):
     """The table as lists of cell texts (header first; per row ours, for a MobileNet ours under the
     other protocol, then the paper's and the difference where the paper measured the cell as we
-    did, or why the paper's values are left out), and how many leading columns are labels."""
+    did, or why the paper's values are left out)."""
     methods = sorted({method for row in rows for method, _ in row.cells}, key=method_order)
     varying, _ = split_options([row.options for row in rows])
     nets = (1, 2, ENSEMBLE) if any(net == ENSEMBLE for row in rows for _, net in row.cells) else (1, 2)
     keys = [(method, net) for method in methods for net in nets]
     labelled = any(row.other_cells or row.paper_note or any(map(row.paper_cell, keys)) for row in rows)
-    header = ["Net 1", "Net 2", *varying, *([""] if labelled else [])]
-    label_columns = len(header)
-    lines = [header + [f"{method_header(method)} {net}" for method, net in keys]]
+    lines = [["Net 1", "Net 2", *varying, *([""] if labelled else [])] + [f"{method_header(method)} {net}" for method, net in keys]]
     for row in rows:
         label = [paper.display_name(row.net_names[0]), paper.display_name(row.net_names[1]),
                  *(str(row.options.get(key, "")) for key in varying)]
@@ -360,13 +346,12 @@ def table_lines(rows):
             lines.append(blank + ["ours - paper"] + [f"{cell.difference:+.2f}" if cell else "" for cell in compared])
         elif row.paper_note:
             lines.append(blank + ["paper"] + [row.paper_note] + [""] * (len(keys) - 1))
-    return lines, label_columns
+    return lines
 
 
-def title(rows, best, batchstats):
+def title(rows, batchstats):
     _, shared = split_options([row.options for row in rows])
-    epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
-    lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
+    lines = [f"Test error (%) of each network's final classifier at the last epoch: mean ± sample std over seeds, "
              f"n = seeds, one run each."]
     # The networks measured both ways, as their runs logged them (wrn_mobi's MobileNet, net 2).
     for net, name, folder in sorted({(net, row.net_names[net - 1], row.options["architecture"])
@@ -386,28 +371,9 @@ def title(rows, best, batchstats):
     return lines
 
 
-def markdown(rows, best, batchstats):
-    lines, _ = table_lines(rows)
-    out = title(rows, best, batchstats) + [""]
-    out += markdown_table(lines[0], lines[1:])
-    return "\n".join(out)
-
-
-def latex_cell(text):
-    return "".join(LATEX_SPECIALS.get(char, char) for char in text).replace(" ± ", r" $\pm$ ")
-
-
-def latex(rows, best, batchstats):
-    lines, label_columns = table_lines(rows)
-    out = [f"% {line}" for line in title(rows, best, batchstats)]
-    out.append(r"\begin{tabular}{" + "l" * label_columns + "c" * (len(lines[0]) - label_columns) + "}")
-    out.append(r"\hline")
-    for index, line in enumerate(lines):
-        out.append(" & ".join(latex_cell(cell) for cell in line) + r" \\")
-        if index == 0:
-            out.append(r"\hline")
-    out += [r"\hline", r"\end{tabular}"]
-    return "\n".join(out)
+def markdown(rows, batchstats):
+    lines = table_lines(rows)
+    return "\n".join(title(rows, batchstats) + [""] + markdown_table(lines[0], lines[1:]))
 
 
 def csv_text(rows):
@@ -447,7 +413,6 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1] + "\n" + ignored)
     parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
-    parser.add_argument("--best", action="store_true", help="each run's best epoch instead of its last")
     parser.add_argument("--include_unfinished", action="store_true",
                         help="count unfinished runs (at their last logged epoch) in the means")
     parser.add_argument("--batchstats", action="store_true",
@@ -455,9 +420,7 @@ def parse_options(argv=None):
                              "statistics (the published code's protocol), the eval-mode one second")
     parser.add_argument("--ensemble", action="store_true",
                         help=f"a column per method: the pair as an ensemble (final softmax averaged, {ENSEMBLE_KEY})")
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("--latex", action="store_true", help="a LaTeX tabular instead of Markdown")
-    output.add_argument("--csv", action="store_true", help="CSV, one line per cell, instead of Markdown")
+    parser.add_argument("--csv", action="store_true", help="CSV, one line per cell, instead of Markdown")
     return parser.parse_args(argv)
 
 
@@ -476,14 +439,9 @@ def main(argv=None):
     except ToolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows, notes = tabulate(runs, opt.best, opt.include_unfinished, opt.batchstats, opt.ensemble)
-    if opt.csv:
-        table = csv_text(rows)
-    elif opt.latex:
-        table = latex(rows, opt.best, opt.batchstats)
-    else:
-        table = markdown(rows, opt.best, opt.batchstats)
-    print(table, flush=True)  # before the notes on stderr, also when both go to one pipe
+    rows, notes = tabulate(runs, opt.include_unfinished, opt.batchstats, opt.ensemble)
+    # flushed before the notes on stderr, also when both go to one pipe
+    print(csv_text(rows) if opt.csv else markdown(rows, opt.batchstats), flush=True)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return 0
