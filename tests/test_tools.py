@@ -309,16 +309,6 @@ def test_summarize_real_logs_markdown_has_the_papers_layout(swept, mobi_run, rea
     assert rows[2][4:] == ["", f"{batchstats_error:.2f} (n=1)", "", ""]
 
 
-def test_summarize_include_unfinished_counts_the_last_logged_epoch(swept, real_logs):
-    code, out, err = call(summarize.main, real_logs, "--csv", "--include_unfinished")
-    assert code == 0
-    cells = {(row["net2"], row["method"], row["net"]): row for row in csv.DictReader(io.StringIO(out))}
-    errors = [final_errors(swept["saves"]["dml", 1], 1), 100 - read_log(swept["saves"]["dml", 2])[0]["test_acc_net1"]]
-    assert cells["wrn-10-1", "dml", "1"]["runs"] == "2"
-    assert float(cells["wrn-10-1", "dml", "1"]["mean"]) == pytest.approx(np.mean(errors))
-    assert "unfinished, counted" in err
-
-
 # --- summarize: hand-written logs with known numbers ------------------------------------------------
 
 # What main.py logs with its defaults (the paper's recipe), read off its own parser.
@@ -562,19 +552,18 @@ def write_repeated_seeds(base):
 
 def test_a_cell_counts_each_seed_once_and_says_which_runs_of_a_repeated_seed_it_left_out(tmp_path):
     write_repeated_seeds(tmp_path)
-    for flags in ([], ["--include_unfinished"]):  # the furthest run of a seed is counted either way
-        code, out, err = call(summarize.main, tmp_path, *flags)
-        assert code == 0, err
-        header, *rows = markdown_rows(out)
-        assert rows[0][header.index("DCM 1")] == "17.00 ± 1.00 (n=3, +3 repeated seed)"
-        notes = err.splitlines()
-        seed1, = [note for note in notes if "seed 1 has 3 runs" in note]
-        counted, left_out = seed1.split("left out: ")
-        assert str(tmp_path / "a" / "wrn_dcm_seed1" / "log.txt") in counted
-        assert str(tmp_path / "b" / "wrn_dcm_seed1" / "log.txt") in left_out and "c/wrn_dcm_seed1" in left_out
-        seed3, = [note for note in notes if "seed 3 has 2 runs" in note]
-        assert f"{tmp_path / 'b' / 'wrn_dcm_seed3' / 'log.txt'} (epoch 200); left out: " in seed3
-        assert "unfinished" not in out and "unfinished" not in err  # the stopped runs are not counted
+    code, out, err = call(summarize.main, tmp_path)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    assert rows[0][header.index("DCM 1")] == "17.00 ± 1.00 (n=3, +3 repeated seed)"
+    notes = err.splitlines()
+    seed1, = [note for note in notes if "seed 1 has 3 runs" in note]
+    counted, left_out = seed1.split("left out: ")
+    assert str(tmp_path / "a" / "wrn_dcm_seed1" / "log.txt") in counted
+    assert str(tmp_path / "b" / "wrn_dcm_seed1" / "log.txt") in left_out and "c/wrn_dcm_seed1" in left_out
+    seed3, = [note for note in notes if "seed 3 has 2 runs" in note]
+    assert f"{tmp_path / 'b' / 'wrn_dcm_seed3' / 'log.txt'} (epoch 200); left out: " in seed3
+    assert "unfinished" not in out and "unfinished" not in err  # the stopped runs are not counted
     assert "n = seeds" in out
     code, out, _ = call(summarize.main, tmp_path, "--csv")
     cell = next(row for row in csv.DictReader(io.StringIO(out)) if row["net"] == "1")
@@ -666,7 +655,7 @@ def test_help_works_and_shows_usage_examples(tool, capsys):
 def test_plot_writes_a_png_of_both_networks(real_logs, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figure2.png"
-    code, stdout, err = call(plot.main, real_logs, "--out", out, "--include_unfinished")
+    code, stdout, err = call(plot.main, real_logs, "--out", out)
     assert code == 0, err
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
     assert f"wrote {out}" in stdout
@@ -698,6 +687,13 @@ def test_plot_draws_each_seed_once_and_says_which_runs_it_left_out(tmp_path, mon
         line, = ax.get_lines()
         assert list(line.get_xdata()) == [199, 200] and line.get_ydata()[-1] == pytest.approx(17.0)
     assert "seed 1 has 3 runs" in err and "seed 3 has 2 runs" in err
+
+
+def test_plot_draws_an_unfinished_run_as_far_as_it_got(tmp_path, monkeypatch):
+    write_run(tmp_path, "wrn", "dcm", 1, (17.0, 17.0), logged_epochs=(1, 2))  # epoch 2 of 200
+    _, figure = plotted(monkeypatch, tmp_path, "--out", tmp_path / "figure.png")
+    line, = figure.axes[0].get_lines()
+    assert list(line.get_xdata()) == [1, 2] and line.get_ydata()[-1] == pytest.approx(17.0)
 
 
 def test_plot_titles_name_the_dataset_and_the_subset(tmp_path, monkeypatch):

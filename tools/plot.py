@@ -6,7 +6,7 @@
 
 Reads and groups logs as tools/summarize.py does: a row of panels per row of its table, net 1 on
 the left, net 2 on the right, one curve per method, each seed once; the panels' titles name the
-dataset and --subset. Unfinished runs are left out unless --include_unfinished. The format follows
+dataset and --subset. Unfinished runs are drawn as far as they got. The format follows
 --out: .png, .pdf or .svg. Needs matplotlib (`pip install -r requirements-tools.txt`).
 """
 import argparse
@@ -77,14 +77,11 @@ def draw(pyplot, runs, opt):
             notes += seed_notes
         for net, ax in zip((1, 2), row_axes):
             for method, method_runs in curves.items():
-                counted = [run for run in method_runs if run.finished or opt.include_unfinished]
-                if not counted:
-                    continue
                 # One key for the whole row: it depends on the networks only.
-                epochs, mean, low, high = error_curve(counted, accuracy_key(some_run, net, opt.batchstats))
+                epochs, mean, low, high = error_curve(method_runs, accuracy_key(some_run, net, opt.batchstats))
                 # Markers only on short curves, where a single epoch would otherwise draw nothing.
                 line, = ax.plot(epochs, mean, marker="o" if len(epochs) <= MARKED_EPOCHS else None,
-                                label=f"{method_header(method)} (n={len(counted)})")
+                                label=f"{method_header(method)} (n={len(method_runs)})")
                 ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
             ax.set_title(panel_title(some_run.row_options, some_run.net_names, net, varying), fontsize=10)
             ax.set_xlabel("epoch")
@@ -102,7 +99,6 @@ def parse_options(argv=None):
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
     parser.add_argument("--out", default="figure2.png", help="the figure file: .png, .pdf or .svg")
-    parser.add_argument("--include_unfinished", action="store_true", help="draw unfinished runs too")
     parser.add_argument("--batchstats", action="store_true",
                         help="MobileNet's error with BN using test-batch statistics, as summarize.py --batchstats")
     return parser.parse_args(argv)
@@ -117,8 +113,6 @@ def main(argv=None):
         runs = load_runs(opt.logs)
         if opt.batchstats:
             check_batchstats(runs)
-        if not any(run.finished or opt.include_unfinished for run in runs):
-            raise ToolError(f"none of the {len(runs)} runs is finished; draw them with --include_unfinished")
         figure, notes = draw(pyplot, runs, opt)
         figure.savefig(opt.out, dpi=150)
         pyplot.close(figure)

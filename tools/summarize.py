@@ -10,7 +10,7 @@ A row is a pair of networks (as the runs logged them) with its settings: every l
 main.py but those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
 dcm with other --links), net 1's and net 2's error after the last epoch (the paper's protocol),
 mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
-are left out unless --include_unfinished. The paper's values (tools/paper.py) are set below a row
+are left out, and counted in their cell. The paper's values (tools/paper.py) are set below a row
 only where its recipe is the paper's and the error is measured as the paper measured it (its
 MobileNet with test-batch BN statistics). Notes go to stderr, the table to stdout. The whole
 story: docs/reproducing.md.
@@ -138,8 +138,7 @@ class Cell:
     """One network of one method in one row: the error and seed of each run counted."""
     errors: list
     seeds: list
-    unfinished: int  # unfinished runs in the cell
-    unfinished_counted: bool  # whether they are among `errors` (--include_unfinished)
+    unfinished: int  # unfinished runs of the cell, left out of `errors`
     protocol: str = "eval"  # how the errors were measured: a key of paper.PROTOCOLS
     paper: tuple = None  # (mean, std) reported in the paper, where it measured this cell the same way
     repeated: int = 0  # runs left out because another run of their seed is counted
@@ -203,7 +202,7 @@ def method_order(method):
     return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
-def tabulate(runs, include_unfinished=False, batchstats=False, ensemble=False):
+def tabulate(runs, batchstats=False, ensemble=False):
     """The rows of the table, and the notes to print below it; `ensemble` adds the pair's ensemble
     to the networks of each method."""
     rows, notes, counted_runs = [], [], []
@@ -222,7 +221,7 @@ def tabulate(runs, include_unfinished=False, batchstats=False, ensemble=False):
                 if batchstats:
                     protocols.reverse()
                 for index, protocol in enumerate(protocols):
-                    cell, missing = measure_cell(method_runs, net, include_unfinished, protocol)
+                    cell, missing = measure_cell(method_runs, net, protocol)
                     cell.repeated = repeated
                     compared = net != ENSEMBLE and protocol == paper.protocol(net_names[net - 1])
                     paper_value = paper.value(options, method, net) if compared else None
@@ -236,10 +235,8 @@ def tabulate(runs, include_unfinished=False, batchstats=False, ensemble=False):
         if reasons:
             notes.append(f"{' + '.join(map(paper.display_name, net_names))}: no paper values beside a row whose recipe "
                          f"is not the paper's: {'; '.join(reasons)}")
-    for run in counted_runs:
-        if not run.finished:
-            counted = "counted (--include_unfinished)" if include_unfinished else "left out"
-            notes.append(f"unfinished, {counted}: {run.path} (epoch {run.last['epoch']} of {run.last['epochs']})")
+    notes += [f"unfinished, left out: {run.path} (epoch {run.last['epoch']} of {run.last['epochs']})"
+              for run in counted_runs if not run.finished]
     return rows, notes
 
 
@@ -249,12 +246,12 @@ def logged_both(methods, net):
     return any(protocol_key(net, "batchstats") in run.last for runs in methods.values() for run in runs)
 
 
-def measure_cell(method_runs, net, include_unfinished, protocol="eval"):
-    """The Cell of network `net` measured by `protocol` over the runs of one method, and (log,
-    key) of the runs whose log lacks the accuracy the cell needs."""
+def measure_cell(method_runs, net, protocol="eval"):
+    """The Cell of network `net` measured by `protocol` over the finished runs of one method, and
+    (log, key) of the runs whose log lacks the accuracy the cell needs."""
     errors, seeds, missing = [], [], []
     for run in method_runs:
-        if not (run.finished or include_unfinished):
+        if not run.finished:
             continue
         key = protocol_key(net, protocol)
         if key not in run.last:
@@ -263,7 +260,7 @@ def measure_cell(method_runs, net, include_unfinished, protocol="eval"):
         errors.append(100 - run.last[key])
         seeds.append(run.seed)
     unfinished = sum(not run.finished for run in method_runs)
-    return Cell(errors, seeds, unfinished, include_unfinished, protocol), missing
+    return Cell(errors, seeds, unfinished, protocol), missing
 
 
 def one_run_per_seed(method_runs, net_names, method):
@@ -304,9 +301,8 @@ def split_options(row_options):
 
 
 def cell_text(cell):
-    """'16.70 ± 0.20 (n=5)'; '(n=4, +1 unfinished)' when unfinished runs are left out, '(n=5, 1
-    unfinished)' when they are counted, '(n=5, +1 repeated seed)' when a run of a counted seed is
-    left out."""
+    """'16.70 ± 0.20 (n=5)'; '(n=4, +1 unfinished)' when unfinished runs are left out, '(n=5, +1
+    repeated seed)' when a run of a counted seed is left out."""
     if cell is None:
         return ""
     value = "-"
@@ -314,7 +310,7 @@ def cell_text(cell):
         value = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
     counts = f"n={len(cell.errors)}"
     if cell.unfinished:
-        counts += f", {'' if cell.unfinished_counted else '+'}{cell.unfinished} unfinished"
+        counts += f", +{cell.unfinished} unfinished"
     if cell.repeated:
         counts += f", +{cell.repeated} repeated seed"
     return f"{value} ({counts})"
@@ -413,8 +409,6 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1] + "\n" + ignored)
     parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
-    parser.add_argument("--include_unfinished", action="store_true",
-                        help="count unfinished runs (at their last logged epoch) in the means")
     parser.add_argument("--batchstats", action="store_true",
                         help="the 'ours' line from test_acc_net2_batchstats, the MobileNet's error with test-batch BN "
                              "statistics (the published code's protocol), the eval-mode one second")
@@ -439,7 +433,7 @@ def main(argv=None):
     except ToolError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows, notes = tabulate(runs, opt.include_unfinished, opt.batchstats, opt.ensemble)
+    rows, notes = tabulate(runs, opt.batchstats, opt.ensemble)
     # flushed before the notes on stderr, also when both go to one pipe
     print(csv_text(rows) if opt.csv else markdown(rows, opt.batchstats), flush=True)
     for note in notes:
