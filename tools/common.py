@@ -21,6 +21,18 @@ class ToolError(Exception):
     """A problem the user can fix (a path, a foreign file, a flag): one message, exit code 2."""
 
 
+def one_line_errors(main):
+    """A tool's main(argv) that prints a ToolError as one line 'error: ...' on stderr and returns 2."""
+    @functools.wraps(main)
+    def checked_main(argv=None):
+        try:
+            return main(argv)
+        except ToolError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return checked_main
+
+
 @functools.cache
 def load_folder(folder):
     """The modules of a training folder as a namespace (.models, .main, .training, ...), imported

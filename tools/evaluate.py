@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, markdown_table, read_records
+from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, markdown_table, one_line_errors, read_records
 
 NET_FILES = ("net1.pt", "net2.pt")  # what main.py exports, net 1 and net 2
 IMAGE_SHAPE = (1, 3, 32, 32)
@@ -177,17 +177,14 @@ def select_device(opt):
     return torch.device("cuda" if opt.gpu_id != "" and torch.cuda.is_available() else "cpu")
 
 
+@one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
     device = select_device(opt)
     columns = ["file", "network", "test set", "protocol", "test error (%)", "test acc (%)", "test loss",
                "parameters", "GFLOP / image"]
     datasets = {}
-    try:
-        rows = [evaluate(path, opt, device, datasets) for path in opt.weights]
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rows = [evaluate(path, opt, device, datasets) for path in opt.weights]
     print("\n".join(markdown_table(columns, rows)))
     return 0
 

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from common import ToolError
+from common import ToolError, one_line_errors
 from paper import display_name
 from summarize import (accuracy_key, check_batchstats, group_rows, load_runs, method_header, method_order,
                        one_run_per_seed, split_options)
@@ -104,21 +104,21 @@ def parse_options(argv=None):
     return parser.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
+    if os.path.splitext(opt.out)[1].lower() not in FORMATS:
+        raise ToolError(f"--out {opt.out}: give a file ending in {', '.join(FORMATS)}")
+    pyplot = import_pyplot()
+    runs = load_runs(opt.logs)
+    if opt.batchstats:
+        check_batchstats(runs)
+    figure, notes = draw(pyplot, runs, opt)
     try:
-        if os.path.splitext(opt.out)[1].lower() not in FORMATS:
-            raise ToolError(f"--out {opt.out}: give a file ending in {', '.join(FORMATS)}")
-        pyplot = import_pyplot()
-        runs = load_runs(opt.logs)
-        if opt.batchstats:
-            check_batchstats(runs)
-        figure, notes = draw(pyplot, runs, opt)
         figure.savefig(opt.out, dpi=150)
-        pyplot.close(figure)
-    except (ToolError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except OSError as error:
+        raise ToolError(f"--out {opt.out}: {error}") from None
+    pyplot.close(figure)
     print(f"wrote {opt.out}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

@@ -277,16 +277,12 @@ def resources(opt):
 
 def main(opt, jobs, command):
     """--slurm and --status: `jobs` is the sweep's plan, `command(job)` a run's main.py command."""
-    try:
-        if opt.status:
-            return status(jobs)
-        submitit = import_submitit()
-        records = {job.save: record for job in jobs if job.action in ("start", "resume")
-                   and (record := read_record(job.save)) is not None}
-        states = job_states(records)
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if opt.status:
+        return status(jobs)
+    submitit = import_submitit()
+    records = {job.save: record for job in jobs if job.action in ("start", "resume")
+               and (record := read_record(job.save)) is not None}
+    states = job_states(records)
     active = {save for save, state in states.items() if state in QUEUED | RUNNING}
     to_submit = [job for job in jobs if job.action in ("start", "resume") and job.save not in active]
     blocked = [job for job in jobs if job.action == "blocked"]

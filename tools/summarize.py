@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, bookkeeping_options, markdown_table, read_records, run_options
+from common import (FOLDERS, LOG_NAME, ROOT, ToolError, bookkeeping_options, markdown_table, one_line_errors,
+                    read_records, run_options)
 
 # Keys of a line of main.py that this tool reads; the published code's logs lack most of them.
 REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "seed", "dataset", "depth", "width", "architecture", "net1",
@@ -347,8 +348,8 @@ def table_lines(rows):
 
 def title(rows, batchstats):
     _, shared = split_options([row.options for row in rows])
-    lines = [f"Test error (%) of each network's final classifier at the last epoch: mean ± sample std over seeds, "
-             f"n = seeds, one run each."]
+    lines = ["Test error (%) of each network's final classifier at the last epoch: mean ± sample std over seeds, "
+             "n = seeds, one run each."]
     # The networks measured both ways, as their runs logged them (wrn_mobi's MobileNet, net 2).
     for net, name, folder in sorted({(net, row.net_names[net - 1], row.options["architecture"])
                                      for row in rows for _, net in row.other_cells}):
@@ -424,15 +425,12 @@ def check_batchstats(runs):
                         f"(wrn_mobi/main.py logs it for its MobileNet, wrn/ runs do not); drop --batchstats")
 
 
+@one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
-    try:
-        runs = load_runs(opt.logs)
-        if opt.batchstats:
-            check_batchstats(runs)
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    runs = load_runs(opt.logs)
+    if opt.batchstats:
+        check_batchstats(runs)
     rows, notes = tabulate(runs, opt.batchstats, opt.ensemble)
     # flushed before the notes on stderr, also when both go to one pipe
     print(csv_text(rows) if opt.csv else markdown(rows, opt.batchstats), flush=True)

@@ -29,7 +29,7 @@ from unittest import mock
 
 import slurm
 import slurm_job
-from common import FOLDERS, ROOT, ToolError, bookkeeping_options, load_folder, option_value, read_records
+from common import FOLDERS, ROOT, ToolError, bookkeeping_options, load_folder, one_line_errors, option_value, read_records
 
 METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
@@ -319,12 +319,9 @@ def print_plan(jobs, main_args, gpu_slots):
             print(f"# {'skipped' if job.action == 'skip' else 'BLOCKED'}: {job.save} ({job.reason})")
 
 
+@one_line_errors
 def main(argv=None):
-    try:
-        opt, main_args = parse_options(argv)
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    opt, main_args = parse_options(argv)
     jobs = plan(opt, main_args)
     if opt.slurm or opt.status:
         return slurm.main(opt, jobs, lambda job: command(job, main_args))
