@@ -213,6 +213,5 @@ def test_sweep_without_gpus_plans_on_the_device_it_finds(monkeypatch, capsys, tm
     assert sweep.main(["--dry_run", "--logdir", str(tmp_path), "--seeds", "1", "--folders", "wrn"]) == 0
     assert "1 at a time on the CPU, output in" in capsys.readouterr().out.splitlines()[0]
     monkeypatch.setattr(sweep, "gpu_found", lambda: True)  # a machine with one GPU
-    monkeypatch.setattr(sweep, "gpu_count", lambda: 1)
     assert sweep.main(["--dry_run", "--logdir", str(tmp_path), "--seeds", "1", "--folders", "wrn"]) == 0
     assert "1 at a time on GPU 0, output in" in capsys.readouterr().out.splitlines()[0]

@@ -100,8 +100,6 @@ def check_options(opt, main_args):
     slurm.check_options(opt)
     if not opt.status:  # which only reads where each run stands, a failed one too
         check_runs(opt, main_args)
-    if not (opt.slurm or opt.status):  # SLURM's runs go to the GPUs of other machines
-        check_gpus(opt)
 
 
 def check_runs(opt, main_args):
@@ -121,35 +119,10 @@ def check_runs(opt, main_args):
                     raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
 
 
-def check_gpus(opt):
-    """Refuse GPU ids of --gpus that a run's --gpu_id would not find on this machine."""
-    ids = [int(gpu) for gpu in opt.gpus.split(",") if gpu.strip()]
-    count = gpu_count() if ids else 0
-    missing = [gpu for gpu in ids if gpu >= count]
-    if missing:
-        found = f"{count} GPU{'s' * (count > 1)}, ids 0 to {count - 1}" if count else "no GPU"
-        raise ToolError(f"--gpus {opt.gpus}: GPU {missing[0]} is not on this machine (PyTorch finds {found}); name "
-                        f"the GPUs it has, or use --gpus '' for the CPU")
-
-
 def gpu_found():
     import torch  # slow to import: only when --gpus is not given
 
     return torch.cuda.is_available()
-
-
-def gpu_count():
-    """The GPUs of this machine that a run's --gpu_id can name. main.py sets CUDA_VISIBLE_DEVICES
-    to its --gpu_id, so the ids count every GPU, whatever CUDA_VISIBLE_DEVICES the sweep itself
-    was started with; with that set, a fresh Python is asked without it."""
-    if "CUDA_VISIBLE_DEVICES" not in os.environ:
-        import torch
-
-        return torch.cuda.device_count()
-    environment = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
-    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                            env=environment, capture_output=True, text=True)
-    return int(result.stdout)
 
 
 def flag_values(args):
