@@ -801,7 +801,7 @@ def bad_files(tmp_path_factory, swept):
 
 
 @pytest.mark.parametrize("name, words", [
-    ("checkpoint", ["training checkpoint", "net1.pt"]),
+    ("checkpoint", ["not the state dict of a network", "net1.pt"]),
     ("with_aux", ["does not fit WRN-10-1", "Unexpected key(s)", "aux1."]),
     ("missing_key", ["does not fit WRN-10-1", "head.bn.weight"]),
     ("other_network", ["does not fit WRN-10-1", "Missing key"]),
@@ -822,4 +822,4 @@ def test_evaluate_script_exits_2_without_traceback(swept):
                              str(swept["saves"]["ind", 1] / "checkpoint.pt"), "--gpu_id", "", "--nthread", "1"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and "training checkpoint" in result.stderr
+    assert result.stderr.startswith("error: ") and "not the state dict of a network" in result.stderr

@@ -52,10 +52,6 @@ def read_weights(path):
     except Exception as error:  # not a torch file, truncated, or holding objects weights_only refuses
         raise ToolError(f"{path} is not a file of tensors saved by main.py ({type(error).__name__}); "
                         f"give the net1.pt or net2.pt of a finished run") from None
-    if isinstance(state, dict) and {"net1", "net2", "optimizer"} <= set(state):
-        raise ToolError(f"{path} is a training checkpoint (both networks with auxiliary classifiers); "
-                        f"give the net1.pt or net2.pt that the run exports when it finishes "
-                        f"(finish it with main.py --resume)")
     if not (isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values())):
         raise ToolError(f"{path} is not the state dict of a network; give the net1.pt or net2.pt of a run")
     return state

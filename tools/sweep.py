@@ -39,7 +39,6 @@ RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--m
 # main.py's options that the run folder's name shows already (the others that do not change what is
 # trained, common.bookkeeping_options, are not written after it either).
 NAMED_OPTIONS = ("depth", "width", "method", "links")
-OUTPUT_NAME = "stdout.txt"
 POLL_SECONDS = 0.5
 
 
@@ -54,7 +53,7 @@ class Job:
 
     @property
     def output(self):
-        return os.path.join(self.save, OUTPUT_NAME)
+        return os.path.join(self.save, slurm_job.OUTPUT_NAME)
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -284,7 +283,7 @@ def print_plan(jobs, main_args, gpu_slots):
     devices = ", ".join(sorted({f"GPU {gpu}" if gpu else "the CPU" for gpu in gpu_slots}))
     print(f"# {len(jobs)} runs: {counts['start']} to start, {counts['resume']} to resume, {counts['skip']} finished "
           f"(skipped), {counts['blocked']} blocked; {len(gpu_slots)} at a time on {devices}, output in "
-          f"SAVE/{OUTPUT_NAME}")
+          f"SAVE/{slurm_job.OUTPUT_NAME}")
     for job in jobs:
         if job.action in ("start", "resume"):
             print(shlex.join(command(job, main_args)))
