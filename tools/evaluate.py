@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, markdown_table, one_line_errors, read_records
+from common import FOLDERS, LOG_NAME, ToolError, load_folder, markdown_table, one_line_errors
+from summarize import read_log
 
 NET_FILES = ("net1.pt", "net2.pt")  # what main.py exports, net 1 and net 2
 IMAGE_SHAPE = (1, 3, 32, 32)
@@ -36,11 +37,7 @@ def run_record(path):
     if Path(path).name not in NET_FILES or not log.is_file():
         raise ToolError(f"{path}: not a {' or '.join(NET_FILES)} beside its run's {LOG_NAME}, which names the "
                         f"network; give the net1.pt or net2.pt of a run in its --save folder")
-    record = read_records(log)[-1]
-    if not (ROOT / record.get("architecture", "") / "models.py").is_file():
-        raise ToolError(f"{log} names no training folder of this repository (architecture "
-                        f"{record.get('architecture')}); give the net1.pt or net2.pt of a run of main.py")
-    return record
+    return read_log(log)[-1]  # refusing a log that main.py did not write
 
 
 def read_weights(path):
