@@ -92,10 +92,9 @@ def check_options(opt, main_args):
         raise ToolError(f"--jobs_per_gpu must be positive, got {opt.jobs_per_gpu}")
     if len(set(opt.seeds)) != len(opt.seeds):
         raise ToolError(f"--seeds repeats a seed: {' '.join(map(str, opt.seeds))}")
-    for flag, _ in flag_values(main_args):
+    for flag in (arg.partition("=")[0] for arg in main_args):  # '--seed 3' or '--seed=3'
         if flag in RESERVED_FLAGS:
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
-    main_option_values(main_args)  # refuses what main.py's parser refuses, before any run starts
     slurm.check_options(opt)
     if not opt.status:  # which only reads where each run stands, a failed one too
         check_runs(opt, main_args)
@@ -122,20 +121,6 @@ def gpu_found():
     import torch  # slow to import: only when --gpus is not given
 
     return torch.cuda.is_available()
-
-
-def flag_values(args):
-    """[(flag, [values])] of command-line arguments: '--epochs 3' and '--epochs=3' -> ('--epochs', ['3'])."""
-    pairs = []
-    for arg in args:
-        if arg.startswith("--"):
-            flag, equals, value = arg.partition("=")
-            pairs.append((flag, [value] if equals else []))
-        elif pairs:
-            pairs[-1][1].append(arg)
-        else:
-            raise ToolError(f"{arg!r} is not an option; options passed to main.py start with --")
-    return pairs
 
 
 def slots(opt):
