@@ -685,7 +685,7 @@ def test_plot_titles_name_the_dataset_and_the_subset(tmp_path, monkeypatch):
 
 
 def test_plot_refuses_an_unknown_format(real_logs, tmp_path):
-    assert ".png" in error_line(*call(plot.main, real_logs, "--out", tmp_path / "figure2.jpg")[::2])
+    assert "png" in error_line(*call(plot.main, real_logs, "--out", tmp_path / "figure2.xyz")[::2])
 
 
 # --- evaluate ----------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("wrn", "wrn_mobi")  # the training folders, each a pair of networks: a new one is added here
+# The sweep's methods, in the table's order; dcm-LINKS is dcm with --links LINKS.
+METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 LOG_NAME = "log.txt"
 LOG_PREFIX = "json_stats: "
 

@@ -7,11 +7,10 @@
 Reads and groups logs as tools/summarize.py does: a row of panels per row of its table, net 1 on
 the left, net 2 on the right, one curve per method, each seed once; the panels' titles name the
 dataset and --subset. Unfinished runs are drawn as far as they got. The format follows
---out: .png, .pdf or .svg. Needs matplotlib (`pip install -r requirements-tools.txt`).
+--out: .png, .pdf, .svg, or any other of matplotlib's. Needs matplotlib (`pip install -r requirements-tools.txt`).
 """
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -21,7 +20,6 @@ from paper import display_name
 from summarize import (accuracy_key, check_batchstats, group_rows, load_runs, method_header, method_order,
                        one_run_per_seed, split_options)
 
-FORMATS = (".png", ".pdf", ".svg")
 PANEL_SIZE = (6.0, 4.0)  # inches, one network of one row
 MARKED_EPOCHS = 20
 
@@ -98,7 +96,7 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
-    parser.add_argument("--out", default="figure2.png", help="the figure file: .png, .pdf or .svg")
+    parser.add_argument("--out", default="figure2.png", help="the figure file: .png, .pdf, .svg, ...")
     parser.add_argument("--batchstats", action="store_true",
                         help="MobileNet's error with BN using test-batch statistics, as summarize.py --batchstats")
     return parser.parse_args(argv)
@@ -107,8 +105,6 @@ def parse_options(argv=None):
 @one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
-    if os.path.splitext(opt.out)[1].lower() not in FORMATS:
-        raise ToolError(f"--out {opt.out}: give a file ending in {', '.join(FORMATS)}")
     pyplot = import_pyplot()
     runs = load_runs(opt.logs)
     if opt.batchstats:
@@ -116,7 +112,7 @@ def main(argv=None):
     figure, notes = draw(pyplot, runs, opt)
     try:
         figure.savefig(opt.out, dpi=150)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a format matplotlib does not write
         raise ToolError(f"--out {opt.out}: {error}") from None
     pyplot.close(figure)
     print(f"wrote {opt.out}")

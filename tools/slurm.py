@@ -292,10 +292,8 @@ def main(opt, jobs, command):
     for job in jobs:
         if job.save in active:
             print(f"# {states[job.save].lower()}: {job.save} (job {records[job.save]['job_id']})")
-        elif job.action == "skip":
-            print(f"# skipped: {job.save} ({job.reason})")
-        elif job.action == "blocked":
-            print(f"# BLOCKED: {job.save} ({job.reason})")
+        elif job.action in ("skip", "blocked"):
+            print(f"# {'skipped' if job.action == 'skip' else 'BLOCKED'}: {job.save} ({job.reason})")
         elif opt.dry_run:
             print(shlex.join(command(job)))
     if opt.dry_run:

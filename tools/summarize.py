@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import paper
-from common import (FOLDERS, LOG_NAME, ROOT, ToolError, bookkeeping_options, markdown_table, one_line_errors,
+from common import (FOLDERS, LOG_NAME, METHODS, ROOT, ToolError, bookkeeping_options, markdown_table, one_line_errors,
                     read_records, run_options)
 
 # Keys of a line of main.py that this tool reads; the published code's logs lack most of them.
@@ -37,7 +37,6 @@ REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "seed", "dataset", "depth
                  "net2", "test_acc_net1", "test_acc_net2")
 ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
 ENSEMBLE_KEY = "test_acc_ensemble"
-METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 METHOD_HEADERS = {"ind": "Ind", "dml": "DML", "ds": "DS", "dcm": "DCM"}
 
 
@@ -200,7 +199,7 @@ def group_rows(runs):
 
 
 def method_order(method):
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    return (METHODS.index(method), "") if method in METHODS else (len(METHODS), method)
 
 
 def tabulate(runs, batchstats=False, ensemble=False):

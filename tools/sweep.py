@@ -29,9 +29,8 @@ from unittest import mock
 
 import slurm
 import slurm_job
-from common import FOLDERS, ROOT, ToolError, bookkeeping_options, load_folder, one_line_errors, option_value, read_records
+from common import FOLDERS, METHODS, ROOT, ToolError, bookkeeping_options, load_folder, one_line_errors, option_value, read_records
 
-METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
                   "--seed": "--seeds", "--gpu_id": "--gpus", "--resume": "nothing (runs resume by themselves)",
@@ -82,7 +81,9 @@ def parse_options(argv=None):
 
 def check_options(opt, main_args):
     if opt.gpus is None:
-        opt.gpus = "0" if gpu_found() else ""
+        import torch  # slow to import: only when --gpus is not given
+
+        opt.gpus = "0" if torch.cuda.is_available() else ""
     gpus = opt.gpus.split(",")
     if opt.gpus and not all(gpu.strip().isdigit() for gpu in gpus):
         raise ToolError(f"--gpus takes GPU ids like 0,1,2 (or '' for the CPU), got {opt.gpus!r}")
@@ -115,17 +116,6 @@ def check_runs(opt, main_args):
                 except options.UsageError as error:
                     flags = " ".join(run_flags(method, seed))
                     raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
-
-
-def gpu_found():
-    import torch  # slow to import: only when --gpus is not given
-
-    return torch.cuda.is_available()
-
-
-def slots(opt):
-    """The --gpu_id of each parallel slot: every GPU --jobs_per_gpu times ('' is the CPU)."""
-    return [gpu.strip() for gpu in opt.gpus.split(",") for _ in range(opt.jobs_per_gpu)]
 
 
 # --- the runs ------------------------------------------------------------------------------------
@@ -282,7 +272,7 @@ def main(argv=None):
     jobs = plan(opt, main_args)
     if opt.slurm or opt.status:
         return slurm.main(opt, jobs, lambda job: command(job, main_args))
-    gpu_slots = slots(opt)
+    gpu_slots = [gpu.strip() for gpu in opt.gpus.split(",") for _ in range(opt.jobs_per_gpu)]  # '' is the CPU
     print_plan(jobs, main_args, gpu_slots)
     blocked = [(job, job.reason) for job in jobs if job.action == "blocked"]
     if opt.dry_run:
