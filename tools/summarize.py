@@ -19,6 +19,7 @@ import argparse
 import csv
 import glob
 import io
+import itertools
 import json
 import os
 import sys
@@ -249,18 +250,12 @@ def logged_both(methods, net):
 def measure_cell(method_runs, net, protocol="eval"):
     """The Cell of network `net` measured by `protocol` over the finished runs of one method, and
     (log, key) of the runs whose log lacks the accuracy the cell needs."""
-    errors, seeds, missing = [], [], []
-    for run in method_runs:
-        if not run.finished:
-            continue
-        key = protocol_key(net, protocol)
-        if key not in run.last:
-            missing.append((run.path, key))
-            continue
-        errors.append(100 - run.last[key])
-        seeds.append(run.seed)
-    unfinished = sum(not run.finished for run in method_runs)
-    return Cell(errors, seeds, unfinished, protocol), missing
+    key = protocol_key(net, protocol)
+    finished = [run for run in method_runs if run.finished]
+    counted = [run for run in finished if key in run.last]
+    return (Cell([100 - run.last[key] for run in counted], [run.seed for run in counted],
+                 len(method_runs) - len(finished), protocol),
+            [(run.path, key) for run in finished if key not in run.last])
 
 
 def one_run_per_seed(method_runs, net_names, method):
@@ -269,18 +264,16 @@ def one_run_per_seed(method_runs, net_names, method):
     run found twice (a copied folder, a --resume PATH into another folder) or a rerun of it: counted
     as two seeds they would shrink the std. The run that logged the furthest epoch is kept, among
     equals the first by path."""
-    by_seed = defaultdict(list)
-    for run in sorted(method_runs, key=lambda run: (run.seed, -run.last["epoch"], run.path)):
-        by_seed[run.seed].append(run)
+    ordered = sorted(method_runs, key=lambda run: (run.seed, -run.last["epoch"], run.path))
     kept, notes = [], []
-    for seed, seed_runs in by_seed.items():
-        kept.append(seed_runs[0])
-        if len(seed_runs) > 1:
-            others = ", ".join(f"{run.path} (epoch {run.last['epoch']})" for run in seed_runs[1:])
-            notes.append(f"{' + '.join(map(paper.display_name, net_names))} {method}: seed {seed} has {len(seed_runs)} "
-                         f"runs in one cell, counted once, from the one that got furthest (the first by path "
-                         f"among equals): {seed_runs[0].path} (epoch {seed_runs[0].last['epoch']}); left out: "
-                         f"{others}")
+    for seed, runs in itertools.groupby(ordered, key=lambda run: run.seed):
+        first, *others = runs
+        kept.append(first)
+        if others:
+            notes.append(f"{' + '.join(map(paper.display_name, net_names))} {method}: seed {seed} has "
+                         f"{1 + len(others)} runs in one cell, counted once, from the one that got furthest (the first by path "
+                         f"among equals): {first.path} (epoch {first.last['epoch']}); left out: "
+                         + ", ".join(f"{run.path} (epoch {run.last['epoch']})" for run in others))
     return kept, len(method_runs) - len(kept), notes
 
 
@@ -325,7 +318,8 @@ def table_lines(rows):
     nets = (1, 2, ENSEMBLE) if any(net == ENSEMBLE for row in rows for _, net in row.cells) else (1, 2)
     keys = [(method, net) for method in methods for net in nets]
     labelled = any(row.other_cells or row.paper_note or any(map(row.paper_cell, keys)) for row in rows)
-    lines = [["Net 1", "Net 2", *varying, *([""] if labelled else [])] + [f"{method_header(method)} {net}" for method, net in keys]]
+    lines = [["Net 1", "Net 2", *varying, *([""] if labelled else [])]
+             + [f"{method_header(method)} {net}" for method, net in keys]]
     for row in rows:
         label = [paper.display_name(row.net_names[0]), paper.display_name(row.net_names[1]),
                  *(str(row.options.get(key, "")) for key in varying)]

@@ -29,7 +29,8 @@ from unittest import mock
 
 import slurm
 import slurm_job
-from common import FOLDERS, METHODS, ROOT, ToolError, bookkeeping_options, load_folder, one_line_errors, option_value, read_records
+from common import (FOLDERS, METHODS, ROOT, ToolError, bookkeeping_options, load_folder, one_line_errors, option_value,
+                    read_records)
 
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
