@@ -26,7 +26,6 @@ from common import FOLDERS, LOG_NAME, ToolError, load_folder, markdown_table, on
 from summarize import read_log
 
 NET_FILES = ("net1.pt", "net2.pt")  # what main.py exports, net 1 and net 2
-IMAGE_SHAPE = (1, 3, 32, 32)
 
 
 # --- the network a file holds ----------------------------------------------------------------------
@@ -104,7 +103,7 @@ def forward_gflop(network, device):
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        network(torch.zeros(IMAGE_SHAPE, device=device))
+        network(torch.zeros(1, 3, 32, 32, device=device))  # one CIFAR image
     return counter.get_total_flops() / 1e9
 
 

@@ -43,9 +43,8 @@ def error_curve(runs, key):
             if key in record:
                 by_epoch.setdefault(record["epoch"], []).append(100 - record[key])
     epochs = sorted(by_epoch)
-    errors = [np.array(by_epoch[epoch]) for epoch in epochs]
-    return (np.array(epochs), np.array([e.mean() for e in errors]), np.array([e.min() for e in errors]),
-            np.array([e.max() for e in errors]))
+    return np.array(epochs), *(np.array([reduce(by_epoch[epoch]) for epoch in epochs])
+                               for reduce in (np.mean, np.min, np.max))
 
 
 def panel_title(options, net_names, net, varying):

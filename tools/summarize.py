@@ -81,7 +81,7 @@ class Run:
 
 def find_logs(paths):
     """The log files named by `paths`: files as given, folders searched for log.txt, globs expanded."""
-    logs, in_progress = [], []
+    logs = []
     for path in paths:
         matches = sorted(glob.glob(path, recursive=True)) or ([path] if os.path.exists(path) else [])
         if not matches:
@@ -90,16 +90,10 @@ def find_logs(paths):
             if os.path.isdir(match):
                 logs += sorted(os.path.join(folder, LOG_NAME) for folder, _, files in os.walk(match)
                                if LOG_NAME in files)
-                # A run writes log.txt when its first epoch ends; before that its folder holds only these.
-                in_progress += [folder for folder, _, files in os.walk(match)
-                                if LOG_NAME not in files and {"stdout.txt", "checkpoint.pt"} & set(files)]
             else:
                 logs.append(match)
     unique = list(dict.fromkeys(os.path.normpath(log) for log in logs))
-    if not unique and in_progress:
-        raise ToolError(f"{', '.join(in_progress)}: in progress, no epoch finished yet (a run writes {LOG_NAME} "
-                        f"at the end of each epoch)")
-    if not unique:
+    if not unique:  # a run writes log.txt at the end of each epoch
         raise ToolError(f"no {LOG_NAME} under {' '.join(paths)}: no run there has finished an epoch"
                         f"{runs_elsewhere()}")
     return unique
