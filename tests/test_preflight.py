@@ -48,9 +48,9 @@ def start_preflight(tmp_path, arguments, compile_seconds):
     process of its own, with the stand-in compile taking `compile_seconds` per graph in each script."""
     cwd, pids = tmp_path / "cwd", tmp_path / "pids"
     cwd.mkdir(), pids.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(STANDIN), "STANDIN_PIDS": str(pids),
+    env = {**os.environ, "PYTHONPATH": str(STANDIN), "STANDIN_PIDS": str(pids), "CUDA_VISIBLE_DEVICES": "",
            "STANDIN_COMPILE": json.dumps(compile_seconds)}
-    command = [sys.executable, str(ROOT / "tools" / "preflight.py"), "--quick", "--cpu", "--nthread", "1", "--folders",
+    command = [sys.executable, str(ROOT / "tools" / "preflight.py"), "--quick", "--nthread", "1", "--folders",
                "wrn", "--settings", "fp32+cl+compile", "--out", str(tmp_path / "out"), *arguments]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), pids
 

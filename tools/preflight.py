@@ -3,7 +3,7 @@
     python tools/preflight.py                 # on a GPU: the table's WRN-28-10 pairs
     python tools/preflight.py --minutes 15    # done within 15 minutes: a compile gets what is left
     python tools/preflight.py --quick         # smaller pairs, fewer steps: WRN-16-4 on a GPU, WRN-16-1 on a CPU
-    python tools/preflight.py --cpu           # the CPU paths (gloo, CPU bf16) even where GPUs are visible
+    CUDA_VISIBLE_DEVICES= python tools/preflight.py   # the CPU paths (gloo, CPU bf16) where GPUs are visible
 
 One check after the other, each in a process with a time limit: environment; numerics of each
 candidate setting against IEEE fp32; speed (`main.py --benchmark`), projection and memory; resume;
@@ -44,7 +44,6 @@ def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller pairs and fewer steps (below)")
-    parser.add_argument("--cpu", action="store_true", help="check the CPU even where GPUs are visible")
     parser.add_argument("--minutes", type=float, help="finish within this time: a check that would start later is "
                         "not run, a compiled candidate's gets what is left (default: each check's own limit)")
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS)
@@ -262,7 +261,7 @@ def main(argv=None):
     scratch = tempfile.mkdtemp(prefix="preflight_")  # the checks' temporary files, removed at the end
     run = Preflight(opt, {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
                           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", "TMPDIR": scratch,
-                          "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": ""} if opt.cpu else {})})
+                          "PYTHONUNBUFFERED": "1"})
     previous = {number: signal.signal(number, stop_on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         return preflight(run, cache)
