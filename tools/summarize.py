@@ -161,10 +161,7 @@ class Row:
 
     def paper_cell(self, key):
         """The cell of ours that the paper's value of `key` is set beside, or None."""
-        for cell in (self.cells.get(key), self.other_cells.get(key)):
-            if cell is not None and cell.paper:
-                return cell
-        return None
+        return next((cell for cell in (self.cells.get(key), self.other_cells.get(key)) if cell and cell.paper), None)
 
 
 def accuracy_key(run, net, batchstats):
@@ -376,16 +373,12 @@ def csv_text(rows):
                              "network": "+".join(row.net_names) if net == ENSEMBLE else row.net_names[net - 1],
                              "protocol": cell.protocol, "paper_note": row.paper_note,
                              "runs": len(cell.errors), "unfinished": cell.unfinished, "repeated": cell.repeated,
-                             "mean": none_as_empty(cell.mean), "std": none_as_empty(cell.std),
+                             "mean": cell.mean, "std": cell.std,  # None is written as an empty field
                              "paper_mean": cell.paper[0] if cell.paper else "",
                              "paper_std": cell.paper[1] if cell.paper else "",
-                             "difference": none_as_empty(cell.difference),
+                             "difference": cell.difference,
                              "seeds": " ".join(map(str, cell.seeds))})
     return buffer.getvalue().rstrip("\n")
-
-
-def none_as_empty(value):
-    return "" if value is None else repr(value)
 
 
 # --- command line ------------------------------------------------------------------------------------
