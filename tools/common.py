@@ -35,6 +35,15 @@ def one_line_errors(main):
     return checked_main
 
 
+def import_optional(name, needed_by):
+    """The optional package `name` (requirements-tools.txt), or a ToolError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ToolError(f"{needed_by} needs {name}, which is not installed: pip install -r requirements-tools.txt "
+                        f"(or pip install {name})") from None
+
+
 @functools.cache
 def load_folder(folder):
     """The modules of a training folder as a namespace (.models, .main, .training, ...), imported

@@ -15,24 +15,13 @@ import sys
 
 import numpy as np
 
-from common import ToolError, one_line_errors
+from common import ToolError, import_optional, one_line_errors
 from paper import display_name
 from summarize import (accuracy_key, check_batchstats, group_rows, load_runs, method_header, method_order,
                        one_run_per_seed, split_options)
 
 PANEL_SIZE = (6.0, 4.0)  # inches, one network of one row
 MARKED_EPOCHS = 20
-
-
-def import_pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ToolError("plot.py needs matplotlib, which is not installed: pip install -r requirements-tools.txt "
-                        "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as pyplot
-    return pyplot
 
 
 def error_curve(runs, key):
@@ -104,7 +93,8 @@ def parse_options(argv=None):
 @one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
-    pyplot = import_pyplot()
+    import_optional("matplotlib", "plot.py").use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as pyplot
     runs = load_runs(opt.logs)
     if opt.batchstats:
         check_batchstats(runs)

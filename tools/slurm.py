@@ -24,7 +24,8 @@ import time
 from dataclasses import replace
 
 import slurm_job
-from summarize import ToolError, read_log
+from common import ToolError, import_optional
+from summarize import read_log
 
 RECORD = "slurm_job.json"  # in the run folder: the job that trains it
 SUBMITIT_FOLDER = "slurm"  # in the run folder: submitit's job files and logs
@@ -41,7 +42,6 @@ REASON = re.compile(r"^\S.*(error|exception|killed|cancelled|time limit|not requ
                     re.IGNORECASE)
 # SLURM may send --signal's warning up to this many seconds earlier than asked (sbatch's manual).
 SIGNAL_RESOLUTION = 60
-INSTALL = "sweep.py --slurm needs submitit: pip install -r requirements-tools.txt"
 _submitted = {}  # job id -> submitit job of this process (a local job's state needs its process)
 
 
@@ -101,14 +101,6 @@ def check_options(opt):
                             f"exclude=node12), got {param!r}")
 
 
-def import_submitit():
-    try:
-        import submitit
-    except ImportError:
-        raise ToolError(INSTALL) from None
-    return submitit
-
-
 # --- where each run stands -----------------------------------------------------------------------
 
 def read_record(save):
@@ -126,7 +118,7 @@ def job_states(records):
     that neither knows (it vanished)."""
     if not records:
         return {}
-    submitit = import_submitit()
+    submitit = import_optional("submitit", "sweep.py --slurm")
     submitit.SlurmJob.watcher.clear()  # states of an earlier question in this process are old
     jobs = {}
     for save, record in records.items():
@@ -235,7 +227,7 @@ def parameters(opt, name):
 
 def submit(opt, job, main_command):
     """Submit one run's job; records and returns its id."""
-    submitit = import_submitit()
+    submitit = import_optional("submitit", "sweep.py --slurm")
     import cloudpickle  # submitit's pickler; the job gets slurm_job's code with the object
 
     cloudpickle.register_pickle_by_value(slurm_job)
@@ -276,7 +268,7 @@ def main(opt, jobs, command):
     """--slurm and --status: `jobs` is the sweep's plan, `command(job)` a run's main.py command."""
     if opt.status:
         return status(jobs)
-    submitit = import_submitit()
+    submitit = import_optional("submitit", "sweep.py --slurm")
     records = {job.save: record for job in jobs if job.action in ("start", "resume")
                and (record := read_record(job.save)) is not None}
     states = job_states(records)
