@@ -48,9 +48,9 @@ def start_preflight(tmp_path, arguments, compile_seconds):
     process of its own, with the stand-in compile taking `compile_seconds` per graph in each script."""
     cwd, pids = tmp_path / "cwd", tmp_path / "pids"
     cwd.mkdir(), pids.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(STANDIN), "STANDIN_PIDS": str(pids),
+    env = {**os.environ, "PYTHONPATH": str(STANDIN), "STANDIN_PIDS": str(pids), "CUDA_VISIBLE_DEVICES": "",
            "STANDIN_COMPILE": json.dumps(compile_seconds)}
-    command = [sys.executable, str(ROOT / "tools" / "preflight.py"), "--quick", "--cpu", "--nthread", "1", "--folders",
+    command = [sys.executable, str(ROOT / "tools" / "preflight.py"), "--quick", "--nthread", "1", "--folders",
                "wrn", "--settings", "fp32+cl+compile", "--out", str(tmp_path / "out"), *arguments]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), pids
 
@@ -129,13 +129,14 @@ def test_the_gpu_rows_project_the_table_and_recommend_each_folders_fastest_setti
     run.mode, run.gpus = preflight.MODES["cuda", False], [{"name": "NVIDIA H100", "memory": 80 * 2 ** 30}] * 2
     for folder, setting, epoch_images in [("wrn", "bf16+cl", 1000.0), ("wrn", "bf16+cl+compile", 2000.0),
                                           ("wrn_mobi", "tf32+cl", 5000.0), ("wrn_mobi", "bf16+cl", 4000.0)]:
-        run.add(f"speed {folder}/ {setting}", "", "pass", setting=setting, epoch_images=epoch_images, memory="30 GiB")
+        run.add(f"speed {folder}/ {setting}", "", "pass", setting=setting, epoch_images=epoch_images,
+                memory="peak GPU memory 30 GiB")
     run.add("speed wrn_mobi/ bf16+cl+compile", "", "slow", "slow compile")
     assert preflight.conclude(run) == 0
     rows = table_rows(capsys.readouterr().out)
     # 200 epochs of 50,000 images: 1.39 h at 2000 img/s, 0.56 h at 5000; 15 runs each on 2 GPUs.
     assert rows["projection wrn/"][0].startswith("bf16+cl+compile, the fastest: 1.4 h per 200-epoch run")
-    assert rows["memory wrn_mobi/"][0] == "tf32+cl: peak 30 GiB of a GPU's 80 GiB"
+    assert rows["memory wrn_mobi/"][0] == "tf32+cl: peak GPU memory 30 GiB of a GPU's 80 GiB"
     assert rows["projection: the table"][0].startswith("30 runs (wrn, wrn_mobi) of WRN-28-10 pairs, 29.2 run-hours: "
                                                        "about 14.6 h on 2 x NVIDIA H100, one run per GPU")
     assert preflight.recommended_commands({"wrn": "bf16+cl+compile", "wrn_mobi": "tf32+cl"}, run.gpus) == [

@@ -412,7 +412,8 @@ def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` fail
     code, out, err = call("--slurm", "--methods", "ind", "--logdir", tmp_path / "logs", *TINY)
     assert code == 2 and out == ""
-    assert err == "error: sweep.py --slurm needs submitit: pip install -r requirements-tools.txt\n"
+    assert err == ("error: sweep.py --slurm needs submitit, which is not installed: pip install -r "
+                   "requirements-tools.txt (or pip install submitit)\n")
     assert not (tmp_path / "logs").exists()
 
 

@@ -1,5 +1,5 @@
 """The speed settings (--amp, --tf32, --channels_last, --compile), evaluation batches, the CPU allocator
-setting, `main.py --benchmark` and tools/benchmark.py. All on the CPU; no test is timed.
+setting and `main.py --benchmark`. All on the CPU; no test is timed.
 
 The steps of the speed settings and of resumes with other settings are built by main.py's own
 functions in this process and compared with the reference's fp32 eager step by their weight updates.
@@ -290,7 +290,7 @@ def test_freed_memory_is_reused_without_page_faults_inside_a_running_main():
     assert ran_main < pages / 20
 
 
-# --- main.py --benchmark and tools/benchmark.py -------------------------------------------------------
+# --- main.py --benchmark ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("folder_name", ["wrn", "wrn_mobi"])
 def test_benchmark_prints_one_line_with_every_figure_and_writes_nothing(tmp_path, folder_name):
@@ -313,17 +313,3 @@ def test_benchmark_prints_one_line_with_every_figure_and_writes_nothing(tmp_path
     assert list(tmp_path.iterdir()) == [], "--benchmark must not write files"
     phases = [line for line in result.stderr.splitlines() if line.startswith("benchmark: ")]
     assert len(phases) == 4 and "warm-up" in phases[1], result.stderr  # each phase says it has started
-
-
-def test_benchmark_tool_prints_the_table(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--gpu_id", "", "--nthread", "1",
-                             "--depth", "16", "--width", "1", "--batch_size", "4", "--steps", "1",
-                             "--folders", "wrn", "--settings", "bf16"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| wrn/")]
-    assert len(rows) == 1, result.stdout
-    bf16 = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert bf16[:3] == ["wrn/", "wrn-16-1 + wrn-16-1", "bf16"]
-    assert float(bf16[3]) > 0 and float(bf16[5]) > 0 and bf16[8].endswith(" h")
-    assert list(tmp_path.iterdir()) == []

@@ -190,7 +190,6 @@ def test_dry_run_lists_exactly_the_runs_to_start_and_resume(swept, tmp_path):
 
 
 def test_default_dry_run_lists_the_30_runs_of_the_papers_table_seed_by_seed(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "gpu_count", lambda: 4)  # this machine as one with 4 GPUs
     code, out, _ = call(sweep.main, "--dry_run", "--logdir", tmp_path / "logs", "--gpus", "0,1,2,3")
     assert code == 0
     saves = [shlex.split(line)[3] for line in out.splitlines() if not line.startswith("#")]
@@ -244,32 +243,6 @@ def test_sweep_refuses_bad_options_before_writing(tmp_path, args, words):
         assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("gpus, found, words", [
-    ("0", 0, ["--gpus 0: GPU 0 is not on this machine (PyTorch finds no GPU)", "--gpus ''"]),
-    ("0,1,2", 2, ["--gpus 0,1,2: GPU 2 is not on this machine (PyTorch finds 2 GPUs, ids 0 to 1)"]),
-])
-def test_sweep_refuses_gpus_this_machine_does_not_have(tmp_path, monkeypatch, gpus, found, words):
-    monkeypatch.setattr(sweep, "gpu_count", lambda: found)  # this machine as one with `found` GPUs
-    for dry_run in (["--dry_run"], []):
-        line = error_line(*call(sweep.main, *dry_run, "--logdir", tmp_path / "logs", "--gpus", gpus)[::2])
-        assert all(word in line for word in words), line
-        assert not (tmp_path / "logs").exists()
-
-
-def test_gpu_count_ignores_the_sweeps_own_cuda_visible_devices(monkeypatch):
-    # A run sets CUDA_VISIBLE_DEVICES to its --gpu_id: the sweep's own setting hides no GPU from it,
-    # so the GPUs are counted by a Python started without it (here a stand-in on a 3-GPU machine).
-    asked = []
-
-    def fake_run(command, env, **kwargs):
-        asked.append(env)
-        return subprocess.CompletedProcess(command, 0, stdout="3\n" if "CUDA_VISIBLE_DEVICES" not in env else "0\n")
-
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
-    assert sweep.gpu_count() == 3 and len(asked) == 1
-
-
 # --- summarize: real logs ----------------------------------------------------------------------
 
 def test_summarize_real_logs_cells_are_mean_and_sample_std_over_finished_seeds(swept, real_logs):
@@ -309,16 +282,6 @@ def test_summarize_real_logs_markdown_has_the_papers_layout(swept, mobi_run, rea
     assert rows[2][4:] == ["", f"{batchstats_error:.2f} (n=1)", "", ""]
 
 
-def test_summarize_include_unfinished_counts_the_last_logged_epoch(swept, real_logs):
-    code, out, err = call(summarize.main, real_logs, "--csv", "--include_unfinished")
-    assert code == 0
-    cells = {(row["net2"], row["method"], row["net"]): row for row in csv.DictReader(io.StringIO(out))}
-    errors = [final_errors(swept["saves"]["dml", 1], 1), 100 - read_log(swept["saves"]["dml", 2])[0]["test_acc_net1"]]
-    assert cells["wrn-10-1", "dml", "1"]["runs"] == "2"
-    assert float(cells["wrn-10-1", "dml", "1"]["mean"]) == pytest.approx(np.mean(errors))
-    assert "unfinished, counted" in err
-
-
 # --- summarize: hand-written logs with known numbers ------------------------------------------------
 
 # What main.py logs with its defaults (the paper's recipe), read off its own parser.
@@ -334,7 +297,7 @@ KNOWN_ERRORS = {
     ("mobi", "dml"): ([17.2, 17.3, 17.1], [24.0, 23.8, 23.9]),
     ("mobi", "dcm"): ([16.9, 16.8, 16.7], [21.5, 21.4, 21.2]),
 }
-BEST_GAIN = 0.3  # epoch 199 is this much better than the last one in the hand-written logs
+EARLIER_GAIN = 0.3  # epoch 199 is this much better than the last one in the hand-written logs: the table takes the last
 # The MobileNet's error with test-batch BN statistics (the published protocol) is this much higher
 # than with BN in eval mode in the hand-written logs.
 PUBLISHED_PROTOCOL_GAP = 1.8
@@ -361,10 +324,10 @@ def write_log(path, records):
 
 
 def write_run(base, pair, method, seed, errors, logged_epochs=(199, 200), **options):
-    """A run whose last logged epoch has `errors` (net 1, net 2), the epoch before it BEST_GAIN less."""
+    """A run whose last logged epoch has `errors` (net 1, net 2), the epoch before it EARLIER_GAIN less."""
     save = base / f"{pair}_{method}_seed{seed}"
     options = {"method": method, "seed": seed, "save": str(save), **options}
-    records = [log_record(epoch, *(e - (0 if epoch == logged_epochs[-1] else BEST_GAIN) for e in errors), pair,
+    records = [log_record(epoch, *(e - (0 if epoch == logged_epochs[-1] else EARLIER_GAIN) for e in errors), pair,
                           **options) for epoch in logged_epochs]
     return write_log(save, records)
 
@@ -417,16 +380,6 @@ def test_paper_cells_are_mean_and_std_by_hand_beside_the_papers_values(paper_log
     assert "The paper's MobileNet values come from the published wrn_mobi" in out
 
 
-def test_best_takes_each_runs_best_epoch(paper_logs):
-    code, out, _ = call(summarize.main, paper_logs, "--best", "--csv")
-    assert code == 0
-    cells = {(row["net2"], row["method"], row["net"]): row for row in csv.DictReader(io.StringIO(out))
-             if row["protocol"] == "eval"}
-    errors = np.array(KNOWN_ERRORS["mobi", "dcm"][1]) - BEST_GAIN
-    assert float(cells["mobilenet", "dcm", "2"]["mean"]) == pytest.approx(errors.mean())
-    assert float(cells["mobilenet", "dcm", "2"]["std"]) == pytest.approx(errors.std(ddof=1))
-
-
 def test_csv_parses_into_one_line_per_cell_with_the_papers_numbers(paper_logs):
     code, out, _ = call(summarize.main, paper_logs, "--csv")
     assert code == 0
@@ -443,23 +396,6 @@ def test_csv_parses_into_one_line_per_cell_with_the_papers_numbers(paper_logs):
     assert float(cell["mean"]) == pytest.approx(16.5) and float(cell["std"]) == pytest.approx(0.5)
     assert (float(cell["paper_mean"]), float(cell["paper_std"])) == (16.61, 0.24)
     assert float(cell["difference"]) == pytest.approx(16.5 - 16.61)
-
-
-def test_latex_parses_as_a_tabular_with_escaped_text(paper_logs, added_options):
-    # An option main.py may gain later defines rows too, and its text is escaped.
-    added_options(warmup_mode="none")
-    write_run(paper_logs / "other", "wrn", "dcm", 1, (20.0, 20.0), links="same", warmup_mode="linear_5%")
-    code, out, _ = call(summarize.main, paper_logs, "--latex")
-    assert code == 0
-    lines = [line for line in out.splitlines() if not line.startswith("%")]
-    spec = re.fullmatch(r"\\begin\{tabular\}\{([lc]+)\}", lines[0]).group(1)
-    assert lines[-1] == r"\end{tabular}"
-    body = [line for line in lines[1:-1] if line != r"\hline"]
-    assert all(line.endswith(r" \\") and line.count(" & ") == len(spec) - 1 for line in body), body
-    assert body[0].split(" & ")[-2:] == ["DCM-same 1", r"DCM-same 2 \\"]
-    assert any(r"16.50 $\pm$ 0.50 (n=3)" in line for line in body)
-    assert all("±" not in line for line in body)
-    assert r"warmup\_mode" in body[0] and any(r"linear\_5\%" in line for line in body)
 
 
 def test_runs_differing_only_in_seed_save_note_gpu_nthread_dataroot_share_a_cell(tmp_path):
@@ -589,19 +525,18 @@ def write_repeated_seeds(base):
 
 def test_a_cell_counts_each_seed_once_and_says_which_runs_of_a_repeated_seed_it_left_out(tmp_path):
     write_repeated_seeds(tmp_path)
-    for flags in ([], ["--include_unfinished"]):  # the furthest run of a seed is counted either way
-        code, out, err = call(summarize.main, tmp_path, *flags)
-        assert code == 0, err
-        header, *rows = markdown_rows(out)
-        assert rows[0][header.index("DCM 1")] == "17.00 ± 1.00 (n=3, +3 repeated seed)"
-        notes = err.splitlines()
-        seed1, = [note for note in notes if "seed 1 has 3 runs" in note]
-        counted, left_out = seed1.split("left out: ")
-        assert str(tmp_path / "a" / "wrn_dcm_seed1" / "log.txt") in counted
-        assert str(tmp_path / "b" / "wrn_dcm_seed1" / "log.txt") in left_out and "c/wrn_dcm_seed1" in left_out
-        seed3, = [note for note in notes if "seed 3 has 2 runs" in note]
-        assert f"{tmp_path / 'b' / 'wrn_dcm_seed3' / 'log.txt'} (epoch 200); left out: " in seed3
-        assert "unfinished" not in out and "unfinished" not in err  # the stopped runs are not counted
+    code, out, err = call(summarize.main, tmp_path)
+    assert code == 0, err
+    header, *rows = markdown_rows(out)
+    assert rows[0][header.index("DCM 1")] == "17.00 ± 1.00 (n=3, +3 repeated seed)"
+    notes = err.splitlines()
+    seed1, = [note for note in notes if "seed 1 has 3 runs" in note]
+    counted, left_out = seed1.split("left out: ")
+    assert str(tmp_path / "a" / "wrn_dcm_seed1" / "log.txt") in counted
+    assert str(tmp_path / "b" / "wrn_dcm_seed1" / "log.txt") in left_out and "c/wrn_dcm_seed1" in left_out
+    seed3, = [note for note in notes if "seed 3 has 2 runs" in note]
+    assert f"{tmp_path / 'b' / 'wrn_dcm_seed3' / 'log.txt'} (epoch 200); left out: " in seed3
+    assert "unfinished" not in out and "unfinished" not in err  # the stopped runs are not counted
     assert "n = seeds" in out
     code, out, _ = call(summarize.main, tmp_path, "--csv")
     cell = next(row for row in csv.DictReader(io.StringIO(out)) if row["net"] == "1")
@@ -693,7 +628,7 @@ def test_help_works_and_shows_usage_examples(tool, capsys):
 def test_plot_writes_a_png_of_both_networks(real_logs, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figure2.png"
-    code, stdout, err = call(plot.main, real_logs, "--out", out, "--include_unfinished")
+    code, stdout, err = call(plot.main, real_logs, "--out", out)
     assert code == 0, err
     assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
     assert f"wrote {out}" in stdout
@@ -727,6 +662,13 @@ def test_plot_draws_each_seed_once_and_says_which_runs_it_left_out(tmp_path, mon
     assert "seed 1 has 3 runs" in err and "seed 3 has 2 runs" in err
 
 
+def test_plot_draws_an_unfinished_run_as_far_as_it_got(tmp_path, monkeypatch):
+    write_run(tmp_path, "wrn", "dcm", 1, (17.0, 17.0), logged_epochs=(1, 2))  # epoch 2 of 200
+    _, figure = plotted(monkeypatch, tmp_path, "--out", tmp_path / "figure.png")
+    line, = figure.axes[0].get_lines()
+    assert list(line.get_xdata()) == [1, 2] and line.get_ydata()[-1] == pytest.approx(17.0)
+
+
 def test_plot_titles_name_the_dataset_and_the_subset(tmp_path, monkeypatch):
     # One dataset in the figure: it is still named, so that a FashionMNIST figure cannot pass for a CIFAR one.
     write_run(tmp_path / "fashion", "wrn", "dcm", 1, (17.0, 17.0), dataset="FashionMNIST", subset=64, epochs=2,
@@ -743,7 +685,7 @@ def test_plot_titles_name_the_dataset_and_the_subset(tmp_path, monkeypatch):
 
 
 def test_plot_refuses_an_unknown_format(real_logs, tmp_path):
-    assert ".png" in error_line(*call(plot.main, real_logs, "--out", tmp_path / "figure2.jpg")[::2])
+    assert "png" in error_line(*call(plot.main, real_logs, "--out", tmp_path / "figure2.xyz")[::2])
 
 
 # --- evaluate ----------------------------------------------------------------------------------
@@ -843,7 +785,6 @@ def bad_files(tmp_path_factory, swept):
     records = read_log(save)
     states = {"with_aux": models.wrn(16, 1, 10, aux=True).state_dict(),  # what a checkpoint holds under "net1"
               "missing_key": {key: value for key, value in net1.items() if key != "head.bn.weight"},
-              "ten_classes": models.wrn(10, 1, 10, aux=False).state_dict(),
               "other_network": {"weight": torch.zeros(3)}, "no_log": net1}
     files = {"checkpoint": save / "checkpoint.pt", "missing": base / "missing" / "net1.pt",
              "text": base / "text" / "net1.pt", "renamed": base / "renamed" / "weights.pt"}
@@ -851,10 +792,7 @@ def bad_files(tmp_path_factory, swept):
     for name, path in files.items():
         path.parent.mkdir(exist_ok=True)
         if name not in ("checkpoint", "missing", "no_log"):
-            # The ten-class network's run logged 10 classes, as it would have; CIFAR100 has 100.
-            classes = 10 if name == "ten_classes" else 100
-            (path.parent / "log.txt").write_text("".join(f"json_stats: {json.dumps({**r, 'num_classes': classes})}\n"
-                                                         for r in records))
+            (path.parent / "log.txt").write_text("".join(f"json_stats: {json.dumps(r)}\n" for r in records))
     for name, state in states.items():
         torch.save(state, files[name])
     torch.save(net1, files["renamed"])
@@ -863,10 +801,9 @@ def bad_files(tmp_path_factory, swept):
 
 
 @pytest.mark.parametrize("name, words", [
-    ("checkpoint", ["training checkpoint", "net1.pt"]),
-    ("with_aux", ["auxiliary classifiers", "aux1."]),
+    ("checkpoint", ["not the state dict of a network", "net1.pt"]),
+    ("with_aux", ["does not fit WRN-10-1", "Unexpected key(s)", "aux1."]),
     ("missing_key", ["does not fit WRN-10-1", "head.bn.weight"]),
-    ("ten_classes", ["10 classes", "CIFAR100 has 100", "--dataset"]),
     ("other_network", ["does not fit WRN-10-1", "Missing key"]),
     ("no_log", ["beside its run's log.txt", "--save folder"]),
     ("renamed", ["not a net1.pt or net2.pt"]),
@@ -885,4 +822,4 @@ def test_evaluate_script_exits_2_without_traceback(swept):
                              str(swept["saves"]["ind", 1] / "checkpoint.pt"), "--gpu_id", "", "--nthread", "1"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and "training checkpoint" in result.stderr
+    assert result.stderr.startswith("error: ") and "not the state dict of a network" in result.stderr

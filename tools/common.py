@@ -13,12 +13,35 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("wrn", "wrn_mobi")  # the training folders, each a pair of networks: a new one is added here
+# The sweep's methods, in the table's order; dcm-LINKS is dcm with --links LINKS.
+METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 LOG_NAME = "log.txt"
 LOG_PREFIX = "json_stats: "
 
 
 class ToolError(Exception):
     """A problem the user can fix (a path, a foreign file, a flag): one message, exit code 2."""
+
+
+def one_line_errors(main):
+    """A tool's main(argv) that prints a ToolError as one line 'error: ...' on stderr and returns 2."""
+    @functools.wraps(main)
+    def checked_main(argv=None):
+        try:
+            return main(argv)
+        except ToolError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    return checked_main
+
+
+def import_optional(name, needed_by):
+    """The optional package `name` (requirements-tools.txt), or a ToolError saying how to install it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ToolError(f"{needed_by} needs {name}, which is not installed: pip install -r requirements-tools.txt "
+                        f"(or pip install {name})") from None
 
 
 @functools.cache

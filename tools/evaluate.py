@@ -1,16 +1,16 @@
 """Test error, parameter count and forward GFLOP of exported networks (SAVE/net1.pt, SAVE/net2.pt).
 
     python tools/evaluate.py logs/wrn-28-10_mobilenet_dcm_seed1/net*.pt   # the run's dataset, from its --dataroot
-    python tools/evaluate.py logs/RUN/net1.pt --dataset CIFAR10 --dataroot DATA --gpu_id ''
+    python tools/evaluate.py logs/RUN/net1.pt --dataroot DATA --gpu_id ''   # the dataset from DATA, on the CPU
 
 Each file is loaded (weights_only), strictly, into the network that the run's log.txt beside it
 names: net 1 or net 2 of models.build_pair of the folder that trained it (architecture), with the
 run's --depth, --width and classes, without auxiliary classifiers. It is tested as main.py tested
-it at the last epoch (BN in eval mode; the run's dataset, --dataroot, --amp, --tf32 and
---channels_last, read off that log; --dataset, --dataroot and --amp override them), so the error
-is 100 - the test_acc_net1/net2 logged last. A --dataroot that is no folder here is refused:
-nothing is downloaded. GFLOP: 2 x multiply-adds of one 32x32 image's forward pass. Checkpoints,
-networks with auxiliary classifiers and files without their run's log are refused with a message.
+it at the last epoch (BN in eval mode; the run's dataset, --dataroot, --eval_batch_size, --amp,
+--tf32 and --channels_last, read off that log; --dataroot overrides it), so the error is 100 - the
+test_acc_net1/net2 logged last. A --dataroot that is no folder here is refused: nothing is
+downloaded. GFLOP: 2 x multiply-adds of one 32x32 image's forward pass. Checkpoints, other
+networks and files without their run's log are refused with a message.
 Prints a Markdown table. The whole story: docs/reproducing.md.
 """
 import argparse
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, load_folder, markdown_table, read_records
+from common import FOLDERS, LOG_NAME, ToolError, load_folder, markdown_table, one_line_errors
+from summarize import read_log
 
 NET_FILES = ("net1.pt", "net2.pt")  # what main.py exports, net 1 and net 2
-IMAGE_SHAPE = (1, 3, 32, 32)
 
 
 # --- the network a file holds ----------------------------------------------------------------------
@@ -36,11 +36,7 @@ def run_record(path):
     if Path(path).name not in NET_FILES or not log.is_file():
         raise ToolError(f"{path}: not a {' or '.join(NET_FILES)} beside its run's {LOG_NAME}, which names the "
                         f"network; give the net1.pt or net2.pt of a run in its --save folder")
-    record = read_records(log)[-1]
-    if not (ROOT / record.get("architecture", "") / "models.py").is_file():
-        raise ToolError(f"{log} names no training folder of this repository (architecture "
-                        f"{record.get('architecture')}); give the net1.pt or net2.pt of a run of main.py")
-    return record
+    return read_log(log)[-1]  # refusing a log that main.py did not write
 
 
 def read_weights(path):
@@ -52,21 +48,13 @@ def read_weights(path):
     except Exception as error:  # not a torch file, truncated, or holding objects weights_only refuses
         raise ToolError(f"{path} is not a file of tensors saved by main.py ({type(error).__name__}); "
                         f"give the net1.pt or net2.pt of a finished run") from None
-    if isinstance(state, dict) and {"net1", "net2", "optimizer"} <= set(state):
-        raise ToolError(f"{path} is a training checkpoint (both networks with auxiliary classifiers); "
-                        f"give the net1.pt or net2.pt that the run exports when it finishes "
-                        f"(finish it with main.py --resume)")
     if not (isinstance(state, dict) and state and all(isinstance(value, torch.Tensor) for value in state.values())):
         raise ToolError(f"{path} is not the state dict of a network; give the net1.pt or net2.pt of a run")
     return state
 
 
 def build_network(path, state, record, folder):
-    """(name, the network with `state` loaded, strictly, and in eval mode)."""
-    aux_keys = [key for key in state if key.startswith(folder.checkpoint.AUX_PREFIXES)]
-    if aux_keys:
-        raise ToolError(f"{path} holds auxiliary classifiers ({aux_keys[0]}, ...): it is not an exported "
-                        f"network; give the net1.pt or net2.pt that main.py writes at the end of a run")
+    """(name, the network with `state` loaded, strictly (auxiliary classifiers refused), in eval mode)."""
     index = NET_FILES.index(Path(path).name)
     name = paper.display_name(record[f"net{index + 1}"])
     network = folder.models.build_pair(record["depth"], record["width"], record["num_classes"], False)[index]
@@ -80,22 +68,11 @@ def build_network(path, state, record, folder):
 
 # --- measurements ----------------------------------------------------------------------------------
 
-def run_protocol(record, opt):
-    """{dataset, dataroot, amp, tf32, channels_last} main.py tested the run's networks with at its
-    last epoch, --dataset, --dataroot and --amp overriding the log's, and `logged`: whether the
-    dataroot is the log's."""
-    protocol = {key: record[key] for key in ("dataset", "dataroot", "amp", "tf32", "channels_last")}
-    protocol.update({key: getattr(opt, key) for key in ("dataset", "dataroot", "amp") if getattr(opt, key)})
-    protocol["logged"] = not opt.dataroot
-    return protocol
-
-
-def check_dataroot(path, protocol):
+def check_dataroot(path, dataset, dataroot, logged):
     """Refuse a dataroot that is no folder here, rather than download the dataset into it."""
-    dataroot = protocol["dataroot"]
-    if os.path.isdir(dataroot) or protocol["dataset"] == "synthetic":  # made in memory: no folder needed
+    if os.path.isdir(dataroot) or dataset == "synthetic":  # made in memory: no folder needed
         return
-    if protocol["logged"]:
+    if logged:
         relative = "" if os.path.isabs(dataroot) else " (relative to the folder the run was started in)"
         raise ToolError(f"{path}: the run's --dataroot {dataroot}{relative}, read off "
                         f"{Path(path).parent / 'log.txt'}, is no folder here; give the dataset's folder with "
@@ -126,7 +103,7 @@ def forward_gflop(network, device):
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        network(torch.zeros(IMAGE_SHAPE, device=device))
+        network(torch.zeros(1, 3, 32, 32, device=device))  # one CIFAR image
     return counter.get_total_flops() / 1e9
 
 
@@ -137,25 +114,21 @@ def measure(path, opt, device, datasets):
     record = run_record(path)
     folder = load_folder(record["architecture"])
     name, network = build_network(path, state, record, folder)
-    protocol = run_protocol(record, opt)
-    dataset_name, dataroot = protocol["dataset"], protocol["dataroot"]
-    check_dataroot(path, protocol)
+    dataset_name, dataroot = record["dataset"], opt.dataroot or record["dataroot"]
+    check_dataroot(path, dataset_name, dataroot, logged=not opt.dataroot)
     if (dataset_name, dataroot) not in datasets:
         try:
             datasets[dataset_name, dataroot] = folder.dataset.load_dataset(dataset_name, dataroot, device)
         except folder.dataset.DatasetError as error:
             raise ToolError(str(error)) from None
     data = datasets[dataset_name, dataroot]
-    if data.num_classes != record["num_classes"]:
-        raise ToolError(f"{path} classifies into {record['num_classes']} classes, {dataset_name} has "
-                        f"{data.num_classes}; give the run's dataset with --dataset")
     network.to(device)
-    folder.hardware.set_fp32_precision(protocol["tf32"])  # as main.py set it for the run
-    accuracy, loss = test_measurements(network, folder, data, opt.batch_size, protocol["amp"],
-                                       protocol["channels_last"])
-    fp32 = "tf32" if protocol["tf32"] and device.type == "cuda" else "fp32"  # TrainingStep.describe_settings()'s words
-    settings = ", ".join([fp32 if protocol["amp"] == "none" else f"amp {protocol['amp']}",
-                          *(["channels_last"] if protocol["channels_last"] else [])])
+    folder.hardware.set_fp32_precision(record["tf32"])  # as main.py set it for the run
+    accuracy, loss = test_measurements(network, folder, data, record["eval_batch_size"], record["amp"],
+                                       record["channels_last"])
+    fp32 = "tf32" if record["tf32"] and device.type == "cuda" else "fp32"  # TrainingStep.describe_settings()'s words
+    settings = ", ".join([fp32 if record["amp"] == "none" else f"amp {record['amp']}",
+                          *(["channels_last"] if record["channels_last"] else [])])
     return {"network": name, "dataset": dataset_name, "test_images": len(data.test_labels), "protocol": settings,
             "accuracy": accuracy, "loss": loss, "parameters": sum(p.numel() for p in network.parameters()),
             "gflop": forward_gflop(network.to(memory_format=torch.contiguous_format), device)}
@@ -176,21 +149,15 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("weights", nargs="+", help="net1.pt / net2.pt files written by main.py")
-    folder = load_folder(FOLDERS[0])  # for the choices and defaults, main.py's in every folder
-    parser.add_argument("--dataset", default=None, choices=folder.dataset.DATASETS,
-                        help="default: the dataset in the log.txt beside each file")
-    parser.add_argument("--amp", default=None, choices=sorted(folder.training.AMP_DTYPES),
-                        help="autocast of the test pass; default: main.py's --amp in the log.txt beside each file")
     parser.add_argument("--dataroot", default=None,
                         help="the dataset's folder; default: the run's --dataroot in the log.txt beside each file")
-    parser.add_argument("--batch_size", default=500, type=int, help="test batch size (BN in eval mode), as main.py's")
     parser.add_argument("--gpu_id", default=None, type=str,
                         help="the GPU to use; '' for the CPU (default: GPU 0, or the CPU where there is none)")
-    parser.add_argument("--nthread", default=folder.hardware.available_cores(), type=int,
+    parser.add_argument("--nthread", default=load_folder(FOLDERS[0]).hardware.available_cores(), type=int,
                         help="CPU threads for torch (default: the cores this process may use)")
     opt = parser.parse_args(argv)
-    if opt.batch_size <= 0 or opt.nthread <= 0:
-        parser.error("--batch_size and --nthread must be positive")
+    if opt.nthread <= 0:
+        parser.error("--nthread must be positive")
     return opt
 
 
@@ -202,17 +169,14 @@ def select_device(opt):
     return torch.device("cuda" if opt.gpu_id != "" and torch.cuda.is_available() else "cpu")
 
 
+@one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
     device = select_device(opt)
     columns = ["file", "network", "test set", "protocol", "test error (%)", "test acc (%)", "test loss",
                "parameters", "GFLOP / image"]
     datasets = {}
-    try:
-        rows = [evaluate(path, opt, device, datasets) for path in opt.weights]
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    rows = [evaluate(path, opt, device, datasets) for path in opt.weights]
     print("\n".join(markdown_table(columns, rows)))
     return 0
 

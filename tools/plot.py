@@ -6,35 +6,22 @@
 
 Reads and groups logs as tools/summarize.py does: a row of panels per row of its table, net 1 on
 the left, net 2 on the right, one curve per method, each seed once; the panels' titles name the
-dataset and --subset. Unfinished runs are left out unless --include_unfinished. The format follows
---out: .png, .pdf or .svg. Needs matplotlib (`pip install -r requirements-tools.txt`).
+dataset and --subset. Unfinished runs are drawn as far as they got. The format follows
+--out: .png, .pdf, .svg, or any other of matplotlib's. Needs matplotlib (`pip install -r requirements-tools.txt`).
 """
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
-from common import ToolError
+from common import ToolError, import_optional, one_line_errors
 from paper import display_name
 from summarize import (accuracy_key, check_batchstats, group_rows, load_runs, method_header, method_order,
                        one_run_per_seed, split_options)
 
-FORMATS = (".png", ".pdf", ".svg")
 PANEL_SIZE = (6.0, 4.0)  # inches, one network of one row
 MARKED_EPOCHS = 20
-
-
-def import_pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ToolError("plot.py needs matplotlib, which is not installed: pip install -r requirements-tools.txt "
-                        "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as pyplot
-    return pyplot
 
 
 def error_curve(runs, key):
@@ -45,9 +32,8 @@ def error_curve(runs, key):
             if key in record:
                 by_epoch.setdefault(record["epoch"], []).append(100 - record[key])
     epochs = sorted(by_epoch)
-    errors = [np.array(by_epoch[epoch]) for epoch in epochs]
-    return (np.array(epochs), np.array([e.mean() for e in errors]), np.array([e.min() for e in errors]),
-            np.array([e.max() for e in errors]))
+    return np.array(epochs), *(np.array([reduce(by_epoch[epoch]) for epoch in epochs])
+                               for reduce in (np.mean, np.min, np.max))
 
 
 def panel_title(options, net_names, net, varying):
@@ -77,14 +63,11 @@ def draw(pyplot, runs, opt):
             notes += seed_notes
         for net, ax in zip((1, 2), row_axes):
             for method, method_runs in curves.items():
-                counted = [run for run in method_runs if run.finished or opt.include_unfinished]
-                if not counted:
-                    continue
                 # One key for the whole row: it depends on the networks only.
-                epochs, mean, low, high = error_curve(counted, accuracy_key(some_run, net, opt.batchstats))
+                epochs, mean, low, high = error_curve(method_runs, accuracy_key(some_run, net, opt.batchstats))
                 # Markers only on short curves, where a single epoch would otherwise draw nothing.
                 line, = ax.plot(epochs, mean, marker="o" if len(epochs) <= MARKED_EPOCHS else None,
-                                label=f"{method_header(method)} (n={len(counted)})")
+                                label=f"{method_header(method)} (n={len(method_runs)})")
                 ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
             ax.set_title(panel_title(some_run.row_options, some_run.net_names, net, varying), fontsize=10)
             ax.set_xlabel("epoch")
@@ -101,30 +84,26 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
-    parser.add_argument("--out", default="figure2.png", help="the figure file: .png, .pdf or .svg")
-    parser.add_argument("--include_unfinished", action="store_true", help="draw unfinished runs too")
+    parser.add_argument("--out", default="figure2.png", help="the figure file: .png, .pdf, .svg, ...")
     parser.add_argument("--batchstats", action="store_true",
                         help="MobileNet's error with BN using test-batch statistics, as summarize.py --batchstats")
     return parser.parse_args(argv)
 
 
+@one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
+    import_optional("matplotlib", "plot.py").use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as pyplot
+    runs = load_runs(opt.logs)
+    if opt.batchstats:
+        check_batchstats(runs)
+    figure, notes = draw(pyplot, runs, opt)
     try:
-        if os.path.splitext(opt.out)[1].lower() not in FORMATS:
-            raise ToolError(f"--out {opt.out}: give a file ending in {', '.join(FORMATS)}")
-        pyplot = import_pyplot()
-        runs = load_runs(opt.logs)
-        if opt.batchstats:
-            check_batchstats(runs)
-        if not any(run.finished or opt.include_unfinished for run in runs):
-            raise ToolError(f"none of the {len(runs)} runs is finished; draw them with --include_unfinished")
-        figure, notes = draw(pyplot, runs, opt)
         figure.savefig(opt.out, dpi=150)
-        pyplot.close(figure)
-    except (ToolError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as error:  # ValueError: a format matplotlib does not write
+        raise ToolError(f"--out {opt.out}: {error}") from None
+    pyplot.close(figure)
     print(f"wrote {opt.out}")
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

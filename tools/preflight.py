@@ -3,7 +3,7 @@
     python tools/preflight.py                 # on a GPU: the table's WRN-28-10 pairs
     python tools/preflight.py --minutes 15    # done within 15 minutes: a compile gets what is left
     python tools/preflight.py --quick         # smaller pairs, fewer steps: WRN-16-4 on a GPU, WRN-16-1 on a CPU
-    python tools/preflight.py --cpu           # the CPU paths (gloo, CPU bf16) even where GPUs are visible
+    CUDA_VISIBLE_DEVICES= python tools/preflight.py   # the CPU paths (gloo, CPU bf16) where GPUs are visible
 
 One check after the other, each in a process with a time limit: environment; numerics of each
 candidate setting against IEEE fp32; speed (`main.py --benchmark`), projection and memory; resume;
@@ -23,31 +23,33 @@ import threading
 import time
 from pathlib import Path
 
-import benchmark  # tools/benchmark.py: the settings table, main.py --benchmark's command line and its parser
 from common import FOLDERS, ROOT, setting_flags
 
 CHECKS = ("numerics", "speed", "resume", "torchrun")
 RUNS_PER_FOLDER = 3 * 5  # the table: 3 methods x 5 seeds
 LIMIT = 600  # seconds an eager check may take: beyond, it hangs
 COMPILE_LIMIT = 3600  # seconds a compiled candidate's check may take without --minutes
-# the pairs and steps of `main.py --benchmark`, per (device, --quick)
-MODES = {("cuda", False): dict(depth=28, width=10, batch_size=128, steps=20),
-         ("cuda", True): dict(depth=16, width=4, batch_size=128, steps=10),
-         ("cpu", False): dict(depth=16, width=1, batch_size=32, steps=5),
-         ("cpu", True): dict(depth=16, width=1, batch_size=2, steps=1)}
+TRAIN_IMAGES, EPOCHS = 50_000, 200  # CIFAR-100's training set, the reference schedule
+# the pairs and steps of `main.py --benchmark`, per (device, --quick): main.py's flags
+MODES = {("cuda", False): dict(depth=28, width=10, batch_size=128, benchmark=20),
+         ("cuda", True): dict(depth=16, width=4, batch_size=128, benchmark=10),
+         ("cpu", False): dict(depth=16, width=1, batch_size=32, benchmark=5),
+         ("cpu", True): dict(depth=16, width=1, batch_size=2, benchmark=1)}
+# What --settings may name (main.py's flags: common.setting_flags).
+SETTINGS = ("fp32+cl", "fp32+cl+compile", "tf32+cl", "bf16", "bf16+cl", "bf16+compile", "bf16+cl+compile", "fp16+cl",
+            "fp16+cl+compile")
 
 
 def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller pairs and fewer steps (below)")
-    parser.add_argument("--cpu", action="store_true", help="check the CPU even where GPUs are visible")
     parser.add_argument("--minutes", type=float, help="finish within this time: a check that would start later is "
                         "not run, a compiled candidate's gets what is left (default: each check's own limit)")
     parser.add_argument("--folders", nargs="+", default=list(FOLDERS), choices=FOLDERS)
     parser.add_argument("--checks", nargs="+", default=list(CHECKS), choices=CHECKS,
                         help="the checks after the environment (default: all)")
-    parser.add_argument("--settings", nargs="+", choices=sorted(set(benchmark.SETTINGS) - {"fp32"}),
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS,
                         help="the candidate settings (default: the device's, docs/preflight.md)")
     parser.add_argument("--out", default=str(Path.home() / ".cache" / "dcm-preflight"), metavar="DIR",
                         help="DIR/compile is the compile cache, kept for your runs (default: %(default)s)")
@@ -152,23 +154,22 @@ def checks_command(check, **config):
 
 
 def speed(run, folder, setting, numerics_passed, compiles=False):
-    """One `main.py --benchmark` process: the row of its line, with the epoch code's img/s."""
+    """One `main.py --benchmark` process: the figures of its line, with the epoch code's img/s."""
     title = f"speed {folder}/ {setting}"
     if not numerics_passed:
         return run.add(title, "", "skipped", "its numerics did not pass or did not finish")
-    options = benchmark.parse_options([*(f"--{key}={value}" for key, value in run.mode.items()),
-                                       f"--nthread={run.opt.nthread}", *([] if run.gpus else ["--gpu_id="])])
+    command = [sys.executable, str(ROOT / folder / "main.py"), *(f"--{key}={value}" for key, value in run.mode.items()),
+               f"--nthread={run.opt.nthread}", *([] if run.gpus else ["--gpu_id="]), *setting_flags(setting)]
     started = time.time()
-    lines = run.run(title, benchmark.row_command(options, folder, setting), compiles, cwd=ROOT / folder)
+    lines = run.run(title, command, compiles, cwd=ROOT / folder)
     result = [line for line in lines or [] if line.startswith("benchmark | ")]
     if not result:
         return lines is None or run.add(title, "", "fail", "main.py --benchmark printed no result line")
-    cells = benchmark.parse_line(result[-1])
-    epoch_images = float(cells["img/s"]) * float(cells["pipeline efficiency"])
-    run.add(title, f"{cells['img/s']} img/s, {cells['ms/step']} ms/step, {cells['TFLOP/s']} TFLOP/s, peak memory "
-            f"{cells['peak memory']}, pipeline efficiency {cells['pipeline efficiency']}: {epoch_images:.1f} img/s "
-            f"in the epoch code; {time.time() - started:.0f} s",
-            "pass", setting=setting, epoch_images=epoch_images, memory=cells["peak memory"])
+    # benchmark | pair | method | batch | setting | device | img/s | ms/step | TFLOP/s | memory | efficiency
+    fields = result[-1].split(" | ")
+    epoch_images = float(fields[6].split()[0]) * float(fields[-1].split()[-1])
+    run.add(title, f"{', '.join(fields[6:])}: {epoch_images:.1f} img/s in the epoch code; {time.time() - started:.0f} s",
+            "pass", setting=setting, epoch_images=epoch_images, memory=fields[-2])
 
 
 def conclude(run):
@@ -180,11 +181,11 @@ def conclude(run):
         if timed:
             best = max(timed, key=lambda data: data["epoch_images"])
             chosen[folder] = best["setting"]
-            run_hours = benchmark.EPOCHS * benchmark.TRAIN_IMAGES / best["epoch_images"] / 3600
+            run_hours = EPOCHS * TRAIN_IMAGES / best["epoch_images"] / 3600
             hours += RUNS_PER_FOLDER * run_hours
             run.add(f"projection {folder}/", f"{best['setting']}, the fastest: {run_hours:.1f} h per 200-epoch run "
                     f"(training in the epoch code; the evaluation is not timed)", "pass")
-            run.add(f"memory {folder}/", f"{best['setting']}: peak {best['memory']}" + (
+            run.add(f"memory {folder}/", f"{best['setting']}: {best['memory']}" + (
                 f" of a GPU's {run.gpus[0]['memory'] / 2 ** 30:.0f} GiB" if run.gpus else " on the CPU"), "pass")
     if chosen:
         where = f"{len(run.gpus)} x {run.gpus[0]['name']}, one run per GPU" if run.gpus else "this CPU, one run at a time"
@@ -260,7 +261,7 @@ def main(argv=None):
     scratch = tempfile.mkdtemp(prefix="preflight_")  # the checks' temporary files, removed at the end
     run = Preflight(opt, {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton"),
                           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", "TMPDIR": scratch,
-                          "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": ""} if opt.cpu else {})})
+                          "PYTHONUNBUFFERED": "1"})
     previous = {number: signal.signal(number, stop_on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         return preflight(run, cache)

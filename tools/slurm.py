@@ -24,7 +24,8 @@ import time
 from dataclasses import replace
 
 import slurm_job
-from summarize import ToolError, read_log
+from common import ToolError, import_optional
+from summarize import read_log
 
 RECORD = "slurm_job.json"  # in the run folder: the job that trains it
 SUBMITIT_FOLDER = "slurm"  # in the run folder: submitit's job files and logs
@@ -41,11 +42,26 @@ REASON = re.compile(r"^\S.*(error|exception|killed|cancelled|time limit|not requ
                     re.IGNORECASE)
 # SLURM may send --signal's warning up to this many seconds earlier than asked (sbatch's manual).
 SIGNAL_RESOLUTION = 60
-INSTALL = "sweep.py --slurm needs submitit: pip install -r requirements-tools.txt"
 _submitted = {}  # job id -> submitit job of this process (a local job's state needs its process)
 
 
 # --- options -------------------------------------------------------------------------------------
+
+# The options that describe the jobs (and --setup, --slurm_param): (default, metavar, least value of a
+# number, help). Without --slurm, one of them away from its default is a mistake.
+JOB_OPTIONS = {
+    "--partition": (None, "P", None, "SLURM partition (default: the cluster's)"),
+    "--account": (None, "A", None, "account charged for the jobs"),
+    "--qos": (None, "Q", None, "quality of service"),
+    "--constraint": (None, "C", None, "node features, e.g. a100"),
+    "--time": (1440, "MIN", 1, "time limit of each job in minutes; a longer run is requeued"),
+    "--mem_gb": (32, "G", 1, "memory of each job"),
+    "--cpus_per_run": (8, "N", 1, "CPUs of each job"),
+    "--gpus_per_run": (1, "G", 0, "GPUs of each job; G > 1 trains under torchrun across them, 0 on the CPU"),
+    "--signal_delay": (120, "S", 1, "seconds between SLURM's warning signal and the end of the job, to write the "
+                                    "checkpoint"),
+}
+
 
 def add_options(parser):
     """The --slurm options of sweep.py's parser."""
@@ -55,21 +71,9 @@ def add_options(parser):
     group.add_argument("--status", action="store_true",
                        help="one line per run: finished, running, queued, failed, stopped or not started; exit "
                             "code 0 only when all finished")
-    group.add_argument("--partition", default=None, metavar="P", help="SLURM partition (default: the cluster's)")
-    group.add_argument("--account", default=None, metavar="A", help="account charged for the jobs")
-    group.add_argument("--qos", default=None, metavar="Q", help="quality of service")
-    group.add_argument("--constraint", default=None, metavar="C", help="node features, e.g. a100")
-    group.add_argument("--time", default=JOB_OPTIONS["--time"], type=int, metavar="MIN",
-                       help="time limit of each job in minutes (default: 1440); a longer run is requeued")
-    group.add_argument("--mem_gb", default=JOB_OPTIONS["--mem_gb"], type=int, metavar="G",
-                       help="memory of each job (default: 32)")
-    group.add_argument("--cpus_per_run", default=JOB_OPTIONS["--cpus_per_run"], type=int, metavar="N",
-                       help="CPUs of each job (default: 8)")
-    group.add_argument("--gpus_per_run", default=JOB_OPTIONS["--gpus_per_run"], type=int, metavar="G",
-                       help="GPUs of each job (default: 1); G > 1 trains under torchrun across them, 0 on the CPU")
-    group.add_argument("--signal_delay", default=JOB_OPTIONS["--signal_delay"], type=int, metavar="S",
-                       help="seconds between SLURM's warning signal and the end of the job, to write the "
-                            "checkpoint (default: 120)")
+    for flag, (default, metavar, least, text) in JOB_OPTIONS.items():
+        group.add_argument(flag, default=default, type=None if least is None else int, metavar=metavar,
+                           help=text + ("" if default is None else f" (default: {default})"))
     group.add_argument("--setup", action="append", default=[], metavar="LINE",
                        help="a shell line run in the job before training, e.g. 'module load cuda'; repeatable")
     group.add_argument("--slurm_param", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -78,15 +82,14 @@ def add_options(parser):
 
 def check_options(opt):
     if not (opt.slurm or opt.status):
-        given = [flag for flag in JOB_OPTIONS if getattr(opt, flag[2:]) != JOB_OPTIONS[flag]]
+        given = [flag for flag, (default, *_) in JOB_OPTIONS.items() if getattr(opt, flag[2:]) != default]
+        given += [flag for flag in ("--setup", "--slurm_param") if getattr(opt, flag[2:])]
         if given:
             raise ToolError(f"{given[0]} describes the SLURM jobs of --slurm; add --slurm, or drop {given[0]} "
                             f"to run the sweep on this machine")
-    for flag, value, low in (("--time", opt.time, 1), ("--mem_gb", opt.mem_gb, 1),
-                             ("--cpus_per_run", opt.cpus_per_run, 1), ("--gpus_per_run", opt.gpus_per_run, 0),
-                             ("--signal_delay", opt.signal_delay, 1)):
-        if value < low:
-            raise ToolError(f"{flag} must be at least {low}, got {value}")
+    for flag, (_, _, least, _) in JOB_OPTIONS.items():
+        if least is not None and getattr(opt, flag[2:]) < least:
+            raise ToolError(f"{flag} must be at least {least}, got {getattr(opt, flag[2:])}")
     if opt.signal_delay + SIGNAL_RESOLUTION >= 60 * opt.time:
         raise ToolError(f"--signal_delay {opt.signal_delay} s plus the {SIGNAL_RESOLUTION} s SLURM may send the "
                         f"signal early leave no time to train in --time {opt.time} min; use --time "
@@ -96,20 +99,6 @@ def check_options(opt):
         if not equals or not key or key.startswith("-"):
             raise ToolError(f"--slurm_param takes KEY=VALUE (an sbatch option without its dashes, e.g. "
                             f"exclude=node12), got {param!r}")
-
-
-# The options that describe the jobs, with their defaults: without --slurm, one of them is a mistake.
-JOB_OPTIONS = {"--partition": None, "--account": None, "--qos": None, "--constraint": None, "--time": 1440,
-               "--mem_gb": 32, "--cpus_per_run": 8, "--gpus_per_run": 1, "--signal_delay": 120, "--setup": [],
-               "--slurm_param": []}
-
-
-def import_submitit():
-    try:
-        import submitit
-    except ImportError:
-        raise ToolError(INSTALL) from None
-    return submitit
 
 
 # --- where each run stands -----------------------------------------------------------------------
@@ -129,7 +118,7 @@ def job_states(records):
     that neither knows (it vanished)."""
     if not records:
         return {}
-    submitit = import_submitit()
+    submitit = import_optional("submitit", "sweep.py --slurm")
     submitit.SlurmJob.watcher.clear()  # states of an earlier question in this process are old
     jobs = {}
     for save, record in records.items():
@@ -238,7 +227,7 @@ def parameters(opt, name):
 
 def submit(opt, job, main_command):
     """Submit one run's job; records and returns its id."""
-    submitit = import_submitit()
+    submitit = import_optional("submitit", "sweep.py --slurm")
     import cloudpickle  # submitit's pickler; the job gets slurm_job's code with the object
 
     cloudpickle.register_pickle_by_value(slurm_job)
@@ -277,16 +266,12 @@ def resources(opt):
 
 def main(opt, jobs, command):
     """--slurm and --status: `jobs` is the sweep's plan, `command(job)` a run's main.py command."""
-    try:
-        if opt.status:
-            return status(jobs)
-        submitit = import_submitit()
-        records = {job.save: record for job in jobs if job.action in ("start", "resume")
-                   and (record := read_record(job.save)) is not None}
-        states = job_states(records)
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if opt.status:
+        return status(jobs)
+    submitit = import_optional("submitit", "sweep.py --slurm")
+    records = {job.save: record for job in jobs if job.action in ("start", "resume")
+               and (record := read_record(job.save)) is not None}
+    states = job_states(records)
     active = {save for save, state in states.items() if state in QUEUED | RUNNING}
     to_submit = [job for job in jobs if job.action in ("start", "resume") and job.save not in active]
     blocked = [job for job in jobs if job.action == "blocked"]
@@ -299,10 +284,8 @@ def main(opt, jobs, command):
     for job in jobs:
         if job.save in active:
             print(f"# {states[job.save].lower()}: {job.save} (job {records[job.save]['job_id']})")
-        elif job.action == "skip":
-            print(f"# skipped: {job.save} ({job.reason})")
-        elif job.action == "blocked":
-            print(f"# BLOCKED: {job.save} ({job.reason})")
+        elif job.action in ("skip", "blocked"):
+            print(f"# {'skipped' if job.action == 'skip' else 'BLOCKED'}: {job.save} ({job.reason})")
         elif opt.dry_run:
             print(shlex.join(command(job)))
     if opt.dry_run:

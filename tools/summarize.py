@@ -2,16 +2,15 @@
 
     python tools/summarize.py logs                              # every log.txt under logs/
     python tools/summarize.py 'logs/*_seed1' 'logs/*_seed2'    # globs
-    python tools/summarize.py logs --best                       # best epoch instead of the last
-    python tools/summarize.py logs --latex > table.tex          # or --csv: one line per cell
+    python tools/summarize.py logs --csv > table.csv            # one line per cell, plain numbers
     python tools/summarize.py 'logs/*mobilenet*' --batchstats   # the MobileNet's published-protocol line first
     python tools/summarize.py logs --ensemble                   # and the pair as an ensemble
 
 A row is a pair of networks (as the runs logged them) with its settings: every logged option of
 main.py but those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
-dcm with other --links), net 1's and net 2's error after the last epoch (--best: the best one),
+dcm with other --links), net 1's and net 2's error after the last epoch (the paper's protocol),
 mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
-are left out unless --include_unfinished. The paper's values (tools/paper.py) are set below a row
+are left out, and counted in their cell. The paper's values (tools/paper.py) are set below a row
 only where its recipe is the paper's and the error is measured as the paper measured it (its
 MobileNet with test-batch BN statistics). Notes go to stderr, the table to stdout. The whole
 story: docs/reproducing.md.
@@ -20,6 +19,7 @@ import argparse
 import csv
 import glob
 import io
+import itertools
 import json
 import os
 import sys
@@ -30,17 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 
 import paper
-from common import FOLDERS, LOG_NAME, ROOT, ToolError, bookkeeping_options, markdown_table, read_records, run_options
+from common import (FOLDERS, LOG_NAME, METHODS, ROOT, ToolError, bookkeeping_options, markdown_table, one_line_errors,
+                    read_records, run_options)
 
 # Keys of a line of main.py that this tool reads; the published code's logs lack most of them.
 REQUIRED_KEYS = ("epoch", "epochs", "method", "links", "seed", "dataset", "depth", "width", "architecture", "net1",
                  "net2", "test_acc_net1", "test_acc_net2")
 ENSEMBLE = "ensemble"  # the column of the pair's ensemble, next to net 1 and net 2
 ENSEMBLE_KEY = "test_acc_ensemble"
-METHOD_ORDER = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")
 METHOD_HEADERS = {"ind": "Ind", "dml": "DML", "ds": "DS", "dcm": "DCM"}
-LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
 
 
 @dataclass
@@ -83,7 +81,7 @@ class Run:
 
 def find_logs(paths):
     """The log files named by `paths`: files as given, folders searched for log.txt, globs expanded."""
-    logs, in_progress = [], []
+    logs = []
     for path in paths:
         matches = sorted(glob.glob(path, recursive=True)) or ([path] if os.path.exists(path) else [])
         if not matches:
@@ -92,16 +90,10 @@ def find_logs(paths):
             if os.path.isdir(match):
                 logs += sorted(os.path.join(folder, LOG_NAME) for folder, _, files in os.walk(match)
                                if LOG_NAME in files)
-                # A run writes log.txt when its first epoch ends; before that its folder holds only these.
-                in_progress += [folder for folder, _, files in os.walk(match)
-                                if LOG_NAME not in files and {"stdout.txt", "checkpoint.pt"} & set(files)]
             else:
                 logs.append(match)
     unique = list(dict.fromkeys(os.path.normpath(log) for log in logs))
-    if not unique and in_progress:
-        raise ToolError(f"{', '.join(in_progress)}: in progress, no epoch finished yet (a run writes {LOG_NAME} "
-                        f"at the end of each epoch)")
-    if not unique:
+    if not unique:  # a run writes log.txt at the end of each epoch
         raise ToolError(f"no {LOG_NAME} under {' '.join(paths)}: no run there has finished an epoch"
                         f"{runs_elsewhere()}")
     return unique
@@ -141,8 +133,7 @@ class Cell:
     """One network of one method in one row: the error and seed of each run counted."""
     errors: list
     seeds: list
-    unfinished: int  # unfinished runs in the cell
-    unfinished_counted: bool  # whether they are among `errors` (--include_unfinished)
+    unfinished: int  # unfinished runs of the cell, left out of `errors`
     protocol: str = "eval"  # how the errors were measured: a key of paper.PROTOCOLS
     paper: tuple = None  # (mean, std) reported in the paper, where it measured this cell the same way
     repeated: int = 0  # runs left out because another run of their seed is counted
@@ -170,10 +161,7 @@ class Row:
 
     def paper_cell(self, key):
         """The cell of ours that the paper's value of `key` is set beside, or None."""
-        for cell in (self.cells.get(key), self.other_cells.get(key)):
-            if cell is not None and cell.paper:
-                return cell
-        return None
+        return next((cell for cell in (self.cells.get(key), self.other_cells.get(key)) if cell and cell.paper), None)
 
 
 def accuracy_key(run, net, batchstats):
@@ -187,14 +175,6 @@ def protocol_key(net, protocol):
     if net == ENSEMBLE:
         return ENSEMBLE_KEY
     return f"test_acc_net{net}" + ("_batchstats" if protocol == "batchstats" else "")
-
-
-def run_error(run, key, best):
-    """100 - accuracy at the last epoch (or the best one); None when the log lacks `key`."""
-    accuracies = [record[key] for record in run.records if key in record]
-    if best:
-        return 100 - max(accuracies) if accuracies else None
-    return 100 - run.last[key] if key in run.last else None
 
 
 def group_rows(runs):
@@ -211,10 +191,10 @@ def group_rows(runs):
 
 
 def method_order(method):
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    return (METHODS.index(method), "") if method in METHODS else (len(METHODS), method)
 
 
-def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensemble=False):
+def tabulate(runs, batchstats=False, ensemble=False):
     """The rows of the table, and the notes to print below it; `ensemble` adds the pair's ensemble
     to the networks of each method."""
     rows, notes, counted_runs = [], [], []
@@ -233,7 +213,7 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
                 if batchstats:
                     protocols.reverse()
                 for index, protocol in enumerate(protocols):
-                    cell, missing = measure_cell(method_runs, net, best, include_unfinished, protocol)
+                    cell, missing = measure_cell(method_runs, net, protocol)
                     cell.repeated = repeated
                     compared = net != ENSEMBLE and protocol == paper.protocol(net_names[net - 1])
                     paper_value = paper.value(options, method, net) if compared else None
@@ -247,10 +227,8 @@ def tabulate(runs, best=False, include_unfinished=False, batchstats=False, ensem
         if reasons:
             notes.append(f"{' + '.join(map(paper.display_name, net_names))}: no paper values beside a row whose recipe "
                          f"is not the paper's: {'; '.join(reasons)}")
-    for run in counted_runs:
-        if not run.finished:
-            counted = "counted (--include_unfinished)" if include_unfinished else "left out"
-            notes.append(f"unfinished, {counted}: {run.path} (epoch {run.last['epoch']} of {run.last['epochs']})")
+    notes += [f"unfinished, left out: {run.path} (epoch {run.last['epoch']} of {run.last['epochs']})"
+              for run in counted_runs if not run.finished]
     return rows, notes
 
 
@@ -260,22 +238,15 @@ def logged_both(methods, net):
     return any(protocol_key(net, "batchstats") in run.last for runs in methods.values() for run in runs)
 
 
-def measure_cell(method_runs, net, best, include_unfinished, protocol="eval"):
-    """The Cell of network `net` measured by `protocol` over the runs of one method, and (log,
-    key) of the runs whose log lacks the accuracy the cell needs."""
-    errors, seeds, missing = [], [], []
-    for run in method_runs:
-        if not (run.finished or include_unfinished):
-            continue
-        key = protocol_key(net, protocol)
-        error = run_error(run, key, best)
-        if error is None:
-            missing.append((run.path, key))
-            continue
-        errors.append(error)
-        seeds.append(run.seed)
-    unfinished = sum(not run.finished for run in method_runs)
-    return Cell(errors, seeds, unfinished, include_unfinished, protocol), missing
+def measure_cell(method_runs, net, protocol="eval"):
+    """The Cell of network `net` measured by `protocol` over the finished runs of one method, and
+    (log, key) of the runs whose log lacks the accuracy the cell needs."""
+    key = protocol_key(net, protocol)
+    finished = [run for run in method_runs if run.finished]
+    counted = [run for run in finished if key in run.last]
+    return (Cell([100 - run.last[key] for run in counted], [run.seed for run in counted],
+                 len(method_runs) - len(finished), protocol),
+            [(run.path, key) for run in finished if key not in run.last])
 
 
 def one_run_per_seed(method_runs, net_names, method):
@@ -284,18 +255,16 @@ def one_run_per_seed(method_runs, net_names, method):
     run found twice (a copied folder, a --resume PATH into another folder) or a rerun of it: counted
     as two seeds they would shrink the std. The run that logged the furthest epoch is kept, among
     equals the first by path."""
-    by_seed = defaultdict(list)
-    for run in sorted(method_runs, key=lambda run: (run.seed, -run.last["epoch"], run.path)):
-        by_seed[run.seed].append(run)
+    ordered = sorted(method_runs, key=lambda run: (run.seed, -run.last["epoch"], run.path))
     kept, notes = [], []
-    for seed, seed_runs in by_seed.items():
-        kept.append(seed_runs[0])
-        if len(seed_runs) > 1:
-            others = ", ".join(f"{run.path} (epoch {run.last['epoch']})" for run in seed_runs[1:])
-            notes.append(f"{' + '.join(map(paper.display_name, net_names))} {method}: seed {seed} has {len(seed_runs)} "
-                         f"runs in one cell, counted once, from the one that got furthest (the first by path "
-                         f"among equals): {seed_runs[0].path} (epoch {seed_runs[0].last['epoch']}); left out: "
-                         f"{others}")
+    for seed, runs in itertools.groupby(ordered, key=lambda run: run.seed):
+        first, *others = runs
+        kept.append(first)
+        if others:
+            notes.append(f"{' + '.join(map(paper.display_name, net_names))} {method}: seed {seed} has "
+                         f"{1 + len(others)} runs in one cell, counted once, from the one that got furthest (the first by path "
+                         f"among equals): {first.path} (epoch {first.last['epoch']}); left out: "
+                         + ", ".join(f"{run.path} (epoch {run.last['epoch']})" for run in others))
     return kept, len(method_runs) - len(kept), notes
 
 
@@ -316,9 +285,8 @@ def split_options(row_options):
 
 
 def cell_text(cell):
-    """'16.70 ± 0.20 (n=5)'; '(n=4, +1 unfinished)' when unfinished runs are left out, '(n=5, 1
-    unfinished)' when they are counted, '(n=5, +1 repeated seed)' when a run of a counted seed is
-    left out."""
+    """'16.70 ± 0.20 (n=5)'; '(n=4, +1 unfinished)' when unfinished runs are left out, '(n=5, +1
+    repeated seed)' when a run of a counted seed is left out."""
     if cell is None:
         return ""
     value = "-"
@@ -326,7 +294,7 @@ def cell_text(cell):
         value = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
     counts = f"n={len(cell.errors)}"
     if cell.unfinished:
-        counts += f", {'' if cell.unfinished_counted else '+'}{cell.unfinished} unfinished"
+        counts += f", +{cell.unfinished} unfinished"
     if cell.repeated:
         counts += f", +{cell.repeated} repeated seed"
     return f"{value} ({counts})"
@@ -335,15 +303,14 @@ def cell_text(cell):
 def table_lines(rows):
     """The table as lists of cell texts (header first; per row ours, for a MobileNet ours under the
     other protocol, then the paper's and the difference where the paper measured the cell as we
-    did, or why the paper's values are left out), and how many leading columns are labels."""
+    did, or why the paper's values are left out)."""
     methods = sorted({method for row in rows for method, _ in row.cells}, key=method_order)
     varying, _ = split_options([row.options for row in rows])
     nets = (1, 2, ENSEMBLE) if any(net == ENSEMBLE for row in rows for _, net in row.cells) else (1, 2)
     keys = [(method, net) for method in methods for net in nets]
     labelled = any(row.other_cells or row.paper_note or any(map(row.paper_cell, keys)) for row in rows)
-    header = ["Net 1", "Net 2", *varying, *([""] if labelled else [])]
-    label_columns = len(header)
-    lines = [header + [f"{method_header(method)} {net}" for method, net in keys]]
+    lines = [["Net 1", "Net 2", *varying, *([""] if labelled else [])]
+             + [f"{method_header(method)} {net}" for method, net in keys]]
     for row in rows:
         label = [paper.display_name(row.net_names[0]), paper.display_name(row.net_names[1]),
                  *(str(row.options.get(key, "")) for key in varying)]
@@ -360,14 +327,13 @@ def table_lines(rows):
             lines.append(blank + ["ours - paper"] + [f"{cell.difference:+.2f}" if cell else "" for cell in compared])
         elif row.paper_note:
             lines.append(blank + ["paper"] + [row.paper_note] + [""] * (len(keys) - 1))
-    return lines, label_columns
+    return lines
 
 
-def title(rows, best, batchstats):
+def title(rows, batchstats):
     _, shared = split_options([row.options for row in rows])
-    epoch = "the best epoch of each run (--best; the paper reports the last)" if best else "the last epoch"
-    lines = [f"Test error (%) of each network's final classifier at {epoch}: mean ± sample std over seeds, "
-             f"n = seeds, one run each."]
+    lines = ["Test error (%) of each network's final classifier at the last epoch: mean ± sample std over seeds, "
+             "n = seeds, one run each."]
     # The networks measured both ways, as their runs logged them (wrn_mobi's MobileNet, net 2).
     for net, name, folder in sorted({(net, row.net_names[net - 1], row.options["architecture"])
                                      for row in rows for _, net in row.other_cells}):
@@ -386,28 +352,9 @@ def title(rows, best, batchstats):
     return lines
 
 
-def markdown(rows, best, batchstats):
-    lines, _ = table_lines(rows)
-    out = title(rows, best, batchstats) + [""]
-    out += markdown_table(lines[0], lines[1:])
-    return "\n".join(out)
-
-
-def latex_cell(text):
-    return "".join(LATEX_SPECIALS.get(char, char) for char in text).replace(" ± ", r" $\pm$ ")
-
-
-def latex(rows, best, batchstats):
-    lines, label_columns = table_lines(rows)
-    out = [f"% {line}" for line in title(rows, best, batchstats)]
-    out.append(r"\begin{tabular}{" + "l" * label_columns + "c" * (len(lines[0]) - label_columns) + "}")
-    out.append(r"\hline")
-    for index, line in enumerate(lines):
-        out.append(" & ".join(latex_cell(cell) for cell in line) + r" \\")
-        if index == 0:
-            out.append(r"\hline")
-    out += [r"\hline", r"\end{tabular}"]
-    return "\n".join(out)
+def markdown(rows, batchstats):
+    lines = table_lines(rows)
+    return "\n".join(title(rows, batchstats) + [""] + markdown_table(lines[0], lines[1:]))
 
 
 def csv_text(rows):
@@ -426,16 +373,12 @@ def csv_text(rows):
                              "network": "+".join(row.net_names) if net == ENSEMBLE else row.net_names[net - 1],
                              "protocol": cell.protocol, "paper_note": row.paper_note,
                              "runs": len(cell.errors), "unfinished": cell.unfinished, "repeated": cell.repeated,
-                             "mean": none_as_empty(cell.mean), "std": none_as_empty(cell.std),
+                             "mean": cell.mean, "std": cell.std,  # None is written as an empty field
                              "paper_mean": cell.paper[0] if cell.paper else "",
                              "paper_std": cell.paper[1] if cell.paper else "",
-                             "difference": none_as_empty(cell.difference),
+                             "difference": cell.difference,
                              "seeds": " ".join(map(str, cell.seeds))})
     return buffer.getvalue().rstrip("\n")
-
-
-def none_as_empty(value):
-    return "" if value is None else repr(value)
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -447,17 +390,12 @@ def parse_options(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 1)[1] + "\n" + ignored)
     parser.add_argument("logs", nargs="+", help="log files, folders holding log.txt files, or globs")
-    parser.add_argument("--best", action="store_true", help="each run's best epoch instead of its last")
-    parser.add_argument("--include_unfinished", action="store_true",
-                        help="count unfinished runs (at their last logged epoch) in the means")
     parser.add_argument("--batchstats", action="store_true",
                         help="the 'ours' line from test_acc_net2_batchstats, the MobileNet's error with test-batch BN "
                              "statistics (the published code's protocol), the eval-mode one second")
     parser.add_argument("--ensemble", action="store_true",
                         help=f"a column per method: the pair as an ensemble (final softmax averaged, {ENSEMBLE_KEY})")
-    output = parser.add_mutually_exclusive_group()
-    output.add_argument("--latex", action="store_true", help="a LaTeX tabular instead of Markdown")
-    output.add_argument("--csv", action="store_true", help="CSV, one line per cell, instead of Markdown")
+    parser.add_argument("--csv", action="store_true", help="CSV, one line per cell, instead of Markdown")
     return parser.parse_args(argv)
 
 
@@ -467,23 +405,15 @@ def check_batchstats(runs):
                         f"(wrn_mobi/main.py logs it for its MobileNet, wrn/ runs do not); drop --batchstats")
 
 
+@one_line_errors
 def main(argv=None):
     opt = parse_options(argv)
-    try:
-        runs = load_runs(opt.logs)
-        if opt.batchstats:
-            check_batchstats(runs)
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    rows, notes = tabulate(runs, opt.best, opt.include_unfinished, opt.batchstats, opt.ensemble)
-    if opt.csv:
-        table = csv_text(rows)
-    elif opt.latex:
-        table = latex(rows, opt.best, opt.batchstats)
-    else:
-        table = markdown(rows, opt.best, opt.batchstats)
-    print(table, flush=True)  # before the notes on stderr, also when both go to one pipe
+    runs = load_runs(opt.logs)
+    if opt.batchstats:
+        check_batchstats(runs)
+    rows, notes = tabulate(runs, opt.batchstats, opt.ensemble)
+    # flushed before the notes on stderr, also when both go to one pipe
+    print(csv_text(rows) if opt.csv else markdown(rows, opt.batchstats), flush=True)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return 0

@@ -29,9 +29,9 @@ from unittest import mock
 
 import slurm
 import slurm_job
-from common import FOLDERS, ROOT, ToolError, bookkeeping_options, load_folder, option_value, read_records
+from common import (FOLDERS, METHODS, ROOT, ToolError, bookkeeping_options, load_folder, one_line_errors, option_value,
+                    read_records)
 
-METHODS = ("ind", "dml", "ds", "dcm", "dcm-same", "dcm-cross", "dcm-final")  # dcm-LINKS: dcm with --links LINKS
 # main.py's flags the sweep sets itself, and which of its own options to use instead.
 RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--methods (dcm-same, ...)",
                   "--seed": "--seeds", "--gpu_id": "--gpus", "--resume": "nothing (runs resume by themselves)",
@@ -39,7 +39,6 @@ RESERVED_FLAGS = {"--save": "--logdir", "--method": "--methods", "--links": "--m
 # main.py's options that the run folder's name shows already (the others that do not change what is
 # trained, common.bookkeeping_options, are not written after it either).
 NAMED_OPTIONS = ("depth", "width", "method", "links")
-OUTPUT_NAME = "stdout.txt"
 POLL_SECONDS = 0.5
 
 
@@ -54,7 +53,7 @@ class Job:
 
     @property
     def output(self):
-        return os.path.join(self.save, OUTPUT_NAME)
+        return os.path.join(self.save, slurm_job.OUTPUT_NAME)
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -83,7 +82,9 @@ def parse_options(argv=None):
 
 def check_options(opt, main_args):
     if opt.gpus is None:
-        opt.gpus = "0" if gpu_found() else ""
+        import torch  # slow to import: only when --gpus is not given
+
+        opt.gpus = "0" if torch.cuda.is_available() else ""
     gpus = opt.gpus.split(",")
     if opt.gpus and not all(gpu.strip().isdigit() for gpu in gpus):
         raise ToolError(f"--gpus takes GPU ids like 0,1,2 (or '' for the CPU), got {opt.gpus!r}")
@@ -93,15 +94,12 @@ def check_options(opt, main_args):
         raise ToolError(f"--jobs_per_gpu must be positive, got {opt.jobs_per_gpu}")
     if len(set(opt.seeds)) != len(opt.seeds):
         raise ToolError(f"--seeds repeats a seed: {' '.join(map(str, opt.seeds))}")
-    for flag, _ in flag_values(main_args):
+    for flag in (arg.partition("=")[0] for arg in main_args):  # '--seed 3' or '--seed=3'
         if flag in RESERVED_FLAGS:
             raise ToolError(f"{flag} is set by the sweep for each run; use {RESERVED_FLAGS[flag]}")
-    main_option_values(main_args)  # refuses what main.py's parser refuses, before any run starts
     slurm.check_options(opt)
     if not opt.status:  # which only reads where each run stands, a failed one too
         check_runs(opt, main_args)
-    if not (opt.slurm or opt.status):  # SLURM's runs go to the GPUs of other machines
-        check_gpus(opt)
 
 
 def check_runs(opt, main_args):
@@ -119,56 +117,6 @@ def check_runs(opt, main_args):
                 except options.UsageError as error:
                     flags = " ".join(run_flags(method, seed))
                     raise ToolError(f"main.py would refuse {flags} with the flags passed to it: {error}") from None
-
-
-def check_gpus(opt):
-    """Refuse GPU ids of --gpus that a run's --gpu_id would not find on this machine."""
-    ids = [int(gpu) for gpu in opt.gpus.split(",") if gpu.strip()]
-    count = gpu_count() if ids else 0
-    missing = [gpu for gpu in ids if gpu >= count]
-    if missing:
-        found = f"{count} GPU{'s' * (count > 1)}, ids 0 to {count - 1}" if count else "no GPU"
-        raise ToolError(f"--gpus {opt.gpus}: GPU {missing[0]} is not on this machine (PyTorch finds {found}); name "
-                        f"the GPUs it has, or use --gpus '' for the CPU")
-
-
-def gpu_found():
-    import torch  # slow to import: only when --gpus is not given
-
-    return torch.cuda.is_available()
-
-
-def gpu_count():
-    """The GPUs of this machine that a run's --gpu_id can name. main.py sets CUDA_VISIBLE_DEVICES
-    to its --gpu_id, so the ids count every GPU, whatever CUDA_VISIBLE_DEVICES the sweep itself
-    was started with; with that set, a fresh Python is asked without it."""
-    if "CUDA_VISIBLE_DEVICES" not in os.environ:
-        import torch
-
-        return torch.cuda.device_count()
-    environment = {key: value for key, value in os.environ.items() if key != "CUDA_VISIBLE_DEVICES"}
-    result = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                            env=environment, capture_output=True, text=True)
-    return int(result.stdout)
-
-
-def flag_values(args):
-    """[(flag, [values])] of command-line arguments: '--epochs 3' and '--epochs=3' -> ('--epochs', ['3'])."""
-    pairs = []
-    for arg in args:
-        if arg.startswith("--"):
-            flag, equals, value = arg.partition("=")
-            pairs.append((flag, [value] if equals else []))
-        elif pairs:
-            pairs[-1][1].append(arg)
-        else:
-            raise ToolError(f"{arg!r} is not an option; options passed to main.py start with --")
-    return pairs
-
-
-def slots(opt):
-    """The --gpu_id of each parallel slot: every GPU --jobs_per_gpu times ('' is the CPU)."""
-    return [gpu.strip() for gpu in opt.gpus.split(",") for _ in range(opt.jobs_per_gpu)]
 
 
 # --- the runs ------------------------------------------------------------------------------------
@@ -311,7 +259,7 @@ def print_plan(jobs, main_args, gpu_slots):
     devices = ", ".join(sorted({f"GPU {gpu}" if gpu else "the CPU" for gpu in gpu_slots}))
     print(f"# {len(jobs)} runs: {counts['start']} to start, {counts['resume']} to resume, {counts['skip']} finished "
           f"(skipped), {counts['blocked']} blocked; {len(gpu_slots)} at a time on {devices}, output in "
-          f"SAVE/{OUTPUT_NAME}")
+          f"SAVE/{slurm_job.OUTPUT_NAME}")
     for job in jobs:
         if job.action in ("start", "resume"):
             print(shlex.join(command(job, main_args)))
@@ -319,16 +267,13 @@ def print_plan(jobs, main_args, gpu_slots):
             print(f"# {'skipped' if job.action == 'skip' else 'BLOCKED'}: {job.save} ({job.reason})")
 
 
+@one_line_errors
 def main(argv=None):
-    try:
-        opt, main_args = parse_options(argv)
-    except ToolError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    opt, main_args = parse_options(argv)
     jobs = plan(opt, main_args)
     if opt.slurm or opt.status:
         return slurm.main(opt, jobs, lambda job: command(job, main_args))
-    gpu_slots = slots(opt)
+    gpu_slots = [gpu.strip() for gpu in opt.gpus.split(",") for _ in range(opt.jobs_per_gpu)]  # '' is the CPU
     print_plan(jobs, main_args, gpu_slots)
     blocked = [(job, job.reason) for job in jobs if job.action == "blocked"]
     if opt.dry_run:
