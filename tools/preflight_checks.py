@@ -1,11 +1,7 @@
-"""The checks of tools/preflight.py that need torch, one per process:
-
-    python tools/preflight_checks.py CHECK CONFIG_JSON     # CHECK: environment, numerics, resume, torchrun
-
-Each prints its rows as lines `PREFLIGHT {"check", "figure", "verdict", "why", ...}` as soon as it
-knows them (verdict: pass, fail or skipped; the other keys: the numbers preflight.py decides with). Whatever a
-check writes goes under TMPDIR, which preflight.py removes at its end; the repository is never written to.
-"""
+"""The checks of tools/preflight.py that need torch, one per process: `python tools/preflight_checks.py CHECK
+CONFIG_JSON` (CHECK: environment, numerics, resume, torchrun) prints each row as soon as it knows it, as a line
+`PREFLIGHT {"check", "figure", "verdict", "why", ...}` (verdict: pass, fail or skipped; the other keys: the
+numbers preflight.py decides with). Checks write under TMPDIR, which preflight.py removes at its end."""
 import json
 import os
 import signal
@@ -59,8 +55,7 @@ def environment(config):
          bf16=torch.cuda.is_bf16_supported(including_emulation=False), tf32=gpus[0].major >= 8)
 
 
-def read_or_dash(read):
-    """read(), or '-' where there is nothing to read: no NCCL in this build, no Triton, no nvidia-smi, no /proc."""
+def read_or_dash(read):  # no NCCL in this build, no Triton, no nvidia-smi, no /proc
     try:
         return read()
     except Exception:

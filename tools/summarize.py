@@ -9,10 +9,9 @@
 A row is a pair of networks (as the runs logged them) with its settings: every logged option of
 main.py but those that do not change what is trained (listed below). A column pair is a method (dcm-LINKS:
 dcm with other --links), net 1's and net 2's error after the last epoch (the paper's protocol),
-mean +/- sample std over seeds, each seed counted once (the run that got furthest). Unfinished runs
-are left out, and counted in their cell. The paper's values (tools/paper.py) are set below a row
-only where its recipe is the paper's and the error is measured as the paper measured it (its
-MobileNet with test-batch BN statistics). Notes go to stderr, the table to stdout. The whole
+mean +/- sample std over seeds, each seed counted once (the run that got furthest); unfinished runs
+are left out, and counted in their cell. The paper's values (tools/paper.py) are set below a row only
+where its recipe and its measure are the paper's. Notes go to stderr, the table to stdout; the whole
 story: docs/reproducing.md.
 """
 import argparse
@@ -47,9 +46,7 @@ class Run:
     path: str
     records: list
 
-    @property
-    def last(self):
-        return self.records[-1]
+    last = property(lambda self: self.records[-1])
 
     @property
     def finished(self):
