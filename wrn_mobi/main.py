@@ -1,8 +1,6 @@
 """Train two networks together on CIFAR with Dense Cross-layer Mutual-distillation (DCM), or with one of
 the methods the paper compares it to (--method: ind, dml, ds, dcm; docs/methods.md):
-
-    python wrn/main.py --depth 28 --width 10 --dataroot DATA   # or wrn_mobi/main.py
-
+`python wrn/main.py --depth 28 --width 10 --dataroot DATA` (or wrn_mobi/main.py).
 SAVE/log.txt gets one `json_stats: {...}` line per epoch (epoch_log.py), SAVE/checkpoint.pt the training
 state that --resume continues (checkpoint.py, safety.py), and at the end SAVE/net1.pt and net2.pt hold
 the networks without their auxiliary classifiers. The recipe is main(): train; test; log; save. This file
@@ -38,7 +36,7 @@ from dcm_loss import kd_weight_at
 from options import METHODS, UsageError, distillation_links, lr_drop_epochs, parse_options
 
 
-# --- setup: the pair, its optimizer and the lr schedule --------------------------------------------
+# --- setup: the pair, its optimizer and lr schedule, a resume ---------------------------------------
 
 def build_training_step(opt, num_classes, device, group):
     """Net 1 and net 2 of this folder (with auxiliary classifiers when the method uses them), the
@@ -73,6 +71,25 @@ def optimizer_for_epoch(opt, optimizer, params, epoch):
     if epoch in lr_drop_epochs(opt):
         return create_optimizer(opt, params, lr_at_epoch(opt, epoch))
     return optimizer
+
+
+def run_benchmark(opt, device, group):
+    num_classes = dataset.NUM_CLASSES[opt.dataset]
+    step = build_training_step(opt, num_classes, device, group)
+    optimizer = create_optimizer(opt, step.parameters(), lr_at_epoch(opt, 1))
+    pair_name = " + ".join(models.pair_names(opt.depth, opt.width))
+    return benchmark.run(opt, step, optimizer, num_classes, device, pair_name)
+
+
+def resume(opt, path, step, optimizer, device):
+    """Restore the checkpoint at `path`; return where the run stands, or None for a finished run. log.txt
+    in the checkpoint's own folder loses the lines written after it: their epochs are trained again."""
+    position, log_bytes = load_checkpoint(opt, path, step, optimizer, device)
+    if safety.finished_already(opt, position):
+        return None
+    if os.path.abspath(os.path.dirname(path)) == os.path.abspath(opt.save):
+        write_on_rank0(step.group, epoch_log.drop_lines_after, opt, log_bytes)
+    return position
 
 
 # --- the epoch: train, test ------------------------------------------------------------------------
@@ -119,36 +136,6 @@ def test(opt, step, data):
     return {**epoch_log.meter_stats("test", meter), **published_stats, "test_time": time.time() - start}
 
 
-# --- the run around the epochs ---------------------------------------------------------------------
-
-def run_benchmark(opt, device, group):
-    num_classes = dataset.NUM_CLASSES[opt.dataset]
-    step = build_training_step(opt, num_classes, device, group)
-    optimizer = create_optimizer(opt, step.parameters(), lr_at_epoch(opt, 1))
-    pair_name = " + ".join(models.pair_names(opt.depth, opt.width))
-    return benchmark.run(opt, step, optimizer, num_classes, device, pair_name)
-
-
-def load_data(opt, device, group):
-    print(f"loading {opt.dataset} from {opt.dataroot} ...", flush=True)
-    data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
-    if opt.subset:
-        data = dataset.training_subset(data, opt.subset, opt.seed)
-    group.check_split(len(data.train_labels), len(data.test_labels), opt.batch_size)
-    return data
-
-
-def resume(opt, path, step, optimizer, device):
-    """Restore the checkpoint at `path`; return where the run stands, or None for a finished run. log.txt
-    in the checkpoint's own folder loses the lines written after it: their epochs are trained again."""
-    position, log_bytes = load_checkpoint(opt, path, step, optimizer, device)
-    if safety.finished_already(opt, position):
-        return None
-    if os.path.abspath(os.path.dirname(path)) == os.path.abspath(opt.save):
-        write_on_rank0(step.group, epoch_log.drop_lines_after, opt, log_bytes)
-    return position
-
-
 # --- the recipe ----------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -161,7 +148,10 @@ def main(argv=None):
     if opt.benchmark:
         return run_benchmark(opt, device, group)
     checkpoint = safety.check_save_dir(opt)  # before the data is loaded
-    data = load_data(opt, device, group)
+    print(f"loading {opt.dataset} from {opt.dataroot} ...", flush=True)
+    data = dataset.load_dataset(opt.dataset, opt.dataroot, device)
+    data = dataset.training_subset(data, opt.subset, opt.seed) if opt.subset else data
+    group.check_split(len(data.train_labels), len(data.test_labels), opt.batch_size)
     step = build_training_step(opt, data.num_classes, device, group)
     params = step.parameters()
     optimizer = create_optimizer(opt, params, lr_at_epoch(opt, 1))
