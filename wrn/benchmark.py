@@ -1,7 +1,5 @@
-"""`python main.py --benchmark N [model and speed flags]`: how fast this machine trains the pair, on
-random images made in memory (nothing is read or written); docs/speed.md explains the line it
-prints. This file is identical in wrn/ and wrn_mobi/.
-"""
+"""`python main.py --benchmark N [model and speed flags]`: how fast this machine trains the pair, on random images
+made in memory (nothing is read or written); docs/speed.md explains the line it prints. Same in wrn/ and wrn_mobi/."""
 import itertools
 import math
 import sys
@@ -48,9 +46,8 @@ def run(opt, step, optimizer, num_classes, device, pair_name):
 
     seconds_per_step = bare_seconds / opt.benchmark
     fields = ["benchmark", pair_name, f"{opt.method} ({step.settings.links} links)", f"batch {opt.batch_size}",
-              step.describe_settings(), hardware.device_name(device),
-              f"{opt.batch_size / seconds_per_step:.1f} img/s", f"{seconds_per_step * 1e3:.2f} ms/step",
-              f"{flops_per_step / seconds_per_step / 1e12:.3f} TFLOP/s",
+              step.describe_settings(), hardware.device_name(device), f"{opt.batch_size / seconds_per_step:.1f} img/s",
+              f"{seconds_per_step * 1e3:.2f} ms/step", f"{flops_per_step / seconds_per_step / 1e12:.3f} TFLOP/s",
               f"peak {memory_kind} {memory / 2 ** 30:.2f} GiB",
               f"pipeline efficiency {bare_seconds / epoch_seconds:.3f}"]
     print(" | ".join(fields), flush=True)
@@ -67,12 +64,10 @@ def timed(device, work):
 
 def convolution_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
                                transposed, _output_padding, _groups, output_mask, out_shape=None):
-    """FLOPs of aten.convolution_backward: the input gradient and the weight gradient each cost one
-    forward convolution, 2 * batch * (weight elements, per group) * filter positions.
-
-    Replaces torch.utils.flop_counter's own formula, whose weight gradient ignores `groups` and
-    so counts a depthwise convolution's backward pass ~channels times too high (the MobileNet).
-    """
+    """FLOPs of aten.convolution_backward: the input gradient and the weight gradient each cost one forward
+    convolution, 2 * batch * (weight elements, per group) * filter positions. Replaces torch.utils.flop_counter's
+    own formula, whose weight gradient ignores `groups` and so counts a depthwise convolution's backward pass
+    ~channels times too high (the MobileNet)."""
     positions = math.prod(x_shape[2:] if transposed else grad_out_shape[2:])
     forward = 2 * grad_out_shape[0] * math.prod(w_shape) * positions
     return forward * (int(output_mask[0]) + int(output_mask[1]))

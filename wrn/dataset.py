@@ -45,8 +45,10 @@ def load_dataset(name, root, device):
         return random_image_data(2048, NUM_CLASSES[name], device, num_test=512)
     if name in CIFAR_FILES:
         arrays, mean, std = read_cifar(name, root), CIFAR_MEAN, CIFAR_STD
-    else:  # FashionMNIST: --dataset's choices (DATASETS) admit no other name
-        arrays, mean, std = read_fashion_mnist(root), FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    else:  # FashionMNIST (--dataset admits no other name), zero-padded 28 -> 32, in 3 channels
+        arrays, mean, std = [], FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        for split in from_torchvision(name, root, os.path.join(root, name, "raw")):
+            arrays += [torch.nn.functional.pad(split.data, (2, 2, 2, 2))[:, None].repeat(1, 3, 1, 1), split.targets]
     mean, std = (torch.tensor(values, device=device).view(1, -1, 1, 1) for values in (mean, std))
     return ImageData(*(torch.as_tensor(array).to(device) for array in arrays), NUM_CLASSES[name], mean, std)
 
@@ -75,18 +77,20 @@ def read_cifar(name, root):
     return arrays
 
 
-def read_fashion_mnist(root):
-    """FashionMNIST read by torchvision (root/FashionMNIST/raw), zero-padded 28 -> 32, in 3 channels."""
-    arrays = []
-    for split in from_torchvision("FashionMNIST", root, os.path.join(root, "FashionMNIST", "raw")):
-        arrays += [torch.nn.functional.pad(split.data, (2, 2, 2, 2))[:, None].repeat(1, 3, 1, 1), split.targets]
-    return arrays
-
-
 def from_torchvision(name, root, expected):
     """[training set, test set] of torchvision's dataset `name`, downloaded into `root` where missing; if
     that fails, DatasetError says where to put the files by hand, and the folders it created go."""
-    source = getattr(import_torchvision().datasets, name)
+    try:  # imported where needed (slow); one built for another torch dies here: `torchvision::nms does not exist`
+        import torchvision
+    except (ImportError, RuntimeError) as error:
+        version = next((d.version for d in importlib.metadata.distributions(name="torchvision")), "(not installed)")
+        release, _, build = torch.__version__.partition("+")  # +cpu, +cu126, +rocm6.2: PyTorch's own index
+        index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
+        raise DatasetError(f"torchvision {version} does not import with torch {torch.__version__} "
+                           f"({type(error).__name__}: {' '.join(str(error).split())}): they must be builds for each "
+                           f"other; reinstall both from one index: pip install --force-reinstall torch=={release} "
+                           f"torchvision{index}") from None
+    source = getattr(torchvision.datasets, name)
     top = os.path.abspath(root)  # the outermost folder that a download creates, if any
     while not os.path.exists(os.path.dirname(top)):
         top = os.path.dirname(top)
@@ -101,22 +105,6 @@ def from_torchvision(name, root, expected):
         raise DatasetError(f"torchvision could neither read nor download {name} in {root} ({type(error).__name__}: "
                            f"{' '.join(str(error).split())}). Put it there by hand: download {by_hand}; then run "
                            f"again with --dataroot {root}") from None
-
-
-def import_torchvision():
-    """torchvision, imported where needed (slowly). One built for another torch dies in its import
-    (`operator torchvision::nms does not exist`): DatasetError gives pip's command to match them."""
-    try:
-        import torchvision
-    except (ImportError, RuntimeError) as error:
-        version = next((d.version for d in importlib.metadata.distributions(name="torchvision")), "(not installed)")
-        release, _, build = torch.__version__.partition("+")  # +cpu, +cu126, +rocm6.2: PyTorch's own index
-        index = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
-        raise DatasetError(f"torchvision {version} does not import with torch {torch.__version__} "
-                           f"({type(error).__name__}: {' '.join(str(error).split())}): they must be builds for each "
-                           f"other; reinstall both from one index: pip install --force-reinstall torch=={release} "
-                           f"torchvision{index}") from None
-    return torchvision
 
 
 def random_image_data(num_train, num_classes, device, seed=0, num_test=0):

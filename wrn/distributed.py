@@ -1,6 +1,5 @@
-"""Training on the processes (ranks) torchrun launches, one per GPU, or on CPUs with gloo (docs/torchrun.md):
-each rank draws one process's global batch and trains on its slice under DDP; meters are summed over the
-ranks, stops decided together, and rank 0 alone prints and writes. Without torchrun, one process's code."""
+"""Training on the processes (ranks) torchrun launches (docs/torchrun.md): each rank draws the global batch and trains
+on its slice under DDP; meters are summed over the ranks, stops decided together, rank 0 alone prints and writes."""
 import datetime
 import gc
 import os
@@ -19,7 +18,6 @@ WRITE_WAIT = datetime.timedelta(minutes=60)
 
 
 def launched_ranks():
-    """How many processes torchrun started for this run; 1 without torchrun."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -35,8 +33,7 @@ class Group:
 
     def __init__(self, rank=0, size=1, control=None):
         self.rank, self.size, self.is_main = rank, size, rank == 0
-        # A gloo group for joint decisions and rank 0's writes: a CPU flag reduced there does not wait for
-        # the GPU, which keeps queuing the next step's work, and its collectives time out after WRITE_WAIT.
+        # gloo, for joint decisions and rank 0's writes: no wait for the GPU's queue, and a timeout of WRITE_WAIT.
         self.control = control
 
     def __str__(self):
@@ -79,7 +76,6 @@ class Group:
         return net
 
     def wrap(self, net, device):
-        """`net` under DistributedDataParallel (gradients averaged over the ranks); itself in one process."""
         if self.size == 1:
             return net
         return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
@@ -103,18 +99,14 @@ class Group:
 
 
 def start(device):
-    """This process's Group, in the process group torchrun set up (NCCL on GPUs, gloo on CPUs) if any.
-    Ranks other than 0 send their standard output nowhere (errors still reach stderr)."""
+    """This process's Group, in torchrun's process group if any; stdout goes nowhere on ranks but 0 (stderr stays)."""
     if launched_ranks() == 1:
         return Group()
-    if device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    control = dist.new_group(backend="gloo", timeout=WRITE_WAIT)
+    cuda = device.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
-    return Group(dist.get_rank(), dist.get_world_size(), control)
+    return Group(dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo", timeout=WRITE_WAIT))
 
 
 def finish():
@@ -138,10 +130,9 @@ def all_reduce_sum(tensor):
 
 
 class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
-    """BatchNorm2d (affine, with a momentum) of rank `rank` among `ranks` with the global batch's training
-    statistics. One all-reduce per layer each way: each rank's count, mean and sum of squared deviations
-    (two passes, for accuracy) in its row of a [ranks, 2C+1] zero tensor, combined by Chan et al.'s parallel
-    formula ("Updating formulae and a pairwise algorithm for computing sample variances", 1979)."""
+    """BatchNorm2d (affine, with a momentum) of rank `rank` among `ranks` with the global batch's training statistics.
+    One all-reduce per layer each way: each rank's count, mean and sum of squared deviations (two passes, for accuracy)
+    in its row of a [ranks, 2C+1] zero tensor, combined by Chan, Golub and LeVeque's parallel formula (1979)."""
 
     def forward(self, input):
         if not self.training:

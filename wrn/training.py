@@ -1,6 +1,5 @@
 """The training step and the evaluation pass of the two networks, and the epoch loops around them.
-Without speed settings (docs/speed.md) the step is the reference's IEEE fp32 eager one. Same in wrn/ and wrn_mobi/.
-"""
+Without speed settings (docs/speed.md) the step is the reference's IEEE fp32 eager one. Same in wrn/ and wrn_mobi/."""
 import copy
 import functools
 import sys
@@ -30,7 +29,6 @@ class StepSettings:
 
     @classmethod
     def from_options(cls, opt, links):
-        """Every field from the option of its name, but `links`: the method's (options.distillation_links)."""
         values = {field.name: getattr(opt, field.name) for field in fields(cls)}
         return cls(**{**values, "links": links})
 
@@ -42,7 +40,8 @@ class TrainingStep:
     def __init__(self, nets, settings, device, group=None):
         self.nets, self.settings, self.device = nets, settings, device
         self.group = group or distributed.Group()
-        self.amp_dtype = AMP_DTYPES[settings.amp]
+        amp_dtype = AMP_DTYPES[settings.amp]
+        self.autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         for net in nets:
             net.to(memory_format=self.memory_format)
@@ -51,22 +50,17 @@ class TrainingStep:
         self.run_nets = [torch.compile(net, dynamic=False) for net in nets] if settings.compile else nets
         self.trained_nets = [self.group.wrap(net, device) for net in self.run_nets]
         self.loss = torch.compile(self.eager_loss, dynamic=False) if settings.compile else self.eager_loss
-        # A disabled scaler passes the loss and the optimizer step through unchanged.
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def forward_and_loss(self, images, targets, kd_weight, training=True, eager=False):
         """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch under autocast, the
         KL terms weighted by `kd_weight`. Evaluation runs without DDP, whose forward pass is a collective that
         ranks testing shards of different sizes cannot all join; `eager`: the plain modules and loss."""
         nets = self.nets if eager else self.trained_nets if training else self.run_nets
-        loss = self.eager_loss if eager else self.loss
         images = images.contiguous(memory_format=self.memory_format)
         with self.autocast():
             outputs_net1, outputs_net2 = nets[0](images), nets[1](images)
-            terms, total = loss(outputs_net1, outputs_net2, targets, kd_weight)
+            terms, total = (self.eager_loss if eager else self.loss)(outputs_net1, outputs_net2, targets, kd_weight)
         return outputs_net1, outputs_net2, terms, total
 
     def eager_loss(self, outputs_net1, outputs_net2, targets, kd_weight):
@@ -77,13 +71,12 @@ class TrainingStep:
     def train(self, images, targets, optimizer, kd_weight, loss_weight=1.0):
         """One SGD step; (outputs of net 1, of net 2, loss terms). `loss_weight` scales the gradient (Group.shard)."""
         # The KL weight as a 0-dim tensor: a compiled step takes every weight of a warm-up without recompiling.
-        kd_weight = torch.full((), kd_weight, device=self.device)
-        outputs_net1, outputs_net2, terms, loss = self.forward_and_loss(images, targets, kd_weight)
+        *outputs, terms, loss = self.forward_and_loss(images, targets, torch.full((), kd_weight, device=self.device))
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * loss_weight).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
-        return outputs_net1, outputs_net2, terms
+        return (*outputs, terms)
 
     def set_mode(self, training):
         for net in self.nets:
@@ -107,12 +100,10 @@ class EpochMeter:
     NEVER = 2 ** 62  # the first non-finite step of a term that stayed finite
 
     def __init__(self):
-        self.num_classifiers = None  # (net 1's, net 2's)
-        self.term_names = self.term_sums = self.correct = self.first_nonfinite = None
+        self.num_classifiers = self.term_names = self.term_sums = self.correct = self.first_nonfinite = None
         self.count = self.steps = 0
 
     def update(self, terms, outputs_net1, outputs_net2, targets):
-        batch = targets.numel()
         term_values = torch.stack([value.detach().float() for value in terms.values()])
         # The pair's ensemble: the two final classifiers' softmax averaged, as in deep ensembles
         # (Lakshminarayanan et al., NeurIPS 2017), which online-distillation papers report.
@@ -125,9 +116,9 @@ class EpochMeter:
             self.term_names = list(terms)
             self.term_sums, self.correct = torch.zeros_like(term_values), torch.zeros_like(correct)
             self.first_nonfinite = torch.full_like(term_values, self.NEVER, dtype=torch.long)
-        self.term_sums += term_values * batch
+        self.term_sums += term_values * targets.numel()
         self.correct += correct
-        self.count += batch
+        self.count += targets.numel()
         self.steps += 1
         this_step = torch.where(torch.isfinite(term_values), self.NEVER, self.steps)  # on the device: no wait
         self.first_nonfinite = torch.minimum(self.first_nonfinite, this_step)
@@ -149,8 +140,7 @@ class EpochMeter:
         return None if step == self.NEVER else (step, [name for name, at in zip(self.term_names, first) if at == step])
 
     def summed_over(self, group):
-        """The meter of the global batches: every rank's sums added, each term's first non-finite
-        step the earliest on any rank (collective; in a single process, this meter)."""
+        """Every rank's sums added, each term's first non-finite step the earliest on any rank (collective)."""
         if group.size == 1:
             return self
         total = copy.copy(self)
@@ -171,14 +161,12 @@ class EpochMeter:
 
     def load_state_dict(self, state, device):
         """The meter of state_dict(), its tensors moved to `device`, where the epoch goes on adding to them."""
-        vars(self).update({key: value.to(device) if isinstance(value, torch.Tensor) else value
-                           for key, value in state.items()})
+        vars(self).update({key: value.to(device) if torch.is_tensor(value) else value for key, value in state.items()})
 
 
 def train_epoch(step, optimizer, batches, total_batches, description, kd_weight_at, meter=None, after_step=None):
-    """Train on `batches`; return the epoch's meter, summed over the ranks. `meter` continues an epoch
-    resumed part-way; `after_step(meter)` runs after every step and ends the epoch by returning True;
-    `kd_weight_at(index)` is the KL weight of the epoch's step `index` (0-based)."""
+    """Train on `batches`; the epoch's meter summed over the ranks. `meter` continues an epoch resumed part-way;
+    `kd_weight_at(index)`: the KL weight of step `index` (0-based); `after_step(meter)` ends the epoch if True."""
     step.set_mode(training=True)
     meter = meter or EpochMeter()
     for images, targets in tqdm(batches, initial=meter.steps, total=total_batches, desc=description, leave=False,
@@ -212,9 +200,8 @@ def batch_statistics_accuracies(step, index, batches):
 
 @torch.no_grad()
 def evaluate(step, batches):
-    """The meter of `batches` (each rank's shard of the test set), summed over the ranks, the KL terms
-    weighted by the full --kd_weight. BN in eval mode, with rank 0's running statistics on every rank
-    (those checkpointed and exported): the numbers do not depend on how the test set is cut."""
+    """The meter of `batches` (this rank's test shard) summed over the ranks, KL terms weighted by the full --kd_weight.
+    BN in eval mode, with rank 0's running statistics (those saved) on every rank, however the test set is cut."""
     step.group.broadcast_buffers(step.nets)
     step.set_mode(training=False)
     meter = EpochMeter()

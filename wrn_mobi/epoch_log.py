@@ -1,6 +1,5 @@
 """What an epoch leaves behind: its `json_stats: {...}` line in SAVE/log.txt (the reference's keys, extended:
-docs/output.md) and its summary on stdout. This file is identical in wrn/ and wrn_mobi/.
-"""
+docs/output.md) and its summary on stdout. This file is identical in wrn/ and wrn_mobi/."""
 import errno
 import json
 import os
@@ -21,12 +20,9 @@ def accuracy_stats(prefix, accuracies, suffix=""):
 def meter_stats(split, meter):
     """The meter's {split}_* keys; {split}_acc is the reference's key, net 1's final classifier."""
     accuracies, count_net1 = meter.accuracies(), meter.num_classifiers[0]
-    return {f"{split}_loss": meter.loss(),
-            **accuracy_stats(f"{split}_acc_net1", accuracies[:count_net1]),
-            **accuracy_stats(f"{split}_acc_net2", accuracies[count_net1:-1]),
-            f"{split}_acc_ensemble": accuracies[-1],
-            f"{split}_acc": accuracies[count_net1 - 1],
-            f"{split}_loss_terms": meter.terms()}
+    return {f"{split}_loss": meter.loss(), **accuracy_stats(f"{split}_acc_net1", accuracies[:count_net1]),
+            **accuracy_stats(f"{split}_acc_net2", accuracies[count_net1:-1]), f"{split}_acc_ensemble": accuracies[-1],
+            f"{split}_acc": accuracies[count_net1 - 1], f"{split}_loss_terms": meter.terms()}
 
 
 def published_protocol_stats(step, data, batch_size):
@@ -78,7 +74,6 @@ def drop_lines_after(opt, size):
 
 
 def print_summary(stats, epochs):
-    """The epoch's line on stdout: its lr, losses, accuracies and seconds."""
     line = ("epoch {epoch}/{epochs}  lr {epoch_lr:.4g}  train: loss {train_loss:.3f}, acc net 1 {train_acc_net1:.2f}%, "
             "net 2 {train_acc_net2:.2f}%  test: loss {test_loss:.3f}, acc net 1 {test_acc_net1:.2f}%, net 2 "
             "{test_acc_net2:.2f}%  ({train_time:.0f} s training, {test_time:.0f} s testing)")
