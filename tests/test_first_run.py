@@ -99,7 +99,7 @@ def test_a_gpu_id_without_a_gpu_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("folder, module", [("wrn", "main"), ("wrn_mobi", "main"), ("tools", "evaluate")])
+@pytest.mark.parametrize("folder, module", [("wrn", "main"), ("tools", "evaluate")])  # main.py: one file in both
 def test_a_normal_start_imports_no_flop_counter(folder, module):
     # torch.utils.flop_counter logs "triton not found; flop counting will not work for triton kernels"
     # when it is imported by a CUDA torch without triton: --benchmark alone imports it, and evaluate.py

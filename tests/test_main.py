@@ -72,11 +72,11 @@ def run_a(tmp_path_factory, wrn_cifar):
 
 @pytest.fixture(scope="module")
 def mobi_run(tmp_path_factory):
-    """wrn_mobi/: DCM, 2 epochs on a very small set (the MobileNet with aux branches is heavy on a CPU)."""
+    """wrn_mobi/: DCM, 1 epoch on a very small set (the MobileNet with aux branches is heavy on a CPU)."""
     root = write_cifar100(tmp_path_factory.mktemp("mobi_cifar"), MOBI_TRAIN, MOBI_TEST)
     save = tmp_path_factory.mktemp("mobi_run") / "save"
-    result = run_ok("wrn_mobi", *wrn16_args(save, root, "--epochs", 2, "--method", "dcm", "--note", "mobi run"))
-    return dict(folder="wrn_mobi", save=save, result=result, records=read_log(save), epochs=2, dataroot=root,
+    result = run_ok("wrn_mobi", *wrn16_args(save, root, "--epochs", 1, "--method", "dcm", "--note", "mobi run"))
+    return dict(folder="wrn_mobi", save=save, result=result, records=read_log(save), epochs=1, dataroot=root,
                 num_train=MOBI_TRAIN, num_test=MOBI_TEST, note="mobi run")
 
 
@@ -144,6 +144,8 @@ def test_dcm_log_records_hold_reference_and_per_classifier_keys(dcm_run):
         models = load_folder(dcm_run["folder"]).models
         assert (record["net1"], record["net2"]) == models.pair_names(record["depth"], record["width"])
         assert record["train_time"] > 0 and record["test_time"] > 0
+        # The published code's test protocol is logged for wrn_mobi's MobileNet alone (test_published_protocol).
+        assert any(key.endswith("_batchstats") for key in record) == (dcm_run["folder"] == "wrn_mobi")
 
 
 def test_dcm_log_has_6_cross_entropy_and_18_kl_terms(dcm_run):
@@ -402,19 +404,6 @@ def test_options_are_logged_and_compared_on_resume_by_value(folder):
     changed = options.parse_options(["--weight_decay", "1e-4", "--epoch_step", "[60, 120]"])
     assert checkpoint.mismatched_options(changed, saved) == [
         "--weight_decay 0.0005 (not 0.0001)", "--epoch_step [60,120,160] (not [60,120])"]
-
-
-@pytest.mark.parametrize("args, words", [
-    (("--depth", 20), ("--depth 20",)),
-    (("--depth", 10, "--method", "dcm"), ("--depth 10", "dcm")),
-    (("--epoch_step", "oops"), ("--epoch_step", "oops")),
-    (("--seed", -1), ("--seed", "-1")),
-], ids=["depth_20", "depth_10_with_dcm", "epoch_step_oops", "seed_negative"])
-def test_bad_option_values_are_refused_before_anything_is_written(tmp_path, args, words):
-    save = tmp_path / "save"
-    line = error_line(run_main("wrn", "--save", save, "--dataroot", tmp_path / "no_data", *args))
-    assert all(word in line for word in words), line
-    assert not save.exists() and not (tmp_path / "no_data").exists()
 
 
 def test_corrupt_cifar_file_is_refused_by_name(tmp_path):

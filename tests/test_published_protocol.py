@@ -24,21 +24,18 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_data):
-    """One epoch of DCM in each folder on the same tiny data; {folder: save folder}."""
-    saves = {}
-    for folder in ("wrn", "wrn_mobi"):
-        saves[folder] = tmp_path_factory.mktemp("protocol") / folder
-        run_ok(folder, "--save", saves[folder], "--dataroot", tiny_data, "--depth", 16, "--width", 1,
-               "--batch_size", BATCH, "--epochs", 1, "--nthread", 1)
-    return saves
+    """One epoch of DCM in wrn_mobi/ on tiny data; {folder: save folder} (test_main checks that wrn/'s
+    logs hold no batchstats key)."""
+    save = tmp_path_factory.mktemp("protocol") / "wrn_mobi"
+    run_ok("wrn_mobi", "--save", save, "--dataroot", tiny_data, "--depth", 16, "--width", 1,
+           "--batch_size", BATCH, "--epochs", 1, "--nthread", 1)
+    return {"wrn_mobi": save}
 
 
-def test_batchstats_keys_are_logged_in_wrn_mobi_only(runs):
+def test_batchstats_keys_are_logged_for_the_mobilenet_only(runs):
     mobi_record, = read_log(runs["wrn_mobi"])
-    wrn_record, = read_log(runs["wrn"])
     assert BATCHSTATS_KEYS <= set(mobi_record)
     assert not [key for key in mobi_record if "net1" in key and "batchstats" in key]
-    assert not [key for key in wrn_record if "batchstats" in key]
     for key in BATCHSTATS_KEYS:
         assert 0 <= mobi_record[key] <= 100
         assert mobi_record[key] * NUM_TEST / 100 == pytest.approx(round(mobi_record[key] * NUM_TEST / 100))

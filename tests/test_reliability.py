@@ -305,16 +305,28 @@ BAD_OPTIONS = {
     "epochs_0": (["--epochs", "0"], ["--epochs"]),
     "checkpoint_every_0": (["--checkpoint_every", "0"], ["--checkpoint_every"]),
     "checkpoint_interval_negative": (["--checkpoint_interval", "-1"], ["--checkpoint_interval", ">= 0"]),
+    "seed_negative": (["--seed", "-1"], ["--seed", "-1"]),
 }
 
 
 @pytest.mark.parametrize("args, words", BAD_OPTIONS.values(), ids=BAD_OPTIONS.keys())
-def test_bad_options_give_one_line_and_create_nothing(tmp_path, args, words):
+def test_bad_options_are_refused_by_name(tmp_path, args, words):
+    options = load_folder("wrn").options
+    with pytest.raises(options.UsageError) as error:
+        options.parse_options(["--save", str(tmp_path / "save"), "--dataroot", str(tmp_path / "data"), *args])
+    assert all(word in str(error.value) for word in words), str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_option_gives_one_line_exit_2_and_creates_nothing(tmp_path):
+    # main.py turns the refusals above into one `error:` line and exit code 2 before it writes anything.
     (tmp_path / "existing.txt").write_text("kept")
     before = tree_hashes(tmp_path)
-    line = error_line(run_main("wrn", "--save", tmp_path / "save", "--dataroot", tmp_path / "data", *args))
-    assert all(word in line for word in words), line
-    assert tree_hashes(tmp_path) == before
+    for name in ("depth_not_6n+4", "lr_nan"):
+        args, words = BAD_OPTIONS[name]
+        line = error_line(run_main("wrn", "--save", tmp_path / "save", "--dataroot", tmp_path / "data", *args))
+        assert all(word in line for word in words), line
+        assert tree_hashes(tmp_path) == before
 
 
 def test_resume_from_a_checkpoint_of_another_config_names_every_mismatch(tmp_path, data, finished_run):
