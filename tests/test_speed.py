@@ -313,3 +313,15 @@ def test_benchmark_prints_one_line_with_every_figure_and_writes_nothing(tmp_path
     assert list(tmp_path.iterdir()) == [], "--benchmark must not write files"
     phases = [line for line in result.stderr.splitlines() if line.startswith("benchmark: ")]
     assert len(phases) == 4 and "warm-up" in phases[1], result.stderr  # each phase says it has started
+
+
+def test_the_kl_weight_tensor_is_made_once_and_again_only_when_the_weight_changes(monkeypatch):
+    # Every step passes the KL weight to the (compiled) loss as a 0-dim tensor on the device: made once, not
+    # per step, and anew only when a warm-up changes the weight.
+    _, step, optimizer = step_and_optimizer(DML_10_1)
+    made, full = [], torch.full
+    monkeypatch.setattr(torch, "full", lambda *args, **kwargs: made.append(args[1]) or full(*args, **kwargs))
+    images, targets = batch(0, size=4)
+    for weight in (1.0, 1.0, 1.0, 0.5, 0.5):
+        step.train(images, targets, optimizer, weight)
+    assert made == [1.0, 0.5]

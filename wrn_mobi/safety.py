@@ -36,8 +36,7 @@ class StopRequest:
     """Set by SIGINT, SIGTERM, SIGUSR1 or SIGUSR2; the training loop asks agreed() after every step."""
 
     def __init__(self, group):
-        self.signal = None
-        self.group = group
+        self.signal, self.group = None, group
 
     def install(self, early_signals=()):
         """Handle the stop signals from here on; the first of `early_signals` (main.py's) counts as if it came now."""

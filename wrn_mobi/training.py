@@ -51,6 +51,8 @@ class TrainingStep:
         self.trained_nets = [self.group.wrap(net, device) for net in self.run_nets]
         self.loss = torch.compile(self.eager_loss, dynamic=False) if settings.compile else self.eager_loss
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+        # The KL weight as a 0-dim tensor (a compiled step takes a warm-up's every weight), made once per value.
+        self.kd_weight_tensor = functools.lru_cache(maxsize=1)(lambda value: torch.full((), value, device=device))
 
     def forward_and_loss(self, images, targets, kd_weight, training=True, eager=False):
         """(outputs of net 1, outputs of net 2, every loss term, their sum) for one batch under autocast, the
@@ -70,8 +72,7 @@ class TrainingStep:
 
     def train(self, images, targets, optimizer, kd_weight, loss_weight=1.0):
         """One SGD step; (outputs of net 1, of net 2, loss terms). `loss_weight` scales the gradient (Group.shard)."""
-        # The KL weight as a 0-dim tensor: a compiled step takes every weight of a warm-up without recompiling.
-        *outputs, terms, loss = self.forward_and_loss(images, targets, torch.full((), kd_weight, device=self.device))
+        *outputs, terms, loss = self.forward_and_loss(images, targets, self.kd_weight_tensor(kd_weight))
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * loss_weight).backward()
         self.scaler.step(optimizer)
